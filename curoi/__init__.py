@@ -1,0 +1,18 @@
+"""curoi: region-of-interest operators (RoI Pool, RoI Align), forward and
+backward, from one CUDA source compiled by NVRTC for the GPU and by the host
+C++ compiler for the CPU; any DLPack array in, the caller's kind of array out.
+"""
+
+from ._info import backend_info
+from ._roi_align import roi_align, roi_align_backward
+from ._roi_pool import roi_pool, roi_pool_backward
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "backend_info",
+    "roi_align",
+    "roi_align_backward",
+    "roi_pool",
+    "roi_pool_backward",
+]

@@ -1,0 +1,176 @@
+"""GPU backend: the kernel sources compiled by NVRTC through CuPy.
+
+One ``cupy.RawModule`` per (device, kernel family, element type), compiled on
+first use and held in memory (CuPy also keeps the cubin on disk). Each module
+holds a single element type, so float32 and float64 kernels need no CUDA
+headers; float16 and bfloat16 need ``cuda_fp16.h``/``cuda_bf16.h``, found
+where the CUDA runtime wheel (or a CUDA toolkit) put them.
+"""
+
+import functools
+import threading
+
+import numpy as np
+
+from . import _kernels, _sources
+
+_THREADS_PER_BLOCK = 256
+# The grid-stride loop covers any size; more blocks than this only add
+# scheduling overhead.
+_MAX_BLOCKS = 65536
+
+_lock = threading.Lock()
+_modules = {}
+
+
+def cupy_or_none():
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return cupy
+
+
+def require_cupy():
+    cupy = cupy_or_none()
+    if cupy is None:
+        raise RuntimeError(
+            "this array is on a CUDA device, and curoi runs CUDA kernels "
+            "through CuPy, which is not installed. Install curoi with the "
+            "extra for your CUDA version: `pip install curoi[cuda12]` or "
+            "`pip install curoi[cuda13]`."
+        )
+    return cupy
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_include_dirs():
+    """Folders holding cuda_fp16.h and cuda_bf16.h, for half-precision
+    kernels: the CUDA runtime wheel's headers or a CUDA toolkit's."""
+    found = []
+    try:
+        from cuda import pathfinder
+
+        folder = pathfinder.find_nvidia_header_directory("cudart")
+        if folder:
+            found.append(str(folder))
+    except Exception:  # pathfinder absent or finds nothing: try CuPy's view
+        pass
+    if not found:
+        try:
+            from cupy.cuda import get_cuda_path
+            import os
+
+            root = get_cuda_path()
+            if root and os.path.isfile(os.path.join(root, "include", "cuda_fp16.h")):
+                found.append(os.path.join(root, "include"))
+        except Exception:
+            pass
+    return tuple(found)
+
+
+def compile_options(dtype_name):
+    """NVRTC options for one module: the same for the GPU backend and for the
+    CI check that compiles every variant to a cubin."""
+    options = [
+        "--std=c++17",
+        f"-DCUROI_WITH_{_kernels.SUFFIXES[dtype_name].upper()}",
+        "-I" + str(_sources.kernel_dir()),
+    ]
+    if dtype_name in ("float16", "bfloat16"):
+        dirs = cuda_include_dirs()
+        if not dirs:
+            raise RuntimeError(
+                f"{dtype_name} kernels need the CUDA headers cuda_fp16.h and "
+                "cuda_bf16.h, and none were found. Install them with "
+                "`pip install \"cuda-toolkit[cudart]\"` (the curoi[cuda12] "
+                "extra does) or install a CUDA toolkit."
+            )
+        options += ["-I" + d for d in dirs]
+    return tuple(options)
+
+
+def module_source(family):
+    """The text NVRTC compiles. It starts with a hash of all kernel files, so
+    that CuPy's on-disk cache, keyed by this text, notices a changed header."""
+    return (
+        f"// curoi kernel sources {_sources.sources_digest()}\n"
+        + _sources.read_source(family)
+    )
+
+
+def _module(cupy, device_id, family, dtype_name):
+    key = (device_id, family, dtype_name)
+    module = _modules.get(key)
+    if module is None:
+        with _lock:
+            module = _modules.get(key)
+            if module is None:
+                with cupy.cuda.Device(device_id):
+                    module = cupy.RawModule(
+                        code=module_source(family),
+                        options=compile_options(dtype_name),
+                    )
+                    module.compile()
+                _modules[key] = module
+    return module
+
+
+def launch(family, direction, dtype_name, args, total):
+    """Launch one kernel on CuPy arrays, on the current device and stream."""
+    cupy = require_cupy()
+    device_id = cupy.cuda.Device().id
+    module = _module(cupy, device_id, family, dtype_name)
+    kernel = module.get_function(_kernels.kernel_name(family, direction, dtype_name))
+    acc = np.float64 if dtype_name == "float64" else np.float32
+    kinds = _kernels.SIGNATURES[f"{family}_{direction}"]
+    values = []
+    for kind, arg in zip(kinds, args):
+        if kind == _kernels.I64:
+            arg = np.int64(arg)
+        elif kind == _kernels.I32:
+            arg = np.int32(arg)
+        elif kind == _kernels.ACC:
+            arg = acc(arg)
+        values.append(arg)
+    blocks = min(-(-total // _THREADS_PER_BLOCK), _MAX_BLOCKS)
+    kernel((blocks,), (_THREADS_PER_BLOCK,), tuple(values))
+
+
+def info():
+    cupy = cupy_or_none()
+    if cupy is None:
+        return {"cupy": None, "devices": [], "note": "CuPy is not installed"}
+    result = {"cupy": cupy.__version__, "devices": []}
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        result["nvrtc"] = "%d.%d" % nvrtc.getVersion()
+    except Exception as error:
+        result["nvrtc"] = f"unavailable ({error})"
+    try:
+        runtime = cupy.cuda.runtime
+        result["cuda_runtime"] = runtime.runtimeGetVersion()
+        result["cuda_driver"] = runtime.driverGetVersion()
+        for i in range(runtime.getDeviceCount()):
+            props = runtime.getDeviceProperties(i)
+            name = props["name"]
+            if isinstance(name, bytes):
+                name = name.decode()
+            result["devices"].append(
+                f"{i}: {name} (sm_{props['major']}{props['minor']})"
+            )
+    except Exception as error:
+        result["note"] = f"no usable CUDA device ({error})"
+    result["include_dirs"] = list(cuda_include_dirs())
+    return result
+
+
+def device_count():
+    cupy = cupy_or_none()
+    if cupy is None:
+        return 0
+    try:
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        return 0

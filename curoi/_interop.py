@@ -1,0 +1,214 @@
+"""DLPack in and out: what framework an array comes from, where it lives, a
+NumPy or CuPy view of it for the kernels, and the caller's kind of array back.
+
+Kernels only ever see NumPy arrays (CPU) or CuPy arrays (CUDA). Inputs are
+viewed through DLPack without a copy when they are C-contiguous; results are
+allocated by the caller's framework where that matters (torch: its caching
+allocator), or as NumPy/CuPy arrays handed back through DLPack.
+"""
+
+import contextlib
+
+import numpy as np
+
+from . import _gpu
+
+_DLPACK_CPU = 1
+_DLPACK_CUDA = 2
+_DLPACK_CUDA_HOST = 3
+_DLPACK_CUDA_MANAGED = 13
+_DLPACK_DEVICE_NAMES = {4: "OpenCL", 7: "Vulkan", 8: "Metal", 9: "VPI",
+                        10: "ROCm", 14: "oneAPI"}
+
+#: Feature dtypes the kernels accept, by NumPy-style name.
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+def framework_of(x):
+    """'numpy', 'cupy', 'torch', 'jax' or 'dlpack' (any other producer)."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    root = type(x).__module__.split(".")[0]
+    if root == "cupy":
+        return "cupy"
+    if root == "torch":
+        return "torch"
+    if root in ("jax", "jaxlib"):
+        return "jax"
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        return "dlpack"
+    return None
+
+
+def _describe(x):
+    return f"{type(x).__module__}.{type(x).__qualname__}"
+
+
+class Device:
+    """('cpu', None) or ('cuda', ordinal)."""
+
+    __slots__ = ("kind", "index")
+
+    def __init__(self, kind, index=None):
+        self.kind = kind
+        self.index = index
+
+    def __eq__(self, other):
+        return (self.kind, self.index) == (other.kind, other.index)
+
+    def __str__(self):
+        return self.kind if self.index is None else f"{self.kind}:{self.index}"
+
+    @property
+    def is_cuda(self):
+        return self.kind == "cuda"
+
+
+def device_of(x, framework, name):
+    if framework == "numpy":
+        return Device("cpu")
+    if framework == "cupy":
+        return Device("cuda", x.device.id)
+    if framework == "torch":
+        if x.device.type == "cpu":
+            return Device("cpu")
+        if x.device.type == "cuda":
+            return Device("cuda", x.device.index)
+        raise ValueError(
+            f"{name} is a torch tensor on device {x.device}; curoi runs on "
+            "CPU and CUDA devices only"
+        )
+    kind, index = x.__dlpack_device__()
+    kind = int(kind)
+    if kind == _DLPACK_CPU:
+        return Device("cpu")
+    if kind in (_DLPACK_CUDA, _DLPACK_CUDA_HOST, _DLPACK_CUDA_MANAGED):
+        return Device("cuda", int(index))
+    raise ValueError(
+        f"{name} lives on a {_DLPACK_DEVICE_NAMES.get(kind, f'DLPack type {kind}')} "
+        "device; curoi runs on CPU and CUDA devices only"
+    )
+
+
+def dtype_name(dtype):
+    """NumPy-style name of a NumPy/CuPy/ml_dtypes dtype or a torch dtype."""
+    text = str(dtype)
+    return text[len("torch."):] if text.startswith("torch.") else np.dtype(dtype).name
+
+
+class Caller:
+    """The framework, device and stream of a call, taken from its features."""
+
+    def __init__(self, x, name):
+        self.framework = framework_of(x)
+        if self.framework is None:
+            raise TypeError(
+                f"{name} must be an array: a NumPy, CuPy, PyTorch or JAX array "
+                f"or any object with __dlpack__; got {_describe(x)}"
+            )
+        self.device = device_of(x, self.framework, name)
+        # The caller's own dtype object, to cast half-precision results back.
+        self.dtype = getattr(x, "dtype", None)
+
+    # ------------------------------------------------------------ streams
+    @contextlib.contextmanager
+    def on_device(self):
+        """Make the caller's device and stream current for CuPy.
+
+        CuPy input runs on CuPy's current stream; torch input on torch's
+        current stream of its device; other producers on CuPy's current
+        stream, which DLPack synchronises with the producer's."""
+        if not self.device.is_cuda:
+            yield
+            return
+        cupy = _gpu.require_cupy()
+        with cupy.cuda.Device(self.device.index):
+            if self.framework == "torch":
+                import torch
+
+                stream = torch.cuda.current_stream(self.device.index)
+                with cupy.cuda.ExternalStream(stream.cuda_stream, self.device.index):
+                    yield
+            else:
+                yield
+
+    # -------------------------------------------------------------- input
+    def view(self, x, name, allow_int=False):
+        """A C-contiguous NumPy (CPU) or CuPy (CUDA) view of ``x``, which must
+        live on the caller's device. Copies only if ``x`` is not contiguous,
+        or, on the CPU, when NumPy cannot hold its dtype (bfloat16 from torch
+        or JAX), in which case it comes back as float32."""
+        framework = framework_of(x)
+        if framework is None:
+            raise TypeError(
+                f"{name} must be an array like the input (a {self.framework} "
+                f"array), got {_describe(x)}"
+            )
+        device = device_of(x, framework, name)
+        if device != self.device:
+            raise ValueError(
+                f"{name} is on {device} but input is on {self.device}; "
+                "move them to the same device"
+            )
+        if framework == "torch":
+            x = x.detach()  # __dlpack__ refuses tensors that require grad
+        if self.device.is_cuda:
+            cupy = _gpu.require_cupy()
+            array = x if framework == "cupy" else cupy.from_dlpack(x)
+            return cupy.ascontiguousarray(array)
+        if framework == "numpy":
+            return np.ascontiguousarray(x)
+        if dtype_name(x.dtype) == "bfloat16":
+            # NumPy cannot receive bfloat16 through DLPack: the framework
+            # widens it, which the CPU backend would do anyway.
+            x = x.float() if framework == "torch" else x.astype("float32")
+        return np.ascontiguousarray(np.from_dlpack(x))
+
+    # ------------------------------------------------------------- output
+    def zeros(self, shape, dtype, native=True):
+        """A new zero-filled result buffer. Returns (kernel_view, native):
+        native is the caller's tensor when curoi allocates through the
+        caller's framework (torch), else None."""
+        if native and self.framework == "torch":
+            import torch
+
+            tensor = torch.zeros(
+                shape, dtype=getattr(torch, dtype), device=str(self.device)
+            )
+            if self.device.is_cuda:
+                return _gpu.require_cupy().from_dlpack(tensor), tensor
+            return np.from_dlpack(tensor), tensor
+        if self.device.is_cuda:
+            return _gpu.require_cupy().zeros(shape, dtype=dtype), None
+        return _aligned_zeros(shape, dtype), None
+
+    def result(self, view, native=None, cast_to=None):
+        """Hand a result back as the caller's kind of array, cast to the
+        caller's dtype ``cast_to`` (half precision) if given."""
+        fw = self.framework
+        if native is not None:
+            out = native
+        elif fw == "torch":
+            import torch
+
+            out = torch.from_dlpack(view)
+        elif fw == "jax":
+            import jax.numpy as jnp
+
+            out = jnp.from_dlpack(view)
+        else:  # numpy, cupy, or another producer: NumPy on CPU, CuPy on CUDA
+            out = view
+        if cast_to is not None:
+            out = out.to(cast_to) if fw == "torch" else out.astype(cast_to)
+        return out
+
+
+def _aligned_zeros(shape, dtype, alignment=64):
+    """Zeros on a 64-byte boundary: JAX takes such a NumPy buffer through
+    DLPack without copying it."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = np.zeros(count * dtype.itemsize + alignment, dtype=np.uint8)
+    start = (-raw.ctypes.data) % alignment
+    return raw[start:start + count * dtype.itemsize].view(dtype).reshape(shape)

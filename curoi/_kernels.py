@@ -1,0 +1,34 @@
+"""The kernels' C signatures, shared by both backends.
+
+Each kernel is ``<family>_<direction>_<suffix>``, for example
+``roi_align_forward_f32``. Arguments are marshalled from the kinds below:
+``ptr`` an array, ``i64`` a 64-bit integer, ``i32`` a C int and ``acc`` a
+real number in the accumulation type (float for float32 and half precision,
+double for float64).
+"""
+
+PTR, I64, I32, ACC = "ptr", "i64", "i32", "acc"
+
+_SHAPE = (I64,) * 7  # num_rois, batch, channels, height, width, pooled h, pooled w
+
+SIGNATURES = {
+    # input, rois, shape, spatial_scale, convention, output, argmax
+    "roi_pool_forward": (PTR, PTR) + _SHAPE + (ACC, I32, PTR, PTR),
+    # grad_output, argmax, rois, shape, grad_input
+    "roi_pool_backward": (PTR, PTR, PTR) + _SHAPE + (PTR,),
+    # input, rois, shape, spatial_scale, sampling_ratio, aligned, output
+    "roi_align_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR),
+    # grad_output, rois, shape, spatial_scale, sampling_ratio, aligned, grad_input
+    "roi_align_backward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR),
+}
+
+#: Feature dtype name -> kernel suffix. Only float32/float64 exist on the CPU.
+SUFFIXES = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16"}
+CPU_DTYPES = ("float32", "float64")
+
+#: roi_pool conventions, as the kernels number them.
+POOL_CONVENTIONS = {"torchvision": 0, "mmcv": 1}
+
+
+def kernel_name(family: str, direction: str, dtype_name: str) -> str:
+    return f"{family}_{direction}_{SUFFIXES[dtype_name]}"

@@ -1,0 +1,43 @@
+"""What every public function does between checking its arguments and
+returning: view the features, pick the kernel's element type, launch."""
+
+from . import _cpu, _gpu, _validate
+
+
+def features(caller, x, name, layout):
+    """Kernel view and storage dtype name of a 4-D floating-point array."""
+    view = caller.view(x, name)
+    storage = _validate.storage_dtype(x, view)
+    _validate.float_array(view, name, storage, 4, layout)
+    return view, storage
+
+
+def accumulation_dtype(storage):
+    """Arithmetic (and box) type: float64 for float64, else float32."""
+    return "float64" if storage == "float64" else "float32"
+
+
+def kernel_dtype(caller, storage):
+    """The GPU has kernels for every storage type; the CPU computes half
+    precision in float32."""
+    return storage if caller.device.is_cuda else accumulation_dtype(storage)
+
+
+def as_kernel_input(view, dtype):
+    return view if view.dtype.name == dtype else view.astype(dtype)
+
+
+def cast_back(caller, storage, kernel_dtype_name):
+    """The dtype to cast a result to, or None when it already has it."""
+    if kernel_dtype_name == storage:
+        return None
+    return caller.dtype if caller.dtype is not None else storage
+
+
+def run(caller, family, direction, dtype, args, total):
+    if total == 0:
+        return
+    if caller.device.is_cuda:
+        _gpu.launch(family, direction, dtype, args, total)
+    else:
+        _cpu.launch(family, direction, dtype, args)

@@ -1,0 +1,108 @@
+"""RoI Align (average pooling), forward and backward."""
+
+from . import _boxes, _launch, _validate
+from ._interop import Caller
+
+_FEATURES = "[N, C, H, W]"
+_GRAD = "[K, C, PH, PW]"
+
+
+def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
+              aligned=False):
+    """RoI Align: average of bilinearly interpolated samples in each bin.
+
+    The numbers are those of torchvision's ``roi_align``, detectron2's
+    ``ROIAlign`` and ONNX ``RoiAlign`` (avg).
+
+    Args:
+        input: features ``[N, C, H, W]``, float16, bfloat16, float32 or
+            float64; a NumPy, CuPy, PyTorch or JAX array, or any DLPack array.
+            CuPy and CUDA arrays run on the GPU, others on the CPU. On the CPU,
+            float16 and bfloat16 are computed in float32 and rounded back.
+        boxes: ``[K, 5]`` rows of ``(batch index, x1, y1, x2, y2)``, or a list
+            of ``[L, 4]`` arrays of ``(x1, y1, x2, y2)``, one per image, in
+            input-image coordinates, on the same device as ``input``. Boxes
+            are used in float32 (float64 for float64 input) whatever the
+            feature precision. A box whose batch index is not finite or not
+            in ``[0, N)``, or with a non-finite coordinate, gives zeros.
+        output_size: ``(PH, PW)`` or an int for both: bins per box.
+        spatial_scale: factor from box to feature coordinates, e.g. 1/16.
+        sampling_ratio: samples per bin side; ``<= 0`` means adaptive,
+            ``ceil(box size / output size)`` per axis.
+        aligned: shift the box by -0.5 pixel (``True``, pixel centres at
+            half-integers, detectron2's and ONNX ``half_pixel``), or use the
+            legacy convention with boxes of at least one pixel (``False``).
+
+    Returns:
+        ``[K, C, PH, PW]`` of the input's dtype, the caller's kind of array
+        on the input's device.
+
+    A sample outside ``[-1, H] x [-1, W]`` contributes 0 but counts in the
+    bin's divisor; samples in that band are clamped to the map's edge.
+    Samples that cannot land on the map are skipped without being computed,
+    which gives the same numbers with work bounded by the map size.
+    """
+    ph, pw = _validate.output_size(output_size)
+    scale = _validate.spatial_scale(spatial_scale)
+    ratio = _validate.sampling_ratio(sampling_ratio)
+    aligned = _validate.flag(aligned, "aligned")
+    caller = Caller(input, "input")
+    with caller.on_device():
+        x, storage = _launch.features(caller, input, "input", _FEATURES)
+        n, c, h, w = x.shape
+        rois = _boxes.to_rois(boxes, caller, n, _launch.accumulation_dtype(storage))
+        k = rois.shape[0]
+        dtype = _launch.kernel_dtype(caller, storage)
+        cast = _launch.cast_back(caller, storage, dtype)
+        out, native = caller.zeros((k, c, ph, pw), dtype, native=cast is None)
+        if h * w > 0:
+            _launch.run(caller, "roi_align", "forward", dtype,
+                        (_launch.as_kernel_input(x, dtype), rois, k, n, c, h, w,
+                         ph, pw, scale, ratio, int(aligned), out),
+                        out.size)
+        return caller.result(out, native, cast)
+
+
+def roi_align_backward(grad_output, boxes, input_shape, output_size,
+                       spatial_scale=1.0, sampling_ratio=-1, aligned=False):
+    """Gradient of :func:`roi_align` with respect to its input.
+
+    Args:
+        grad_output: ``[K, C, PH, PW]``, the gradient of the pooled output.
+        boxes: as given to :func:`roi_align` (``[K, 5]`` or a list).
+        input_shape: ``(N, C, H, W)`` of the forward input.
+        output_size, spatial_scale, sampling_ratio, aligned: as in the forward.
+
+    Returns:
+        ``[N, C, H, W]`` of grad_output's dtype. Gradients accumulate in
+        float32 (float64 for float64) and are rounded to half precision once
+        at the end. The sum uses atomic adds, so float32 results may differ
+        in the last bits from run to run. Boxes that the forward ignores get
+        no gradient.
+    """
+    ph, pw = _validate.output_size(output_size)
+    scale = _validate.spatial_scale(spatial_scale)
+    ratio = _validate.sampling_ratio(sampling_ratio)
+    aligned = _validate.flag(aligned, "aligned")
+    n, c, h, w = _validate.input_shape(input_shape)
+    caller = Caller(grad_output, "grad_output")
+    with caller.on_device():
+        g, storage = _launch.features(caller, grad_output, "grad_output", _GRAD)
+        rois = _boxes.to_rois(boxes, caller, n, _launch.accumulation_dtype(storage))
+        k = rois.shape[0]
+        expected = (k, c, ph, pw)
+        if tuple(g.shape) != expected:
+            raise ValueError(
+                f"grad_output must have shape (K, C, PH, PW) = {expected} from "
+                f"boxes, input_shape and output_size, got {tuple(g.shape)}"
+            )
+        dtype = _launch.kernel_dtype(caller, storage)
+        acc = _launch.accumulation_dtype(storage)
+        cast = _launch.cast_back(caller, storage, acc)
+        grad_input, native = caller.zeros((n, c, h, w), acc, native=cast is None)
+        if h * w > 0:
+            _launch.run(caller, "roi_align", "backward", dtype,
+                        (_launch.as_kernel_input(g, dtype), rois, k, n, c, h, w,
+                         ph, pw, scale, ratio, int(aligned), grad_input),
+                        g.size)
+        return caller.result(grad_input, native, cast)

@@ -1,0 +1,116 @@
+"""RoI Pool (max pooling over bins), forward and backward."""
+
+import numpy as np
+
+from . import _boxes, _gpu, _kernels, _launch, _validate
+from ._interop import Caller
+
+_FEATURES = "[N, C, H, W]"
+_GRAD = "[K, C, PH, PW]"
+_CONVENTIONS = tuple(_kernels.POOL_CONVENTIONS)
+
+
+def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
+             convention="torchvision", return_argmax=False):
+    """RoI Pool: the maximum of each bin of each box.
+
+    Args:
+        input: features ``[N, C, H, W]`` (see :func:`curoi.roi_align` for
+            the accepted arrays, devices and dtypes).
+        boxes: ``[K, 5]`` rows of ``(batch index, x1, y1, x2, y2)`` or a
+            list of ``[L, 4]`` arrays, one per image.
+        output_size: ``(PH, PW)`` or an int for both.
+        spatial_scale: factor from box to feature coordinates.
+        convention: where the bins lie.
+            ``"torchvision"`` (torchvision, Caffe, ONNX MaxRoiPool): corners
+            rounded to whole pixels, ``x2``/``y2`` inclusive, box at least one
+            pixel; bin ``p`` spans ``floor(p*bin)`` to ``ceil((p+1)*bin)``
+            from the rounded start.
+            ``"mmcv"`` (mmcv, mmdetection): continuous corners ``x1*s`` and
+            ``(x2+1)*s``; bin ``p`` spans ``floor(p*bin + x1*s)`` to
+            ``ceil((p+1)*bin + x1*s)``; a box of no positive extent gives zeros.
+            Bins are clipped to the map in both.
+        return_argmax: also return where each maximum was.
+
+    Returns:
+        ``[K, C, PH, PW]`` of the input's dtype, and with ``return_argmax``
+        an int64 array of the same shape holding the flat index ``h * W + w``
+        of each maximum in its feature plane: the first one in row-major
+        order on ties, -1 for an empty bin (whose output is 0) and for boxes
+        that read nothing (batch index not finite or not in ``[0, N)``, or a
+        non-finite coordinate). NaN counts as larger than any number.
+    """
+    ph, pw = _validate.output_size(output_size)
+    scale = _validate.spatial_scale(spatial_scale)
+    convention = _validate.choice(convention, "convention", _CONVENTIONS)
+    return_argmax = _validate.flag(return_argmax, "return_argmax")
+    caller = Caller(input, "input")
+    with caller.on_device():
+        x, storage = _launch.features(caller, input, "input", _FEATURES)
+        n, c, h, w = x.shape
+        rois = _boxes.to_rois(boxes, caller, n, _launch.accumulation_dtype(storage))
+        k = rois.shape[0]
+        dtype = _launch.kernel_dtype(caller, storage)
+        cast = _launch.cast_back(caller, storage, dtype)
+        out, native = caller.zeros((k, c, ph, pw), dtype, native=cast is None)
+        argmax, native_argmax = caller.zeros((k, c, ph, pw), "int64")
+        if h * w > 0:
+            _launch.run(caller, "roi_pool", "forward", dtype,
+                        (_launch.as_kernel_input(x, dtype), rois, k, n, c, h, w,
+                         ph, pw, scale, _kernels.POOL_CONVENTIONS[convention],
+                         out, argmax),
+                        out.size)
+        else:
+            argmax.fill(-1)
+        y = caller.result(out, native, cast)
+        if return_argmax:
+            return y, caller.result(argmax, native_argmax)
+        return y
+
+
+def roi_pool_backward(grad_output, argmax, boxes, input_shape):
+    """Gradient of :func:`roi_pool` with respect to its input.
+
+    Args:
+        grad_output: ``[K, C, PH, PW]``, the gradient of the pooled output.
+        argmax: the argmax that :func:`roi_pool` returned (integer, same
+            shape). Entries outside ``[0, H*W)`` pass no gradient.
+        boxes: as given to :func:`roi_pool` (for the batch index of each box).
+        input_shape: ``(N, C, H, W)`` of the forward input.
+
+    Returns:
+        ``[N, C, H, W]`` of grad_output's dtype; accumulated in float32
+        (float64 for float64) and rounded to half precision once at the end.
+    """
+    n, c, h, w = _validate.input_shape(input_shape)
+    caller = Caller(grad_output, "grad_output")
+    with caller.on_device():
+        g, storage = _launch.features(caller, grad_output, "grad_output", _GRAD)
+        idx = caller.view(argmax, "argmax")
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"argmax must have an integer dtype, got {idx.dtype}")
+        if tuple(idx.shape) != tuple(g.shape):
+            raise ValueError(
+                f"argmax must have the shape of grad_output {tuple(g.shape)}, "
+                f"got {tuple(idx.shape)}"
+            )
+        xp = _gpu.require_cupy() if caller.device.is_cuda else np
+        idx = xp.ascontiguousarray(idx, dtype=np.int64)
+        rois = _boxes.to_rois(boxes, caller, n, _launch.accumulation_dtype(storage))
+        k = rois.shape[0]
+        if g.shape[0] != k or g.shape[1] != c:
+            raise ValueError(
+                f"grad_output must have shape (K, C, PH, PW) with K = {k} boxes "
+                f"and C = {c} from input_shape, got {tuple(g.shape)}"
+            )
+        ph, pw = g.shape[2], g.shape[3]
+        dtype = _launch.kernel_dtype(caller, storage)
+        acc = _launch.accumulation_dtype(storage)
+        cast = _launch.cast_back(caller, storage, acc)
+        grad_input, native = caller.zeros((n, c, h, w), acc, native=cast is None)
+        if h * w > 0:
+            _launch.run(caller, "roi_pool", "backward", dtype,
+                        (_launch.as_kernel_input(g, dtype), idx, rois, k, n, c,
+                         h, w, ph, pw, grad_input),
+                        g.size)
+        return caller.result(grad_input, native, cast)

@@ -1,0 +1,99 @@
+"""Argument checks shared by the public functions. Every error names the
+argument, what was expected and what came."""
+
+import math
+import numbers
+
+import numpy as np
+
+from ._interop import FLOAT_DTYPES, dtype_name
+
+_INT32_MAX = 2**31 - 1
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def output_size(value, name="output_size"):
+    """A positive int or a pair of them -> (height, width)."""
+    if _is_int(value):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
+        pair = tuple(value)
+    else:
+        raise TypeError(
+            f"{name} must be an int or a pair of ints (height, width), got {value!r}"
+        )
+    if not all(0 < v <= _INT32_MAX for v in pair):
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def spatial_scale(value, name="spatial_scale"):
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+    return value
+
+
+def sampling_ratio(value, name="sampling_ratio"):
+    if not _is_int(value):
+        raise TypeError(
+            f"{name} must be an int (> 0: samples per bin side; <= 0: adaptive), "
+            f"got {value!r}"
+        )
+    value = int(value)
+    if not -_INT32_MAX <= value <= _INT32_MAX:
+        raise ValueError(f"{name} must fit in 32 bits, got {value}")
+    return value
+
+
+def flag(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def choice(value, name, options):
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(
+            f"{name} must be one of {', '.join(repr(o) for o in options)}, got {value!r}"
+        )
+    return value
+
+
+def float_array(array, name, storage_dtype, ndim, layout):
+    """``array`` (a kernel view) must be floating point with ``ndim`` dims."""
+    if storage_dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating-point dtype ({', '.join(FLOAT_DTYPES)}), "
+            f"got {storage_dtype}"
+        )
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must be a {ndim}-D array {layout}, got shape {tuple(array.shape)}")
+
+
+def input_shape(value, name="input_shape"):
+    try:
+        shape = tuple(value)
+    except TypeError:
+        shape = None
+    if shape is None or len(shape) != 4 or not all(_is_int(v) for v in shape):
+        raise TypeError(f"{name} must be a sequence of 4 ints (N, C, H, W), got {value!r}")
+    if any(v < 0 for v in shape):
+        raise ValueError(f"{name} must not have negative sizes, got {shape}")
+    return tuple(int(v) for v in shape)
+
+
+def storage_dtype(x, view):
+    """The dtype name of the caller's array (before any widening for the CPU)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None:
+        try:
+            return dtype_name(dtype)
+        except TypeError:
+            pass
+    return dtype_name(view.dtype)
