@@ -157,13 +157,17 @@ class Caller:
             cupy = _gpu.require_cupy()
             array = x if framework == "cupy" else cupy.from_dlpack(x)
             return cupy.ascontiguousarray(array)
-        if framework == "numpy":
-            return np.ascontiguousarray(x)
-        if dtype_name(x.dtype) == "bfloat16":
-            # NumPy cannot receive bfloat16 through DLPack: the framework
-            # widens it, which the CPU backend would do anyway.
-            x = x.float() if framework == "torch" else x.astype("float32")
-        return np.ascontiguousarray(np.from_dlpack(x))
+        if framework != "numpy":
+            if dtype_name(x.dtype) == "bfloat16":
+                # NumPy cannot receive bfloat16 through DLPack: the framework
+                # widens it, which the CPU backend would do anyway.
+                x = x.float() if framework == "torch" else x.astype("float32")
+            x = np.from_dlpack(x)
+        array = np.ascontiguousarray(x)
+        if not (array.dtype.isnative and array.flags.aligned):
+            # The kernels read native-endian, naturally aligned elements.
+            array = array.astype(array.dtype.newbyteorder("="))
+        return array
 
     # ------------------------------------------------------------- output
     def zeros(self, shape, dtype, native=True):

@@ -31,7 +31,9 @@ def cast_back(caller, storage, kernel_dtype_name):
     """The dtype to cast a result to, or None when it already has it."""
     if kernel_dtype_name == storage:
         return None
-    return caller.dtype if caller.dtype is not None else storage
+    if caller.framework in ("numpy", "cupy", "torch", "jax"):
+        return caller.dtype
+    return storage  # another producer's result is NumPy/CuPy: cast by name
 
 
 def run(caller, family, direction, dtype, args, total):
