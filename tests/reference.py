@@ -1,0 +1,443 @@
+"""Independent NumPy reference for curoi's RoI operators.
+
+Written from the formulas in DESIGN.md section 3 and the text of issue 2, not
+from the kernels in cuda_src/: it exists to catch bugs in them. It is slow on
+purpose (plain Python loops over every box, bin and sample) and computes in
+float64 whatever the input dtype, so that a float32 or half-precision result
+from curoi can be compared with it at a tolerance that fits that dtype.
+
+Conventions shared by every function here:
+
+- ``boxes`` is a ``[K, 5]`` array (batch index, x1, y1, x2, y2) or a list of
+  per-image ``[L, 4]`` arrays (image ``i`` gets batch index ``i``).
+- A box whose batch index is not finite or outside ``[0, N)``, or with a
+  coordinate that is not finite, produces 0 (argmax -1) and no gradient.
+- ``output_size`` is an int or a pair ``(PH, PW)``.
+"""
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "normalize_boxes",
+    "roi_align",
+    "roi_align_backward",
+    "roi_align_weights",
+    "roi_pool",
+    "roi_pool_backward",
+    "round_half_away",
+]
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def normalize_boxes(boxes):
+    """Return boxes as a float64 ``[K, 5]`` array (list form expanded)."""
+    if isinstance(boxes, (list, tuple)):
+        rows = []
+        for i, b in enumerate(boxes):
+            b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+            idx = np.full((b.shape[0], 1), float(i))
+            rows.append(np.concatenate([idx, b], axis=1))
+        if not rows:
+            return np.zeros((0, 5), np.float64)
+        return np.concatenate(rows, axis=0)
+    b = np.asarray(boxes, dtype=np.float64)
+    return b.reshape(-1, 5)
+
+
+def _pair(output_size):
+    if isinstance(output_size, (int, np.integer)):
+        return int(output_size), int(output_size)
+    ph, pw = output_size
+    return int(ph), int(pw)
+
+
+def _batch_index(box, n_images):
+    """Image index of a box, or None when the box must be ignored."""
+    if not all(math.isfinite(v) for v in box):
+        return None
+    b = box[0]
+    if b < 0 or b >= n_images:
+        return None
+    return int(b)
+
+
+def round_half_away(v):
+    """C's round(): halves go away from zero (Python's round() does not).
+
+    ``v - floor(v)`` is exact for doubles, so there is no ``floor(v + 0.5)``
+    trap at 0.49999999999999994.
+    """
+    if v < 0:
+        return -round_half_away(-v)
+    f = math.floor(v)
+    return int(f + 1) if v - f >= 0.5 else int(f)
+
+
+# --------------------------------------------------------------------------
+# RoI Align (average), torchvision / detectron2 semantics
+# --------------------------------------------------------------------------
+
+
+def _bilinear_taps(y, x, height, width):
+    """The (row, col, weight) taps that bilinear interpolation at (y, x) uses.
+
+    DESIGN.md section 3: a sample with y < -1 or y > H (x likewise) gives
+    nothing; otherwise a coordinate below 0 is clamped to 0, and a sample at
+    or past the last row/column uses the edge value.
+    """
+    if y < -1.0 or y > height or x < -1.0 or x > width:
+        return []
+    if y <= 0:
+        y = 0.0
+    if x <= 0:
+        x = 0.0
+    y_low = int(math.floor(y))
+    x_low = int(math.floor(x))
+    if y_low >= height - 1:
+        y_low = y_high = height - 1
+        y = float(y_low)
+    else:
+        y_high = y_low + 1
+    if x_low >= width - 1:
+        x_low = x_high = width - 1
+        x = float(x_low)
+    else:
+        x_high = x_low + 1
+    ly = y - y_low
+    lx = x - x_low
+    hy = 1.0 - ly
+    hx = 1.0 - lx
+    return [
+        (y_low, x_low, hy * hx),
+        (y_low, x_high, hy * lx),
+        (y_high, x_low, ly * hx),
+        (y_high, x_high, ly * lx),
+    ]
+
+
+def roi_align_weights(boxes, input_shape, output_size, spatial_scale=1.0,
+                      sampling_ratio=-1, aligned=False):
+    """The RoI Align operator as an explicit sparse linear map.
+
+    Returns a list with one entry per box: ``None`` for an ignored box, else
+    ``(n, taps)`` where ``taps[ph][pw]`` is a list of ``(row, col, weight)``
+    with the weight already divided by the sample count. Forward is
+    ``y[k, c, ph, pw] = sum(w * x[n, c, row, col])`` and backward is its
+    transpose, so both directions share this one loop over every sample.
+    """
+    boxes = normalize_boxes(boxes)
+    n_images, _, height, width = (int(v) for v in input_shape)
+    pooled_h, pooled_w = _pair(output_size)
+    s = float(spatial_scale)
+    offset = 0.5 if aligned else 0.0
+    result = []
+    for box in boxes:
+        n = _batch_index(box, n_images)
+        if n is None:
+            result.append(None)
+            continue
+        _, x1, y1, x2, y2 = (float(v) for v in box)
+        start_w = x1 * s - offset
+        start_h = y1 * s - offset
+        end_w = x2 * s - offset
+        end_h = y2 * s - offset
+        roi_w = end_w - start_w
+        roi_h = end_h - start_h
+        if not aligned:
+            # Legacy behaviour: malformed boxes are forced to 1x1 pixels.
+            roi_w = max(roi_w, 1.0)
+            roi_h = max(roi_h, 1.0)
+        bin_h = roi_h / pooled_h
+        bin_w = roi_w / pooled_w
+        if sampling_ratio > 0:
+            grid_h = grid_w = int(sampling_ratio)
+        else:
+            grid_h = int(math.ceil(roi_h / pooled_h))
+            grid_w = int(math.ceil(roi_w / pooled_w))
+        count = max(grid_h * grid_w, 1)
+        taps = []
+        for ph in range(pooled_h):
+            row = []
+            for pw in range(pooled_w):
+                bin_taps = []
+                # range() of a negative grid is empty: such a bin averages
+                # nothing and gives 0 (count is then clamped to 1).
+                for iy in range(grid_h):
+                    y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+                    for ix in range(grid_w):
+                        x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+                        for r, c, w in _bilinear_taps(y, x, height, width):
+                            bin_taps.append((r, c, w / count))
+                row.append(bin_taps)
+            taps.append(row)
+        result.append((n, taps))
+    return result
+
+
+def roi_align(x, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
+              aligned=False):
+    """RoI Align forward, in float64. ``x`` is ``[N, C, H, W]``."""
+    x = np.asarray(x).astype(np.float64)
+    pooled_h, pooled_w = _pair(output_size)
+    ops = roi_align_weights(boxes, x.shape, output_size, spatial_scale,
+                            sampling_ratio, aligned)
+    out = np.zeros((len(ops), x.shape[1], pooled_h, pooled_w), np.float64)
+    for k, op in enumerate(ops):
+        if op is None:
+            continue
+        n, taps = op
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                acc = np.zeros(x.shape[1], np.float64)
+                for r, c, w in taps[ph][pw]:
+                    acc += w * x[n, :, r, c]
+                out[k, :, ph, pw] = acc
+    return out
+
+
+def roi_align_backward(grad_output, boxes, input_shape, output_size,
+                       spatial_scale=1.0, sampling_ratio=-1, aligned=False):
+    """Gradient of RoI Align with respect to its input, in float64."""
+    g = np.asarray(grad_output).astype(np.float64)
+    pooled_h, pooled_w = _pair(output_size)
+    ops = roi_align_weights(boxes, input_shape, output_size, spatial_scale,
+                            sampling_ratio, aligned)
+    gx = np.zeros(tuple(int(v) for v in input_shape), np.float64)
+    for k, op in enumerate(ops):
+        if op is None:
+            continue
+        n, taps = op
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                for r, c, w in taps[ph][pw]:
+                    gx[n, :, r, c] += w * g[k, :, ph, pw]
+    return gx
+
+
+# --------------------------------------------------------------------------
+# RoI Pool (max)
+# --------------------------------------------------------------------------
+
+
+def _pool_bins(box, height, width, pooled_h, pooled_w, s, convention):
+    """Per bin, the half-open pixel ranges ``(h0, h1, w0, w1)``, or None.
+
+    None means the whole box is degenerate (mmcv convention, no positive
+    extent) and every bin is empty.
+    """
+    _, x1, y1, x2, y2 = (float(v) for v in box)
+    if convention == "torchvision":
+        # Caffe / torchvision / ONNX MaxRoiPool: integer box corners
+        # round(x*s), inclusive end, at least one pixel wide.
+        start_w = round_half_away(x1 * s)
+        start_h = round_half_away(y1 * s)
+        end_w = round_half_away(x2 * s)
+        end_h = round_half_away(y2 * s)
+        roi_w = max(end_w - start_w + 1, 1)
+        roi_h = max(end_h - start_h + 1, 1)
+        bin_h = roi_h / pooled_h
+        bin_w = roi_w / pooled_w
+
+        def hrange(p):
+            return (math.floor(p * bin_h) + start_h,
+                    math.ceil((p + 1) * bin_h) + start_h)
+
+        def wrange(p):
+            return (math.floor(p * bin_w) + start_w,
+                    math.ceil((p + 1) * bin_w) + start_w)
+    elif convention == "mmcv":
+        # mmcv / mmdetection: continuous corners x1*s and (x2+1)*s.
+        start_w = x1 * s
+        start_h = y1 * s
+        roi_w = (x2 + 1.0) * s - start_w
+        roi_h = (y2 + 1.0) * s - start_h
+        if roi_w <= 0 or roi_h <= 0:
+            return None
+        bin_h = roi_h / pooled_h
+        bin_w = roi_w / pooled_w
+
+        def hrange(p):
+            return (math.floor(p * bin_h + start_h),
+                    math.ceil((p + 1) * bin_h + start_h))
+
+        def wrange(p):
+            return (math.floor(p * bin_w + start_w),
+                    math.ceil((p + 1) * bin_w + start_w))
+    else:
+        raise ValueError(convention)
+
+    def clip(v, hi):
+        return min(max(v, 0), hi)
+
+    bins = []
+    for ph in range(pooled_h):
+        h0, h1 = hrange(ph)
+        h0, h1 = clip(h0, height), clip(h1, height)
+        row = []
+        for pw in range(pooled_w):
+            w0, w1 = wrange(pw)
+            w0, w1 = clip(w0, width), clip(w1, width)
+            row.append((h0, h1, w0, w1))
+        bins.append(row)
+    return bins
+
+
+def _greater(v, best):
+    """Max-pool order: NaN is larger than any number; the first NaN wins."""
+    if math.isnan(best):
+        return False
+    if math.isnan(v):
+        return True
+    return v > best
+
+
+def roi_pool(x, boxes, output_size, spatial_scale=1.0,
+             convention="torchvision"):
+    """RoI max pool forward. Returns ``(y, argmax)``.
+
+    ``y`` is float64; ``argmax`` is int64, the flat index ``h * W + w`` in
+    the feature plane of the first maximum in row-major order, -1 for an
+    empty bin (whose output is 0) and for ignored boxes.
+    """
+    x = np.asarray(x).astype(np.float64)
+    n_images, channels, height, width = x.shape
+    pooled_h, pooled_w = _pair(output_size)
+    boxes = normalize_boxes(boxes)
+    k_boxes = boxes.shape[0]
+    out = np.zeros((k_boxes, channels, pooled_h, pooled_w), np.float64)
+    arg = np.full((k_boxes, channels, pooled_h, pooled_w), -1, np.int64)
+    for k, box in enumerate(boxes):
+        n = _batch_index(box, n_images)
+        if n is None:
+            continue
+        bins = _pool_bins(box, height, width, pooled_h, pooled_w,
+                          float(spatial_scale), convention)
+        if bins is None:
+            continue
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                h0, h1, w0, w1 = bins[ph][pw]
+                if h1 <= h0 or w1 <= w0:
+                    continue  # empty bin: 0 and -1
+                for c in range(channels):
+                    best = None
+                    best_idx = -1
+                    for h in range(h0, h1):
+                        for w in range(w0, w1):
+                            v = x[n, c, h, w]
+                            if best is None or _greater(v, best):
+                                best = v
+                                best_idx = h * width + w
+                    out[k, c, ph, pw] = best
+                    arg[k, c, ph, pw] = best_idx
+    return out, arg
+
+
+def roi_pool_backward(grad_output, argmax, boxes, input_shape):
+    """RoI max pool backward: scatter-add each gradient to its argmax."""
+    g = np.asarray(grad_output).astype(np.float64)
+    argmax = np.asarray(argmax)
+    n_images, channels, height, width = (int(v) for v in input_shape)
+    boxes = normalize_boxes(boxes)
+    gx = np.zeros((n_images, channels, height * width), np.float64)
+    for k, box in enumerate(boxes):
+        n = _batch_index(box, n_images)
+        if n is None:
+            continue
+        for c in range(channels):
+            for ph in range(g.shape[2]):
+                for pw in range(g.shape[3]):
+                    a = int(argmax[k, c, ph, pw])
+                    if a >= 0:
+                        gx[n, c, a] += g[k, c, ph, pw]
+    return gx.reshape(n_images, channels, height, width)
+
+
+# --------------------------------------------------------------------------
+# random test inputs (shared by test_roi_align.py and test_roi_pool.py)
+# --------------------------------------------------------------------------
+
+BOX_KINDS = ("inside", "partly_out", "wholly_out", "tiny", "zero", "reversed")
+
+
+def _random_interval(rng, extent, scale, kind):
+    """One (lo, hi) box edge pair in box coordinates for a map ``extent``
+    pixels long seen through ``spatial_scale = scale``."""
+    e = extent / scale          # map extent in box coordinates
+    px = 1.0 / scale            # one feature-map pixel in box coordinates
+    if kind == "inside":
+        lo = rng.uniform(0, e)
+        hi = rng.uniform(lo, e)
+    elif kind == "partly_out":
+        if rng.random() < 0.5:
+            lo = rng.uniform(-0.5 * e, 0)
+            hi = rng.uniform(0, e)
+        else:
+            lo = rng.uniform(0, e)
+            hi = rng.uniform(e, 1.5 * e)
+    elif kind == "wholly_out":
+        if rng.random() < 0.5:
+            # at least 2 pixels before the map: past the -1 cut-off even
+            # after the aligned half-pixel shift
+            hi = -2 * px - rng.uniform(0, 0.5 * e + px)
+            lo = hi - rng.uniform(0, 0.5 * e)
+        else:
+            lo = e + 2 * px + rng.uniform(0, 0.5 * e + px)
+            hi = lo + rng.uniform(0, 0.5 * e)
+    elif kind == "tiny":
+        lo = rng.uniform(-px, e + px)
+        hi = lo + rng.uniform(0, 0.3) * px
+    elif kind == "zero":
+        lo = hi = rng.uniform(-px, e + px)
+    elif kind == "reversed":
+        lo = rng.uniform(-px, e + px)
+        hi = lo - rng.uniform(0, 2) * px
+    else:
+        raise ValueError(kind)
+    return lo, hi
+
+
+def random_boxes(rng, n_images, height, width, scale, k, kinds=BOX_KINDS,
+                 dtype=np.float64):
+    """``[k, 5]`` boxes mixing the kinds above independently in x and y."""
+    boxes = np.empty((k, 5), np.float64)
+    for i in range(k):
+        kx = kinds[rng.integers(len(kinds))]
+        ky = kinds[rng.integers(len(kinds))]
+        x1, x2 = _random_interval(rng, width, scale, kx)
+        y1, y2 = _random_interval(rng, height, scale, ky)
+        boxes[i] = (rng.integers(n_images), x1, y1, x2, y2)
+    return boxes.astype(dtype)
+
+
+def permutation_map(rng, shape, dtype=np.float64):
+    """Features without ties inside a plane: each ``H x W`` plane holds a
+    permutation of small integers (exact in float16 and bfloat16 for planes of
+    up to 256 pixels), centred on zero so that negative maxima occur too."""
+    n, c, h, w = shape
+    out = np.empty(shape, np.float64)
+    for i in range(n):
+        for j in range(c):
+            out[i, j] = (rng.permutation(h * w) - (h * w) // 2).reshape(h, w)
+    return out.astype(dtype)
+
+
+def spoil_boxes(rng, boxes, n_images, probability=0.3):
+    """With the given probability, make one box invalid in place: a batch
+    index outside [0, N) or not finite, or a non-finite coordinate."""
+    if len(boxes) == 0 or rng.random() >= probability:
+        return boxes
+    k = int(rng.integers(len(boxes)))
+    bad = [n_images, n_images + 3, -1, np.nan, np.inf, -np.inf]
+    if rng.random() < 0.5:
+        boxes[k, 0] = bad[rng.integers(len(bad))]
+    else:
+        boxes[k, 1 + rng.integers(4)] = (np.nan, np.inf, -np.inf)[
+            rng.integers(3)]
+    return boxes
