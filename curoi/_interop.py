@@ -128,7 +128,12 @@ class Caller:
                 import torch
 
                 stream = torch.cuda.current_stream(self.device.index)
-                with cupy.cuda.ExternalStream(stream.cuda_stream, self.device.index):
+                if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14
+                    external = cupy.cuda.Stream.from_external(stream)
+                else:
+                    external = cupy.cuda.ExternalStream(
+                        stream.cuda_stream, self.device.index)
+                with external:
                     yield
             else:
                 yield
