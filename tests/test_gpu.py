@@ -1,0 +1,584 @@
+"""The GPU suite: runs wherever a CUDA device is present, skips cleanly
+otherwise (no CuPy, no driver, or no device).
+
+The reference for every GPU result is the CPU backend on the same input. The
+CPU backend runs the same kernel source through the host compiler and is
+itself checked against an independent NumPy reference and onnxruntime (see
+the other test files), so agreement here means the NVRTC build, the launch
+code (argument types, grid), the DLPack plumbing and the stream handling are
+right.
+
+Tolerances: float32 and float64 differ from the CPU only by summation order
+(atomic adds) and by the GPU compiler fusing multiply-adds. Half precision is
+computed in float32 on both sides from the very same half values and rounded
+once at the end, so results agree to about one unit in the last place of the
+half type. Maxima (roi_pool) and argmax are selections, not sums: exact.
+
+Spatial scales are powers of two so that box corners scale exactly on both
+compilers (a fused multiply-add cannot move a corner across a rounding or
+ceil() boundary), and box coordinates are random reals so that no sample
+sits exactly on the [-1, H] cut-off of the bilinear rule.
+"""
+
+import functools
+import warnings
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy")
+
+
+def _device_count():
+    try:
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # no driver or no device: CUDARuntimeError, and others
+        return 0
+
+
+DEVICES = _device_count()
+if DEVICES == 0:
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+import curoi  # noqa: E402
+
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+CONVENTIONS = ("torchvision", "mmcv")
+
+# (rtol, atol) per dtype, for forward and backward (backward sums more terms).
+_TOL = {
+    "float32": ((1e-5, 1e-5), (1e-5, 1e-4)),
+    "float64": ((1e-12, 1e-12), (1e-12, 1e-11)),
+    # One unit in the last place: 2**-10 (float16) and 2**-7 (bfloat16)
+    # relative, with room for a value rounding the other way.
+    "float16": ((2e-3, 2e-3), (2e-3, 4e-3)),
+    "bfloat16": ((1.6e-2, 1.6e-2), (1.6e-2, 3.2e-2)),
+}
+
+SHAPE = (2, 4, 13, 17)   # N, C, H, W
+OUT = (3, 4)             # PH, PW
+SCALE = 0.5              # a power of two: see the module docstring
+
+
+# --------------------------------------------------------------- helpers
+def np_dtype(name):
+    if name == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def make_rois(rng, n, h, w, scale, k=48, dtype=np.float32):
+    """[K, 5] boxes in image coordinates: inside the map, partly outside,
+    wholly outside, degenerate (zero width or height), reversed corners."""
+    img = np.array([w, h, w, h]) / scale
+    inside = rng.uniform(0, 1, (k, 4)) * img
+    inside = np.concatenate([np.minimum(inside[:, :2], inside[:, 2:]),
+                             np.maximum(inside[:, :2], inside[:, 2:])], axis=1)
+    spread = rng.uniform(-0.5, 1.5, (k, 4)) * img
+    spread = np.concatenate([np.minimum(spread[:, :2], spread[:, 2:]),
+                             np.maximum(spread[:, :2], spread[:, 2:])], axis=1)
+    outside = inside[: k // 4] + [2 * img[0], 0, 2 * img[0], 0]
+    degenerate = inside[: k // 4].copy()
+    degenerate[:, 2] = degenerate[:, 0]
+    reversed_ = inside[: k // 4][:, [2, 3, 0, 1]]
+    corners = np.concatenate([inside, spread, outside, degenerate, reversed_])
+    batch = rng.integers(0, n, (len(corners), 1))
+    return np.concatenate([batch, corners], axis=1).astype(dtype)
+
+
+def make_case(dtype_name, seed, shape=SHAPE, out=OUT, scale=SCALE):
+    """Features, boxes and output gradients as NumPy arrays (features and
+    gradients in dtype_name: NumPy float16, ml_dtypes bfloat16)."""
+    rng = np.random.default_rng(seed)
+    dtype = np_dtype(dtype_name)
+    n, c, h, w = shape
+    x = rng.standard_normal(shape).astype(dtype)
+    box_dtype = np.float64 if dtype_name == "float64" else np.float32
+    rois = make_rois(rng, n, h, w, scale, dtype=box_dtype)
+    gy = rng.standard_normal((len(rois), c) + tuple(out)).astype(dtype)
+    return x, rois, gy
+
+
+def to_f64(a):
+    """A NumPy float64 copy of a NumPy, CuPy or torch result."""
+    if isinstance(a, cupy.ndarray):
+        a = cupy.asnumpy(a)
+    elif type(a).__module__.startswith("torch"):
+        a = a.detach()
+        if a.is_floating_point():
+            a = a.float() if a.dtype != _torch().float64 else a
+        a = a.cpu().numpy()
+    return np.asarray(a).astype(np.float64)
+
+
+def assert_close(got, expected, dtype_name, backward=False, what=""):
+    rtol, atol = _TOL[dtype_name][1 if backward else 0]
+    np.testing.assert_allclose(to_f64(got), to_f64(expected), rtol=rtol,
+                               atol=atol, err_msg=what)
+
+
+def assert_cupy_result(y, like, dtype=None):
+    """A CuPy array on the device of ``like``, of ``like``'s dtype."""
+    assert isinstance(y, cupy.ndarray), type(y)
+    assert y.device.id == like.device.id
+    assert y.dtype == (like.dtype if dtype is None else dtype), y.dtype
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def torch_cuda():
+    torch = _torch()
+    if not torch.cuda.is_available():
+        pytest.skip("this torch build has no CUDA")
+    return torch
+
+
+def to_torch(a, device):
+    """NumPy (including ml_dtypes bfloat16) to a torch tensor of the same
+    dtype on ``device``; bfloat16 goes through float32, which is exact."""
+    torch = _torch()
+    name = a.dtype.name
+    if name == "bfloat16":
+        return torch.from_numpy(a.astype(np.float32)).to(device, torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
+# ------------------------------------------------- GPU against the CPU
+@pytest.mark.parametrize("ratio", [0, 2])
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_roi_align_forward_matches_cpu(dtype, aligned, ratio):
+    x, rois, _ = make_case(dtype, [1, DTYPES.index(dtype), int(aligned), ratio])
+    expected = curoi.roi_align(x, rois, OUT, SCALE, ratio, aligned)
+    assert np.count_nonzero(to_f64(expected)) > expected.size // 3  # not vacuous
+    xg = cupy.asarray(x)
+    got = curoi.roi_align(xg, cupy.asarray(rois), OUT, SCALE, ratio, aligned)
+    assert_cupy_result(got, xg)
+    assert got.shape == expected.shape == (len(rois), SHAPE[1]) + OUT
+    assert_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("ratio", [0, 2])
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_roi_align_backward_matches_cpu(dtype, aligned, ratio):
+    x, rois, gy = make_case(dtype, [2, DTYPES.index(dtype), int(aligned), ratio])
+    expected = curoi.roi_align_backward(gy, rois, x.shape, OUT, SCALE, ratio,
+                                        aligned)
+    assert np.count_nonzero(to_f64(expected)) > expected.size // 3
+    gg = cupy.asarray(gy)
+    got = curoi.roi_align_backward(gg, cupy.asarray(rois), x.shape, OUT, SCALE,
+                                   ratio, aligned)
+    assert_cupy_result(got, gg)
+    assert got.shape == x.shape
+    assert_close(got, expected, dtype, backward=True)
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_roi_pool_forward_and_argmax_match_cpu(dtype, convention):
+    x, rois, _ = make_case(dtype, [3, DTYPES.index(dtype), int(convention == "mmcv")])
+    expected, expected_argmax = curoi.roi_pool(
+        x, rois, OUT, SCALE, convention=convention, return_argmax=True)
+    # Some empty bins (boxes off the map) and many real ones.
+    assert (expected_argmax == -1).any() and (expected_argmax >= 0).mean() > 0.3
+    xg = cupy.asarray(x)
+    got, argmax = curoi.roi_pool(xg, cupy.asarray(rois), OUT, SCALE,
+                                 convention=convention, return_argmax=True)
+    assert_cupy_result(got, xg)
+    assert_cupy_result(argmax, xg, dtype=np.int64)
+    # A maximum is one of the (same) input values: exact, in every dtype;
+    # ties (frequent in half precision) go to the first in row-major order
+    # on both backends.
+    np.testing.assert_array_equal(to_f64(got), to_f64(expected))
+    np.testing.assert_array_equal(cupy.asnumpy(argmax), expected_argmax)
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_roi_pool_backward_matches_cpu(dtype, convention):
+    x, rois, gy = make_case(dtype, [4, DTYPES.index(dtype), int(convention == "mmcv")])
+    _, argmax = curoi.roi_pool(x, rois, OUT, SCALE, convention=convention,
+                               return_argmax=True)
+    expected = curoi.roi_pool_backward(gy, argmax, rois, x.shape)
+    assert np.count_nonzero(to_f64(expected)) > 0
+    gg = cupy.asarray(gy)
+    got = curoi.roi_pool_backward(gg, cupy.asarray(argmax), cupy.asarray(rois),
+                                  x.shape)
+    assert_cupy_result(got, gg)
+    assert got.shape == x.shape
+    assert_close(got, expected, dtype, backward=True)
+
+
+def test_list_of_boxes_on_gpu():
+    # Per-image [L, 4] CuPy arrays mean the same as [K, 5] with batch indices.
+    x, rois, _ = make_case("float32", 5)
+    per_image = [cupy.asarray(rois[rois[:, 0] == i, 1:]) for i in range(SHAPE[0])]
+    ordered = np.concatenate([rois[rois[:, 0] == i] for i in range(SHAPE[0])])
+    expected = curoi.roi_align(x, ordered, OUT, SCALE, 2, True)
+    got = curoi.roi_align(cupy.asarray(x), per_image, OUT, SCALE, 2, True)
+    assert_close(got, expected, "float32")
+
+
+def test_non_contiguous_cupy_input():
+    # The kernels ignore strides; curoi must make a strided view contiguous.
+    x, rois, _ = make_case("float32", 6)
+    strided = cupy.asarray(np.ascontiguousarray(x.transpose(0, 1, 3, 2)))
+    strided = strided.transpose(0, 1, 3, 2)
+    assert not strided.flags.c_contiguous
+    got = curoi.roi_align(strided, cupy.asarray(rois), OUT, SCALE, 2, False)
+    assert_close(got, curoi.roi_align(x, rois, OUT, SCALE, 2, False), "float32")
+
+
+def test_no_boxes_on_gpu():
+    xg = cupy.asarray(make_case("float32", 7)[0])
+    none = cupy.zeros((0, 5), dtype=cupy.float32)
+    y = curoi.roi_align(xg, none, OUT, SCALE)
+    assert_cupy_result(y, xg)
+    assert y.shape == (0, SHAPE[1]) + OUT
+    y, argmax = curoi.roi_pool(xg, none, OUT, SCALE, return_argmax=True)
+    assert y.shape == argmax.shape == (0, SHAPE[1]) + OUT
+    assert_cupy_result(argmax, xg, dtype=np.int64)
+
+
+def test_boxes_on_another_device_are_an_error():
+    x, rois, _ = make_case("float32", 8)
+    with pytest.raises(ValueError, match="boxes"):
+        curoi.roi_align(cupy.asarray(x), rois, OUT, SCALE)  # NumPy boxes
+
+
+def test_grid_stride_loop_covers_every_element():
+    # More outputs than one launch has threads: the tail is reached only on
+    # a later trip round the grid-stride loop.
+    from curoi import _gpu
+
+    threads = getattr(_gpu, "_MAX_BLOCKS", 65536) * getattr(
+        _gpu, "_THREADS_PER_BLOCK", 256)
+    c, out = 64, (8, 8)
+    per_box = c * out[0] * out[1]
+    k = threads // per_box + 64
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1, c, 12, 12)).astype(np.float32)
+    # Two random points per box, sorted per coordinate: (x1, y1), (x2, y2).
+    corners = np.sort(rng.uniform(0, 12, (k, 2, 2)), axis=1).reshape(k, 4)
+    rois = np.concatenate([np.zeros((k, 1)), corners], axis=1).astype(np.float32)
+    assert k * per_box > threads
+    xg, rg = cupy.asarray(x), cupy.asarray(rois)
+    tail = slice(k - 64, k)
+
+    y = curoi.roi_align(xg, rg, out, 1.0, 2, True)
+    expected = curoi.roi_align(x, rois[tail], out, 1.0, 2, True)
+    assert_close(y[tail], expected, "float32")
+    assert_close(y[:4], curoi.roi_align(x, rois[:4], out, 1.0, 2, True), "float32")
+
+    y, argmax = curoi.roi_pool(xg, rg, out, 1.0, return_argmax=True)
+    expected, expected_argmax = curoi.roi_pool(x, rois[tail], out, 1.0,
+                                               return_argmax=True)
+    np.testing.assert_array_equal(cupy.asnumpy(y[tail]), expected)
+    np.testing.assert_array_equal(cupy.asnumpy(argmax[tail]), expected_argmax)
+
+    # Backward: gradient only on the tail boxes, so the CPU can compute the
+    # expected result from those boxes alone.
+    gy = np.zeros((k, c) + out, np.float32)
+    gy[tail] = rng.standard_normal((64, c) + out)
+    got = curoi.roi_align_backward(cupy.asarray(gy), rg, x.shape, out, 1.0, 2, True)
+    expected = curoi.roi_align_backward(gy[tail], rois[tail], x.shape, out, 1.0,
+                                        2, True)
+    assert np.count_nonzero(expected) > 0
+    assert_close(got, expected, "float32", backward=True)
+
+
+# ------------------------------------------------------- invalid boxes
+_BAD_BATCH = [-1.0, 2.0, 100.0, np.nan, np.inf, -np.inf, 1e30]
+
+
+def _invalid_rois(dtype=np.float32):
+    """N = 2: boxes whose batch index is outside [0, 2) or not finite, one
+    with a NaN corner, and one good box last."""
+    rows = [[b, 1.0, 2.0, 20.0, 18.0] for b in _BAD_BATCH]
+    rows.append([0.0, np.nan, 2.0, 20.0, 18.0])
+    rows.append([1.0, 1.0, 2.0, 20.0, 18.0])  # valid
+    return np.array(rows, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_invalid_batch_indices_give_zeros(dtype):
+    x = make_case(dtype, 10)[0]
+    rois = _invalid_rois()
+    bad = slice(0, len(rois) - 1)
+    xg, rg = cupy.asarray(x), cupy.asarray(rois)
+
+    y = to_f64(curoi.roi_align(xg, rg, OUT, SCALE, 2, True))
+    assert not np.isnan(y).any()
+    np.testing.assert_array_equal(y[bad], 0)
+    assert np.count_nonzero(y[-1]) > 0
+    assert_close(y[-1:], curoi.roi_align(x, rois[-1:], OUT, SCALE, 2, True), dtype)
+
+    for convention in CONVENTIONS:
+        y, argmax = curoi.roi_pool(xg, rg, OUT, SCALE, convention=convention,
+                                   return_argmax=True)
+        y, argmax = to_f64(y), cupy.asnumpy(argmax)
+        np.testing.assert_array_equal(y[bad], 0)
+        np.testing.assert_array_equal(argmax[bad], -1)
+        assert (argmax[-1] >= 0).all()
+
+    # Backward: gradient only on the invalid boxes, so nothing may arrive.
+    gy = np.ones((len(rois), SHAPE[1]) + OUT, dtype=np_dtype(dtype))
+    gy[-1] = 0
+    gx = curoi.roi_align_backward(cupy.asarray(gy), rg, x.shape, OUT, SCALE, 2, True)
+    np.testing.assert_array_equal(to_f64(gx), 0)
+    # roi_pool_backward with a forged argmax that points into the plane:
+    # the box's batch index alone must stop the gradient.
+    forged = cupy.zeros(gy.shape, dtype=cupy.int64)
+    gx = curoi.roi_pool_backward(cupy.asarray(gy), forged, rg, x.shape)
+    np.testing.assert_array_equal(to_f64(gx), 0)
+    cupy.cuda.Device().synchronize()  # a stray write would surface here
+
+
+def test_argmax_out_of_the_plane_passes_no_gradient():
+    # argmax comes from the caller: entries outside [0, H*W) are ignored, on
+    # the GPU as on the CPU, and nothing is written out of bounds.
+    x, _, _ = make_case("float32", 11)
+    n, c, h, w = x.shape
+    rois = np.array([[0, 1, 1, 20, 20], [1, 0, 0, 8, 8]], np.float32)
+    argmax = np.array([h * w, -5, 2**40, 3, h * w - 1, -1], np.int64)
+    argmax = np.resize(argmax, (2, c) + OUT)
+    gy = np.random.default_rng(11).standard_normal((2, c) + OUT).astype(np.float32)
+    expected = curoi.roi_pool_backward(gy, argmax, rois, x.shape)
+    got = curoi.roi_pool_backward(cupy.asarray(gy), cupy.asarray(argmax),
+                                  cupy.asarray(rois), x.shape)
+    assert np.count_nonzero(expected) > 0
+    assert_close(got, expected, "float32", backward=True)
+    cupy.cuda.Device().synchronize()
+
+
+# ------------------------------------------------------------- streams
+_SPIN_SOURCE = r"""
+extern "C" __global__ void curoi_test_spin(long long cycles) {
+  const long long start = clock64();
+  while (clock64() - start < cycles) { }
+}
+"""
+# About half a second at the clock rates of current GPUs: far longer than
+# curoi takes to enqueue its work, so the stream is still busy when it returns.
+_SPIN_CYCLES = 1_000_000_000
+
+
+@functools.lru_cache(maxsize=None)
+def _spin_kernel():
+    return cupy.RawKernel(_SPIN_SOURCE, "curoi_test_spin")
+
+
+def spin():
+    """Keep CuPy's current stream busy for a while (one thread, no memory)."""
+    _spin_kernel()((1,), (1,), (np.int64(_SPIN_CYCLES),))
+
+
+def all_ops(x, rois, gy_align, gy_pool, shape):
+    """All four ops, the pool backward fed by the pool forward's argmax."""
+    y_align = curoi.roi_align(x, rois, OUT, SCALE, 2, True)
+    g_align = curoi.roi_align_backward(gy_align, rois, shape, OUT, SCALE, 2, True)
+    y_pool, argmax = curoi.roi_pool(x, rois, OUT, SCALE, return_argmax=True)
+    g_pool = curoi.roi_pool_backward(gy_pool, argmax, rois, shape)
+    return y_align, g_align, y_pool, argmax, g_pool
+
+
+def _stream_case():
+    x, rois, gy_align = make_case("float32", 12)
+    gy_pool = np.random.default_rng(13).standard_normal(gy_align.shape)
+    gy_pool = gy_pool.astype(np.float32)
+    expected = all_ops(x, rois, gy_align, gy_pool, x.shape)
+    return (x, rois, gy_align, gy_pool), expected
+
+
+def _check_all(got, expected):
+    names = ("roi_align", "roi_align_backward", "roi_pool", "argmax",
+             "roi_pool_backward")
+    for name, g, e in zip(names, got, expected):
+        backward = name.endswith("backward")
+        assert_close(g, e, "float32", backward=backward, what=name)
+        assert np.count_nonzero(to_f64(e)) > 0, name
+
+
+def test_cupy_current_stream():
+    """Work runs on CuPy's current stream, in order with what came before.
+
+    The inputs are written on a non-blocking stream behind a long-running
+    kernel. If curoi launched anywhere else (the null stream does not wait
+    for a non-blocking one) it would read the zeros that were there before,
+    and the results would be wrong."""
+    (x, rois, ga, gp), expected = _stream_case()
+    src = [cupy.asarray(a) for a in (x, ga, gp)]
+    rg = cupy.asarray(rois)
+    all_ops(src[0], rg, src[1], src[2], x.shape)  # compile everything first
+    dst = [cupy.zeros_like(a) for a in src]
+    for d, s in zip(dst, src):  # warm the copy kernel, then clear again
+        d[...] = s
+        d.fill(0)
+    _spin_kernel().compile()
+    cupy.cuda.Device().synchronize()
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        assert cupy.cuda.get_current_stream().ptr == stream.ptr
+        spin()
+        for d, s in zip(dst, src):
+            d[...] = s  # device-to-device, on `stream`, after the spin
+        got = all_ops(dst[0], rg, dst[1], dst[2], x.shape)
+        busy_on_return = not stream.done
+    stream.synchronize()
+    for y in got:
+        assert_cupy_result(y, dst[0], dtype=y.dtype)
+    _check_all(got, expected)
+    # curoi returned while the stream was still spinning: it did not wait
+    # for the device (the design forbids synchronising to be safe).
+    assert busy_on_return
+
+
+def _cupy_view_of_torch_stream(stream):
+    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
+        return cupy.cuda.Stream.from_external(stream)
+    return cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index)
+
+
+def test_torch_current_stream():
+    """torch CUDA tensors run on torch's current stream, not CuPy's.
+
+    As above, the inputs are written on a torch side stream behind a
+    long-running kernel; CuPy's own current stream stays the null stream
+    throughout, so launching there would read stale zeros."""
+    torch = torch_cuda()
+    device = torch.device("cuda", 0)
+    (x, rois, ga, gp), expected = _stream_case()
+    src = [to_torch(a, device) for a in (x, ga, gp)]
+    rt = to_torch(rois, device)
+    all_ops(src[0], rt, src[1], src[2], x.shape)  # compile everything first
+    dst = [torch.zeros_like(a) for a in src]
+    _spin_kernel().compile()
+    torch.cuda.synchronize(device)
+
+    side = torch.cuda.Stream(device=device)
+    with torch.cuda.stream(side):
+        with _cupy_view_of_torch_stream(side):
+            spin()
+        assert cupy.cuda.get_current_stream().ptr != side.cuda_stream
+        for d, s in zip(dst, src):
+            d.copy_(s)  # on the side stream, after the spin
+        got = all_ops(dst[0], rt, dst[1], dst[2], x.shape)
+        busy_on_return = not side.query()
+    side.synchronize()
+    for y in got:
+        assert isinstance(y, torch.Tensor) and y.device == device
+    _check_all(got, expected)
+    assert busy_on_return
+
+
+def test_torch_calls_raise_no_warnings():
+    # Every call on a CUDA tensor goes through the stream bridge; it must not
+    # emit warnings (CuPy 14 deprecates cupy.cuda.ExternalStream in favour of
+    # cupy.cuda.Stream.from_external).
+    torch = torch_cuda()
+    x, rois, _ = make_case("float32", 14)
+    xt, rt = to_torch(x, "cuda"), to_torch(rois, "cuda")
+    curoi.roi_align(xt, rt, OUT, SCALE)  # first call compiles
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        curoi.roi_align(xt, rt, OUT, SCALE)
+        torch.cuda.synchronize()
+    assert not caught, [str(w.message) for w in caught]
+
+
+# ---------------------------------------------------------------- torch
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_cuda_in_torch_cuda_out(dtype):
+    torch = torch_cuda()
+    device = torch.device("cuda", 0)
+    x, rois, gy = make_case(dtype, [15, DTYPES.index(dtype)])
+    xt, rt, gt = to_torch(x, device), to_torch(rois, device), to_torch(gy, device)
+    tdtype = getattr(torch, dtype)  # torch names its dtypes alike
+    assert xt.dtype == tdtype
+
+    # Features that require grad are accepted (autograd comes later).
+    y = curoi.roi_align(xt.clone().requires_grad_(True), rt, OUT, SCALE, 2, True)
+    assert isinstance(y, torch.Tensor) and y.device == device and y.dtype == tdtype
+    assert_close(y, curoi.roi_align(x, rois, OUT, SCALE, 2, True), dtype)
+
+    g = curoi.roi_align_backward(gt, rt, x.shape, OUT, SCALE, 2, True)
+    assert isinstance(g, torch.Tensor) and g.device == device and g.dtype == tdtype
+    assert_close(g, curoi.roi_align_backward(gy, rois, x.shape, OUT, SCALE, 2, True),
+                 dtype, backward=True)
+
+    for convention in CONVENTIONS:
+        y, argmax = curoi.roi_pool(xt, rt, OUT, SCALE, convention=convention,
+                                   return_argmax=True)
+        e, e_argmax = curoi.roi_pool(x, rois, OUT, SCALE, convention=convention,
+                                     return_argmax=True)
+        assert y.device == argmax.device == device
+        assert y.dtype == tdtype and argmax.dtype == torch.int64
+        np.testing.assert_array_equal(to_f64(y), to_f64(e))
+        np.testing.assert_array_equal(argmax.cpu().numpy(), e_argmax)
+
+        g = curoi.roi_pool_backward(gt, argmax, rt, x.shape)
+        assert isinstance(g, torch.Tensor) and g.device == device and g.dtype == tdtype
+        assert_close(g, curoi.roi_pool_backward(gy, e_argmax, rois, x.shape),
+                     dtype, backward=True)
+
+
+# --------------------------------------------------------- multi-device
+def _on_device_1(arrays):
+    with cupy.cuda.Device(1):
+        return [cupy.asarray(a) for a in arrays]
+
+
+@pytest.mark.skipif(DEVICES < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_input_on_device_1_gives_results_on_device_1(dtype):
+    x, rois, ga = make_case(dtype, [16, DTYPES.index(dtype)])
+    gp = ga[::-1].copy()
+    expected = all_ops(x, rois, ga, gp, x.shape)
+    x1, r1, ga1, gp1 = _on_device_1([x, rois, ga, gp])
+    with cupy.cuda.Device(0):
+        got = all_ops(x1, r1, ga1, gp1, x.shape)
+        # curoi switched to device 1 for the call and back afterwards.
+        assert cupy.cuda.Device().id == 0
+    for y in got:
+        assert isinstance(y, cupy.ndarray) and y.device.id == 1
+    with cupy.cuda.Device(1):
+        cupy.cuda.Device().synchronize()
+    names = ("roi_align", "roi_align_backward", "roi_pool", "argmax",
+             "roi_pool_backward")
+    for name, g, e in zip(names, got, expected):
+        assert_close(g, e, dtype, backward=name.endswith("backward"), what=name)
+
+
+@pytest.mark.skipif(DEVICES < 2, reason="needs two CUDA devices")
+def test_features_and_boxes_on_different_gpus_are_an_error():
+    x, rois, _ = make_case("float32", 17)
+    (x1,) = _on_device_1([x])
+    with cupy.cuda.Device(0):
+        r0 = cupy.asarray(rois)
+    with pytest.raises(ValueError, match="device"):
+        curoi.roi_align(x1, r0, OUT, SCALE)
+
+
+@pytest.mark.skipif(DEVICES < 2, reason="needs two CUDA devices")
+def test_torch_tensor_on_cuda_1_gives_result_on_cuda_1():
+    torch = torch_cuda()
+    if torch.cuda.device_count() < 2:
+        pytest.skip("torch sees fewer than two CUDA devices")
+    device = torch.device("cuda", 1)
+    x, rois, gy = make_case("float32", 18)
+    xt, rt, gt = to_torch(x, device), to_torch(rois, device), to_torch(gy, device)
+    with torch.cuda.device(0):
+        y = curoi.roi_align(xt, rt, OUT, SCALE, 2, True)
+        g = curoi.roi_align_backward(gt, rt, x.shape, OUT, SCALE, 2, True)
+        p, argmax = curoi.roi_pool(xt, rt, OUT, SCALE, return_argmax=True)
+    for t in (y, g, p, argmax):
+        assert t.device == device
+    assert_close(y, curoi.roi_align(x, rois, OUT, SCALE, 2, True), "float32")
+    assert_close(g, curoi.roi_align_backward(gy, rois, x.shape, OUT, SCALE, 2, True),
+                 "float32", backward=True)
+    np.testing.assert_array_equal(to_f64(p), curoi.roi_pool(x, rois, OUT, SCALE))
