@@ -87,7 +87,9 @@ def _missing_compiler_error():
     )
 
 
-def _library_path(argv, flags):
+def _library_stem(argv, flags):
+    """Name of the library for these sources, compiler and flags, without
+    the content digest and suffix that the built file adds."""
     key = hashlib.sha256()
     for part in (
         _sources.sources_digest(),
@@ -98,14 +100,50 @@ def _library_path(argv, flags):
     ):
         key.update(part.encode())
         key.update(b"\n")
-    suffix = ".dll" if sys.platform == "win32" else ".so"
-    return cache_dir() / f"curoi-cpu-{key.hexdigest()[:24]}{suffix}"
+    return f"curoi-cpu-{key.hexdigest()[:24]}"
 
 
-def _compile(argv, flags, target: Path):
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=target.suffix,
-                               dir=target.parent)
+_SUFFIX = ".dll" if sys.platform == "win32" else ".so"
+
+
+def _content_digest(data):
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _cached_library(stem):
+    """A cached library whose content matches the digest in its name. A file
+    that does not match (cut short, damaged) is removed, never loaded:
+    loading a truncated library can kill the process with SIGBUS."""
+    for path in sorted(cache_dir().glob(f"{stem}-*{_SUFFIX}")):
+        try:
+            intact = _content_digest(path.read_bytes()) == path.stem.rsplit("-", 1)[1]
+        except OSError:
+            intact = False
+        if intact:
+            return path
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    return None
+
+
+def _write_atomically(data: bytes, target: Path):
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _compile(argv, flags, stem):
+    """Build the library into the cache; return its path."""
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=_SUFFIX, dir=folder)
     os.close(fd)
     sources = [str(_sources.source_path(f)) for f in _sources.FAMILIES]
     cmd = argv + ["-x", "c++"] + list(flags) + \
@@ -117,42 +155,55 @@ def _compile(argv, flags, target: Path):
                 "building curoi's CPU kernels failed:\n  "
                 + " ".join(shlex.quote(c) for c in cmd) + "\n" + done.stderr
             )
+        with open(tmp, "rb") as f:
+            digest = _content_digest(f.read())
+        target = folder / f"{stem}-{digest}{_SUFFIX}"
         os.replace(tmp, target)  # atomic: readers see all of it or nothing
+        return target
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _warn_from_caller(message):
+    """Warn at the first frame outside curoi, where the user called it."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
 def _build_and_load():
     argv = compiler_command()
     if argv is None:
         raise _missing_compiler_error()
-    attempts = [_FLAGS + (_OPENMP_FLAG,), _FLAGS]
-    last_error = None
-    for flags in attempts:
-        path = _library_path(argv, flags)
-        if not path.exists():
-            try:
-                _compile(argv, flags, path)
-            except RuntimeError as error:
-                last_error = error
-                continue
+    with_openmp = _FLAGS + (_OPENMP_FLAG,)
+    stem = _library_stem(argv, with_openmp)
+    # A compiler that rejects -fopenmp (Apple clang) is recorded, so that
+    # later processes go straight to the single-threaded build.
+    no_openmp_marker = cache_dir() / f"{stem}.no-openmp"
+    path = _cached_library(stem)
+    openmp_error = None
+    if path is None and no_openmp_marker.exists():
+        openmp_error = no_openmp_marker.read_text(errors="replace")
+    elif path is None:
         try:
-            library = ctypes.CDLL(str(path))
-        except OSError:
-            # A damaged file (a disk error, a copy cut short): build afresh.
-            _compile(argv, flags, path)
-            library = ctypes.CDLL(str(path))
-        if _OPENMP_FLAG not in flags:
-            warnings.warn(
-                "curoi's CPU kernels were built without OpenMP (the compiler "
-                f"rejected {_OPENMP_FLAG}) and will use one core. "
-                f"The error was:\n{last_error}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return library, path
-    raise last_error
+            path = _compile(argv, with_openmp, stem)
+        except RuntimeError as error:
+            openmp_error = str(error)
+    if path is None:
+        plain = _library_stem(argv, _FLAGS)
+        path = _cached_library(plain) or _compile(argv, _FLAGS, plain)
+        if not no_openmp_marker.exists():
+            # Only now is it known that OpenMP, not the compiler, failed.
+            _write_atomically(openmp_error.encode(), no_openmp_marker)
+        _warn_from_caller(
+            "curoi's CPU kernels were built without OpenMP (the compiler "
+            f"rejected {_OPENMP_FLAG}) and will use one core. The error "
+            f"was:\n{openmp_error}"
+        )
+    return ctypes.CDLL(str(path)), path
 
 
 def library():

@@ -146,9 +146,13 @@ class Caller:
         or JAX), in which case it comes back as float32."""
         framework = framework_of(x)
         if framework is None:
+            hint = ""
+            if isinstance(x, (list, tuple)):
+                hint = (" (a nested Python list: convert it with "
+                        "numpy.asarray, or the input's framework, first)")
             raise TypeError(
                 f"{name} must be an array like the input (a {self.framework} "
-                f"array), got {_describe(x)}"
+                f"array), got {_describe(x)}{hint}"
             )
         device = device_of(x, framework, name)
         if device != self.device:
@@ -163,7 +167,8 @@ class Caller:
             array = x if framework == "cupy" else cupy.from_dlpack(x)
             return cupy.ascontiguousarray(array)
         if framework != "numpy":
-            if dtype_name(x.dtype) == "bfloat16":
+            dtype = getattr(x, "dtype", None)  # a bare DLPack producer has none
+            if dtype is not None and dtype_name(dtype) == "bfloat16":
                 # NumPy cannot receive bfloat16 through DLPack: the framework
                 # widens it, which the CPU backend would do anyway.
                 x = x.float() if framework == "torch" else x.astype("float32")

@@ -39,8 +39,9 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
 
     A sample outside ``[-1, H] x [-1, W]`` contributes 0 but counts in the
     bin's divisor; samples in that band are clamped to the map's edge.
-    Samples that cannot land on the map are skipped without being computed,
-    which gives the same numbers with work bounded by the map size.
+    Samples that cannot land on the map are skipped without being computed:
+    the same numbers, and with adaptive sampling a huge box costs no more
+    than one the size of the map.
     """
     ph, pw = _validate.output_size(output_size)
     scale = _validate.spatial_scale(spatial_scale)
@@ -49,6 +50,7 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
     caller = Caller(input, "input")
     with caller.on_device():
         x, storage = _launch.features(caller, input, "input", _FEATURES)
+        _validate.scale_for(scale, _launch.accumulation_dtype(storage))
         n, c, h, w = x.shape
         rois = _boxes.to_rois(boxes, caller, n, _launch.accumulation_dtype(storage))
         k = rois.shape[0]
@@ -88,6 +90,7 @@ def roi_align_backward(grad_output, boxes, input_shape, output_size,
     caller = Caller(grad_output, "grad_output")
     with caller.on_device():
         g, storage = _launch.features(caller, grad_output, "grad_output", _GRAD)
+        _validate.scale_for(scale, _launch.accumulation_dtype(storage))
         rois = _boxes.to_rois(boxes, caller, n, _launch.accumulation_dtype(storage))
         k = rois.shape[0]
         expected = (k, c, ph, pw)

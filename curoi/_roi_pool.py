@@ -47,6 +47,7 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
     caller = Caller(input, "input")
     with caller.on_device():
         x, storage = _launch.features(caller, input, "input", _FEATURES)
+        _validate.scale_for(scale, _launch.accumulation_dtype(storage))
         n, c, h, w = x.shape
         rois = _boxes.to_rois(boxes, caller, n, _launch.accumulation_dtype(storage))
         k = rois.shape[0]

@@ -26,7 +26,9 @@ def output_size(value, name="output_size"):
             f"{name} must be an int or a pair of ints (height, width), got {value!r}"
         )
     if not all(0 < v <= _INT32_MAX for v in pair):
-        raise ValueError(f"{name} must be positive, got {value!r}")
+        raise ValueError(
+            f"{name} must be positive and at most 2**31 - 1, got {value!r}"
+        )
     return int(pair[0]), int(pair[1])
 
 
@@ -58,7 +60,12 @@ def flag(value, name):
 
 
 def choice(value, name, options):
-    if not isinstance(value, str) or value not in options:
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{name} must be a string, one of "
+            f"{', '.join(repr(o) for o in options)}, got {value!r}"
+        )
+    if value not in options:
         raise ValueError(
             f"{name} must be one of {', '.join(repr(o) for o in options)}, got {value!r}"
         )
@@ -97,3 +104,16 @@ def storage_dtype(x, view):
         except TypeError:
             pass
     return dtype_name(view.dtype)
+
+
+def scale_for(value, acc_dtype, name="spatial_scale"):
+    """``spatial_scale`` must stay positive and finite in the arithmetic type
+    (float32 unless the features are float64)."""
+    if acc_dtype == "float32" and not (
+        value <= float(np.finfo(np.float32).max) and np.float32(value) > 0
+    ):
+        raise ValueError(
+            f"{name} = {value!r} is not a positive finite float32, the "
+            "arithmetic type of float32 and half-precision features"
+        )
+    return value
