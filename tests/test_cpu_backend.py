@@ -1,0 +1,260 @@
+"""The CPU backend's on-disk cache of the compiled kernel library.
+
+Each scenario runs in fresh Python processes (a library, once loaded, stays
+loaded) with CUROI_CACHE_DIR pointing into tmp_path, so nothing here touches
+the user's cache. The value every process computes is hand-computable:
+RoI Align of the ramp f(y, x) = x + 10 y over box (1, 1, 5, 5), aligned, 2x2
+bins with 2x2 samples, samples at whole pixels 1, 2 | 3, 4 on each axis:
+bin means 1.5 and 3.5, so [16.5, 18.5, 36.5, 38.5].
+"""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import curoi
+
+EXPECTED = [16.5, 18.5, 36.5, 38.5]
+
+# argv[1]: optional folder for a start barrier (write ready-<pid>, wait for go).
+SCRIPT = r"""
+import json, os, sys, time
+import numpy as np
+import curoi
+if len(sys.argv) > 1:
+    sync = sys.argv[1]
+    open(os.path.join(sync, "ready-%d" % os.getpid()), "w").close()
+    deadline = time.time() + 60
+    while not os.path.exists(os.path.join(sync, "go")) and time.time() < deadline:
+        time.sleep(0.002)
+ramp = (np.arange(8)[None, :] + 10 * np.arange(8)[:, None]).astype(np.float32)[None, None]
+try:
+    y = curoi.roi_align(ramp, np.array([[0, 1, 1, 5, 5]], np.float32), 2, 1.0, 2, True)
+except Exception as error:
+    print(json.dumps({"error": type(error).__name__, "message": str(error),
+                      "runtime_error": isinstance(error, RuntimeError),
+                      "info": curoi.backend_info()["cpu"]}))
+    sys.exit(3)
+print(json.dumps({"y": y.ravel().tolist(), "info": curoi.backend_info()["cpu"]}))
+"""
+
+
+def _env(cache, **extra):
+    env = dict(os.environ, CUROI_CACHE_DIR=str(cache))
+    env.update(extra)
+    return env
+
+
+def _run(cache, *args, **extra_env):
+    done = subprocess.run([sys.executable, "-c", SCRIPT, *map(str, args)],
+                          env=_env(cache, **extra_env), capture_output=True, text=True,
+                          timeout=120)
+    return done
+
+
+def _result(done):
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _libraries(cache):
+    return sorted(p for p in Path(cache).iterdir() if p.name.startswith("curoi-cpu-"))
+
+
+# ---------------------------------------------------------- concurrency
+def test_many_processes_build_an_empty_cache_at_once(tmp_path):
+    cache, sync = tmp_path / "cache", tmp_path / "sync"
+    cache.mkdir()
+    sync.mkdir()
+    count = 6
+    env = _env(cache)
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(sync)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(count)]
+    try:
+        # Release all of them at the same moment, once each has imported
+        # curoi, so that their first calls all find the cache empty.
+        deadline = time.time() + 60
+        while len(list(sync.glob("ready-*"))) < count and time.time() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.01)
+        assert not any(cache.iterdir()), "someone built before the start signal"
+        (sync / "go").touch()
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    results = []
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert all(r["y"] == EXPECTED for r in results), results
+    # Everyone loaded the same, final file ...
+    paths = {r["info"]["library"] for r in results}
+    assert len(paths) == 1, paths
+    # ... and the folder holds exactly that library, without leftovers of the
+    # builds that lost the race (temporary files, partial outputs).
+    assert sorted(p.name for p in cache.iterdir()) == [Path(paths.pop()).name]
+
+
+# ------------------------------------------------------ missing compiler
+def test_missing_compiler_names_cxx_and_what_to_install(tmp_path):
+    missing = str(tmp_path / "no-such-dir" / "no-such-c++")
+    done = _run(tmp_path / "cache", CXX=missing)
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    message = result["message"]
+    assert result["runtime_error"], result
+    assert "CXX" in message and missing in message, message
+    # It says what to install, not just that something is missing.
+    assert "install" in message.lower() and "g++" in message, message
+    # backend_info agrees that there is no compiler, and nothing was written.
+    assert result["info"]["compiler"] is None
+    assert not (tmp_path / "cache").exists() or not _libraries(tmp_path / "cache")
+
+
+def test_compiler_that_fails_gives_the_command(tmp_path):
+    # A CXX that exists but cannot build (here `false`): the error shows the
+    # command that failed, so the user can see which compiler was used.
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no `false` program")
+    done = _run(tmp_path / "cache", CXX=false)
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["runtime_error"]
+    assert false in result["message"] and "roi_align.cu" in result["message"], result
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not any(cache.iterdir())  # no temporary left over
+
+
+# ------------------------------------------------------- damaged cache
+def _build_once(cache):
+    first = _result(_run(cache))
+    assert first["y"] == EXPECTED
+    [library] = _libraries(cache)
+    assert Path(first["info"]["library"]) == library
+    return library
+
+
+def _assert_rebuilt(cache, library):
+    second = _result(_run(cache))
+    assert second["y"] == EXPECTED
+    assert Path(second["info"]["library"]) == library
+    assert library.read_bytes()[:4] == b"\x7fELF"  # a real library again
+    assert sorted(p.name for p in cache.iterdir()) == [library.name]
+    # The repaired file is then used as it is.
+    inode = library.stat().st_ino, library.stat().st_mtime_ns
+    third = _result(_run(cache))
+    assert third["y"] == EXPECTED
+    assert (library.stat().st_ino, library.stat().st_mtime_ns) == inode
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty"])
+def test_damaged_library_is_rebuilt(tmp_path, damage):
+    cache = tmp_path / "cache"
+    library = _build_once(cache)
+    library.write_bytes(b"this is not a shared library\n" * 64 if damage == "garbage" else b"")
+    _assert_rebuilt(cache, library)
+
+
+def test_truncated_library_is_rebuilt(tmp_path):
+    cache = tmp_path / "cache"
+    library = _build_once(cache)
+    data = library.read_bytes()
+    library.write_bytes(data[:len(data) // 2])
+    _assert_rebuilt(cache, library)
+
+
+# ------------------------------------------------ compiler without OpenMP
+def test_library_without_openmp_is_reused_without_compiling(tmp_path):
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    log = tmp_path / "calls.log"
+    wrapper = tmp_path / "no-openmp-c++"
+    # A compiler that refuses -fopenmp (like Apple clang) and logs each build.
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'case " $* " in *" --version "*) exec "{compiler}" "$@";; esac\n'
+        f'echo build >> "{log}"\n'
+        'for a in "$@"; do [ "$a" = "-fopenmp" ] && '
+        '{ echo "unsupported option -fopenmp" >&2; exit 1; }; done\n'
+        f'exec "{compiler}" "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    cache = tmp_path / "cache"
+    done = _run(cache, CXX=str(wrapper))
+    first = _result(done)
+    assert first["y"] == EXPECTED  # works, single-threaded, with a warning
+    # The warning points at the caller's line (the -c script), not at curoi.
+    assert "<string>:" in done.stderr and "without OpenMP" in done.stderr, done.stderr
+    builds = log.read_text().count("build")
+    second = _result(_run(cache, CXX=str(wrapper)))
+    assert second["y"] == EXPECTED
+    # Everything needed is cached: the second process must not compile.
+    assert log.read_text().count("build") == builds
+
+
+# --------------------------------------------------------- backend_info
+def test_backend_info_reports_cache_dir_and_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUROI_CACHE_DIR", str(tmp_path / "here"))
+    info = curoi.backend_info()
+    assert info["cpu"]["cache_dir"] == str(tmp_path / "here")
+    compiler = info["cpu"]["compiler"]
+    assert compiler and shutil.which(compiler.split()[0]), compiler
+    assert info["cpu"]["compiler_version"]
+    kernel_dir = Path(info["kernel_dir"])
+    for name in ("roi_align.cu", "roi_pool.cu", "curoi_common.cuh"):
+        assert (kernel_dir / name).is_file(), name
+    # Reporting builds nothing.
+    assert not (tmp_path / "here").exists()
+
+
+def test_cache_dir_defaults(monkeypatch, tmp_path):
+    monkeypatch.delenv("CUROI_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert curoi.backend_info()["cpu"]["cache_dir"] == str(tmp_path / "xdg" / "curoi")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert curoi.backend_info()["cpu"]["cache_dir"] == \
+        str(tmp_path / "home" / ".cache" / "curoi")
+    monkeypatch.setenv("CUROI_CACHE_DIR", "~/elsewhere")  # ~ is expanded
+    assert curoi.backend_info()["cpu"]["cache_dir"] == str(tmp_path / "home" / "elsewhere")
+
+
+def test_backend_info_honours_cxx(monkeypatch):
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    monkeypatch.setenv("CXX", compiler)
+    assert curoi.backend_info()["cpu"]["compiler"] == compiler
+
+
+def test_library_is_built_on_first_use_into_the_cache_dir(tmp_path):
+    # In a fresh process: backend_info names the cache folder and no library
+    # before the first call, and the library inside that folder after it.
+    script = """if True:
+        import json, numpy as np, curoi
+        before = curoi.backend_info()["cpu"]
+        curoi.roi_pool(np.ones((1, 1, 4, 4), np.float32), np.array([[0, 0, 0, 3, 3]],
+                       np.float32), 1)
+        print(json.dumps([before, curoi.backend_info()["cpu"]]))
+    """
+    cache = tmp_path / "cache"
+    done = subprocess.run([sys.executable, "-c", script], env=_env(cache),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    before, after = json.loads(done.stdout)
+    assert before["cache_dir"] == after["cache_dir"] == str(cache)
+    assert before["library"] is None
+    assert Path(after["library"]).parent == cache and Path(after["library"]).is_file()
