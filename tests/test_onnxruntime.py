@@ -38,6 +38,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper  # noqa: E402
 
 import curoi  # noqa: E402
+import reference as ref  # noqa: E402
 
 _MODES = {True: "half_pixel", False: "output_half_pixel"}
 _ONNX_TYPES = {np.float32: TensorProto.FLOAT, np.float64: TensorProto.DOUBLE}
@@ -268,16 +269,7 @@ def test_design_worked_example_matches_onnxruntime():
     # DESIGN.md section 3: the 8x8 map, box (0, 3, 6, 7), 2x2 output, whose
     # torchvision/ONNX bins overlap by one pixel. onnxruntime confirms the
     # numbers the design quotes, and curoi gives them.
-    x = np.array([
-        [0.88, 0.44, 0.14, 0.16, 0.37, 0.77, 0.96, 0.27],
-        [0.19, 0.45, 0.57, 0.16, 0.63, 0.29, 0.71, 0.70],
-        [0.66, 0.26, 0.82, 0.64, 0.54, 0.73, 0.59, 0.26],
-        [0.85, 0.34, 0.76, 0.84, 0.29, 0.75, 0.62, 0.25],
-        [0.32, 0.74, 0.21, 0.39, 0.34, 0.03, 0.33, 0.48],
-        [0.20, 0.14, 0.16, 0.13, 0.73, 0.65, 0.96, 0.32],
-        [0.19, 0.69, 0.09, 0.86, 0.88, 0.07, 0.01, 0.48],
-        [0.83, 0.24, 0.97, 0.04, 0.24, 0.35, 0.50, 0.91],
-    ], dtype=np.float32)[None, None]
+    x = ref.WORKED_EXAMPLE_MAP.astype(np.float32)[None, None]
     rois = np.array([[0, 0, 3, 6, 7]], dtype=np.float32)
     expected = ort_max_roi_pool(x, rois, (2, 2), 1.0)
     np.testing.assert_array_equal(

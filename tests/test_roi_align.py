@@ -7,21 +7,13 @@ where a test checks a stated property that relates two curoi results (half
 precision equals the float32 computation rounded).
 """
 
-import os
-import sys
 
 import numpy as np
 import pytest
 
 import curoi
 
-try:  # tests/ may or may not become a package
-    from . import reference as ref
-except ImportError:  # pragma: no cover - depends on pytest's import mode
-    _HERE = os.path.dirname(os.path.abspath(__file__))
-    if _HERE not in sys.path:   # e.g. --import-mode=importlib
-        sys.path.insert(0, _HERE)
-    import reference as ref
+import reference as ref
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 

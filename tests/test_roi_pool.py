@@ -5,37 +5,19 @@ reference in tests/reference.py (written from DESIGN.md section 3, not from
 the kernels); never from curoi itself.
 """
 
-import os
-import sys
 
 import numpy as np
 import pytest
 
 import curoi
 
-try:  # tests/ may or may not become a package
-    from . import reference as ref
-except ImportError:  # pragma: no cover - depends on pytest's import mode
-    _HERE = os.path.dirname(os.path.abspath(__file__))
-    if _HERE not in sys.path:   # e.g. --import-mode=importlib
-        sys.path.insert(0, _HERE)
-    import reference as ref
+import reference as ref
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 CONVENTIONS = ["torchvision", "mmcv"]
 
-# The 8 x 8 map of the worked example in DESIGN.md section 3, row by row.
-WORKED_MAP = np.array([
-    [0.88, 0.44, 0.14, 0.16, 0.37, 0.77, 0.96, 0.27],
-    [0.19, 0.45, 0.57, 0.16, 0.63, 0.29, 0.71, 0.70],
-    [0.66, 0.26, 0.82, 0.64, 0.54, 0.73, 0.59, 0.26],
-    [0.85, 0.34, 0.76, 0.84, 0.29, 0.75, 0.62, 0.25],
-    [0.32, 0.74, 0.21, 0.39, 0.34, 0.03, 0.33, 0.48],
-    [0.20, 0.14, 0.16, 0.13, 0.73, 0.65, 0.96, 0.32],
-    [0.19, 0.69, 0.09, 0.86, 0.88, 0.07, 0.01, 0.48],
-    [0.83, 0.24, 0.97, 0.04, 0.24, 0.35, 0.50, 0.91],
-])
+WORKED_MAP = ref.WORKED_EXAMPLE_MAP
 
 
 def _worked(dtype=np.float64):
