@@ -3,7 +3,9 @@
 The library is built once per version of the sources, compiler and flags,
 cached on disk, and loaded with ctypes. Several processes may build it at the
 same time: each writes a private temporary file and renames it into place, so
-a reader only ever sees a complete library.
+a reader only ever sees a complete library. The file's name ends with a digest
+of its content, checked before loading, so a file damaged later (a disk
+error, a copy cut short) is rebuilt rather than loaded.
 """
 
 import ctypes
