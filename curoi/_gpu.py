@@ -8,6 +8,7 @@ where the CUDA runtime wheel (or a CUDA toolkit) put them.
 """
 
 import functools
+import os
 import threading
 
 import numpy as np
@@ -59,7 +60,6 @@ def cuda_include_dirs():
     if not found:
         try:
             from cupy.cuda import get_cuda_path
-            import os
 
             root = get_cuda_path()
             if root and os.path.isfile(os.path.join(root, "include", "cuda_fp16.h")):

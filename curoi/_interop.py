@@ -180,22 +180,24 @@ class Caller:
         return array
 
     # ------------------------------------------------------------- output
-    def zeros(self, shape, dtype, native=True):
-        """A new zero-filled result buffer. Returns (kernel_view, native):
+    def new(self, shape, dtype, native=True, zeroed=True):
+        """A new result buffer, zero-filled unless ``zeroed`` is False (for
+        a kernel that writes every element). Returns (kernel_view, native):
         native is the caller's tensor when curoi allocates through the
         caller's framework (torch), else None."""
         if native and self.framework == "torch":
             import torch
 
-            tensor = torch.zeros(
-                shape, dtype=getattr(torch, dtype), device=str(self.device)
-            )
+            make = torch.zeros if zeroed else torch.empty
+            tensor = make(shape, dtype=getattr(torch, dtype), device=str(self.device))
             if self.device.is_cuda:
                 return _gpu.require_cupy().from_dlpack(tensor), tensor
             return np.from_dlpack(tensor), tensor
         if self.device.is_cuda:
-            return _gpu.require_cupy().zeros(shape, dtype=dtype), None
-        return _aligned_zeros(shape, dtype), None
+            cupy = _gpu.require_cupy()
+            make = cupy.zeros if zeroed else cupy.empty
+            return make(shape, dtype=dtype), None
+        return _aligned_buffer(shape, dtype, zeroed), None
 
     def result(self, view, native=None, cast_to=None):
         """Hand a result back as the caller's kind of array, cast to the
@@ -218,11 +220,12 @@ class Caller:
         return out
 
 
-def _aligned_zeros(shape, dtype, alignment=64):
-    """Zeros on a 64-byte boundary: JAX takes such a NumPy buffer through
+def _aligned_buffer(shape, dtype, zeroed, alignment=64):
+    """A buffer on a 64-byte boundary: JAX takes such a NumPy buffer through
     DLPack without copying it."""
     dtype = np.dtype(dtype)
     count = int(np.prod(shape, dtype=np.int64))
-    raw = np.zeros(count * dtype.itemsize + alignment, dtype=np.uint8)
+    make = np.zeros if zeroed else np.empty
+    raw = make(count * dtype.itemsize + alignment, dtype=np.uint8)
     start = (-raw.ctypes.data) % alignment
     return raw[start:start + count * dtype.itemsize].view(dtype).reshape(shape)

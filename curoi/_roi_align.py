@@ -56,7 +56,9 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
         k = rois.shape[0]
         dtype = _launch.kernel_dtype(caller, storage)
         cast = _launch.cast_back(caller, storage, dtype)
-        out, native = caller.zeros((k, c, ph, pw), dtype, native=cast is None)
+        # The kernel writes every output; only an empty map leaves zeros.
+        out, native = caller.new((k, c, ph, pw), dtype, native=cast is None,
+                                 zeroed=h * w == 0)
         if h * w > 0:
             _launch.run(caller, "roi_align", "forward", dtype,
                         (_launch.as_kernel_input(x, dtype), rois, k, n, c, h, w,
@@ -102,7 +104,7 @@ def roi_align_backward(grad_output, boxes, input_shape, output_size,
         dtype = _launch.kernel_dtype(caller, storage)
         acc = _launch.accumulation_dtype(storage)
         cast = _launch.cast_back(caller, storage, acc)
-        grad_input, native = caller.zeros((n, c, h, w), acc, native=cast is None)
+        grad_input, native = caller.new((n, c, h, w), acc, native=cast is None)
         if h * w > 0:
             _launch.run(caller, "roi_align", "backward", dtype,
                         (_launch.as_kernel_input(g, dtype), rois, k, n, c, h, w,

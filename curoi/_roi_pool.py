@@ -53,8 +53,10 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
         k = rois.shape[0]
         dtype = _launch.kernel_dtype(caller, storage)
         cast = _launch.cast_back(caller, storage, dtype)
-        out, native = caller.zeros((k, c, ph, pw), dtype, native=cast is None)
-        argmax, native_argmax = caller.zeros((k, c, ph, pw), "int64")
+        # The kernel writes every output; only an empty map leaves zeros.
+        out, native = caller.new((k, c, ph, pw), dtype, native=cast is None,
+                                 zeroed=h * w == 0)
+        argmax, native_argmax = caller.new((k, c, ph, pw), "int64", zeroed=False)
         if h * w > 0:
             _launch.run(caller, "roi_pool", "forward", dtype,
                         (_launch.as_kernel_input(x, dtype), rois, k, n, c, h, w,
@@ -108,7 +110,7 @@ def roi_pool_backward(grad_output, argmax, boxes, input_shape):
         dtype = _launch.kernel_dtype(caller, storage)
         acc = _launch.accumulation_dtype(storage)
         cast = _launch.cast_back(caller, storage, acc)
-        grad_input, native = caller.zeros((n, c, h, w), acc, native=cast is None)
+        grad_input, native = caller.new((n, c, h, w), acc, native=cast is None)
         if h * w > 0:
             _launch.run(caller, "roi_pool", "backward", dtype,
                         (_launch.as_kernel_input(g, dtype), idx, rois, k, n, c,

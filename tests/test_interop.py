@@ -363,7 +363,7 @@ def test_jax_result_wraps_curoi_buffer_without_copy(shape):
     # curoi allocates CPU results as 64-byte aligned NumPy buffers because
     # JAX imports only those through DLPack without copying (DESIGN.md §4).
     caller = Caller(jnp.zeros((1, 1, 2, 2)), "input")
-    buffer, native = caller.zeros(shape, "float32")
+    buffer, native = caller.new(shape, "float32")
     assert native is None
     assert buffer.ctypes.data % 64 == 0
     buffer[...] = np.arange(buffer.size, dtype=np.float32).reshape(shape)
