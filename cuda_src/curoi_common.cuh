@@ -36,10 +36,21 @@ CUROI_DEVICE void curoi_atomic_add(T* address, T value) {
   atomicAdd(address, value);
 }
 
+// Integer addition wraps modulo 2^64 in unsigned arithmetic, so the order of
+// the adds cannot change the result.
+CUROI_DEVICE void curoi_atomic_add_int64(int64_t* address, int64_t value) {
+  atomicAdd((unsigned long long*)address, (unsigned long long)value);
+}
+
+CUROI_DEVICE int64_t curoi_round_to_int64(double v) { return __double2ll_rn(v); }
+
 #else
 // ---------------------------------------------------------------- CPU build
 #include <stdint.h>
 #include <math.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #if defined(_WIN32)
 #define CUROI_KERNEL extern "C" __declspec(dllexport)
@@ -48,10 +59,26 @@ CUROI_DEVICE void curoi_atomic_add(T* address, T value) {
 #endif
 #define CUROI_DEVICE static inline
 
+// Threads for the kernels' loops, set from Python (curoi.set_num_threads)
+// through ctypes; 0 leaves OpenMP's default. One variable for the whole
+// library, whichever source file includes this header.
+extern "C" {
+// "used": emitted even where nothing reads it (a build without OpenMP).
+__attribute__((visibility("default"), used)) inline int curoi_num_threads = 0;
+}
+
+static inline int curoi_threads() {
+#if defined(_OPENMP)
+  return curoi_num_threads > 0 ? curoi_num_threads : omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
 // The grid-stride loop becomes an OpenMP loop over all elements. Dynamic
 // scheduling in chunks: boxes differ in size, so elements differ in cost.
 #define CUDA_1D_KERNEL_LOOP(i, n)                                            \
-  _Pragma("omp parallel for schedule(dynamic, 64)")                          \
+  _Pragma("omp parallel for schedule(dynamic, 64) num_threads(curoi_threads())") \
   for (int64_t i = 0; i < (int64_t)(n); ++i)
 
 template <typename T>
@@ -59,6 +86,14 @@ static inline void curoi_atomic_add(T* address, T value) {
 #pragma omp atomic
   *address += value;
 }
+
+static inline void curoi_atomic_add_int64(int64_t* address, int64_t value) {
+  uint64_t* unsigned_address = (uint64_t*)address;
+#pragma omp atomic
+  *unsigned_address += (uint64_t)value;
+}
+
+static inline int64_t curoi_round_to_int64(double v) { return llrint(v); }
 
 #endif
 
@@ -125,6 +160,80 @@ CUROI_DEVICE int64_t curoi_box_batch(const A* box, int64_t batch) {
   for (int j = 1; j < 5; ++j)
     if (!curoi_isfinite(box[j])) return -1;
   return (int64_t)b;
+}
+
+// ------------------------------------------------ where a backward pass sums
+// The plain sum: floating-point atomic adds, fast, in an order that varies
+// from run to run, so the last bits of a result may vary too.
+template <typename A>
+struct CuroiFloatSum {
+  A* grad;
+};
+
+template <typename A>
+CUROI_DEVICE void curoi_sum_add(const CuroiFloatSum<A>& sum, int64_t at, A v) {
+  curoi_atomic_add(sum.grad + at, v);
+}
+
+// The deterministic sum: every finite term is rounded to a multiple of 2^-e
+// and added as a 64-bit integer, which is exact and so independent of order.
+// e is chosen from a bound on every sum, max|term source| * terms, such that
+// bound * 2^e <= 2^61: a sum of rounded terms then stays below 2^62 in
+// magnitude and cannot overflow. Non-finite terms (from inf or NaN gradients)
+// go to the float buffer, where their result (inf or NaN) does not depend on
+// order either; curoi_fixed_finish adds the two.
+template <typename A>
+struct CuroiFixedSum {
+  A* grad;
+  int64_t* fixed;
+  double scale;  // 2^e
+};
+
+CUROI_DEVICE int curoi_fixed_exponent(double max_abs, int64_t terms) {
+  int e_max = 0, e_terms = 0;
+  frexp(max_abs, &e_max);           // max_abs < 2^e_max
+  frexp((double)terms, &e_terms);   // terms < 2^e_terms
+  const int e = 61 - e_max - e_terms;
+  // 2^1000 keeps the scale finite; it only limits gradients below ~1e-280.
+  return e < 1000 ? e : 1000;
+}
+
+template <typename A>
+CUROI_DEVICE CuroiFixedSum<A> curoi_fixed_sum(A* grad, int64_t* fixed,
+                                              const double* max_abs,
+                                              int64_t terms) {
+  CuroiFixedSum<A> sum;
+  sum.grad = grad;
+  sum.fixed = fixed;
+  sum.scale = ldexp(1.0, curoi_fixed_exponent(*max_abs, terms));
+  return sum;
+}
+
+template <typename A>
+CUROI_DEVICE void curoi_sum_add(const CuroiFixedSum<A>& sum, int64_t at, A v) {
+  if (curoi_isfinite(v)) {
+    curoi_atomic_add_int64(sum.fixed + at,
+                           curoi_round_to_int64((double)v * sum.scale));
+  } else {
+    curoi_atomic_add(sum.grad + at, v);
+  }
+}
+
+// grad[i] += fixed[i] * 2^-e, once every term has been added.
+template <typename A>
+CUROI_DEVICE void curoi_fixed_finish(const int64_t* fixed,
+                                     const double* max_abs, int64_t terms,
+                                     int64_t total, A* grad) {
+  const int e = curoi_fixed_exponent(*max_abs, terms);
+  // Multiplying by a power of two rounds as ldexp does; 2^-e is a double
+  // unless e < -1023, which takes max|term| near the top of double's range.
+  const bool multiply = e >= -1000;
+  const double unit = multiply ? ldexp(1.0, -e) : 0.0;
+  CUDA_1D_KERNEL_LOOP(i, total) {
+    const double value = multiply ? (double)fixed[i] * unit
+                                  : ldexp((double)fixed[i], -e);
+    grad[i] = grad[i] + (A)value;
+  }
 }
 
 // ------------------------------------------------- instantiation by element type

@@ -33,6 +33,13 @@ CUROI_DEVICE void roi_pool_bin(A box_lo, A box_hi, A scale, int64_t p,
     s = floor((A)p * bin) + lo;
     e = ceil((A)(p + 1) * bin) + lo;
   }
+  // A box whose scaled corners overflow the arithmetic type (float32 boxes
+  // times a large spatial_scale) gives inf or NaN here: it reads nothing, as
+  // in roi_align, rather than letting NaN clamp to the map's first pixel.
+  if (!(curoi_isfinite(s) && curoi_isfinite(e))) {
+    *start = *end = 0;
+    return;
+  }
   *start = curoi_clamp_to_int(s, (A)0, (A)size);
   *end = curoi_clamp_to_int(e, (A)0, (A)size);
 }
@@ -90,13 +97,14 @@ CUROI_DEVICE void roi_pool_forward(
 }
 
 // The gradient flows to the argmax of each bin; several bins (and boxes) may
-// share one, hence the atomic add. grad_input has the accumulation type.
-template <typename T>
+// share one, hence atomic adds into Sum (CuroiFloatSum or the deterministic
+// CuroiFixedSum). The gradient has the accumulation type.
+template <typename T, typename Sum>
 CUROI_DEVICE void roi_pool_backward(
     const T* grad_output, const int64_t* argmax,
     const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
-    int64_t pooled_width, typename AccType<T>::type* grad_input) {
+    int64_t pooled_width, const Sum& grad_input) {
   typedef typename AccType<T>::type A;
   const int64_t total = num_rois * channels * pooled_height * pooled_width;
   CUDA_1D_KERNEL_LOOP(index, total) {
@@ -106,8 +114,8 @@ CUROI_DEVICE void roi_pool_backward(
     const int64_t at = argmax[index];
     // argmax comes from the caller: never trust it to lie inside the plane.
     if (b >= 0 && at >= 0 && at < height * width) {
-      curoi_atomic_add(grad_input + (b * channels + c) * height * width + at,
-                       curoi_load<A>(grad_output[index]));
+      curoi_sum_add(grad_input, (b * channels + c) * height * width + at,
+                    curoi_load<A>(grad_output[index]));
     }
   }
 }
@@ -128,9 +136,28 @@ CUROI_DEVICE void roi_pool_backward(
       const AccType<T>::type* rois, int64_t num_rois, int64_t batch,           \
       int64_t channels, int64_t height, int64_t width, int64_t pooled_height,  \
       int64_t pooled_width, AccType<T>::type* grad_input) {                    \
+    CuroiFloatSum<AccType<T>::type> sum;                                       \
+    sum.grad = grad_input;                                                     \
     roi_pool_backward<T>(grad_output, argmax, rois, num_rois, batch,           \
                          channels, height, width, pooled_height, pooled_width, \
-                         grad_input);                                          \
+                         sum);                                                 \
+  }                                                                            \
+  CUROI_KERNEL void roi_pool_backward_fixed_##suffix(                          \
+      const T* grad_output, const int64_t* argmax,                             \
+      const AccType<T>::type* rois, int64_t num_rois, int64_t batch,           \
+      int64_t channels, int64_t height, int64_t width, int64_t pooled_height,  \
+      int64_t pooled_width, const double* max_abs, int64_t* fixed,             \
+      AccType<T>::type* grad_input) {                                          \
+    roi_pool_backward<T>(                                                      \
+        grad_output, argmax, rois, num_rois, batch, channels, height, width,   \
+        pooled_height, pooled_width,                                           \
+        curoi_fixed_sum(grad_input, fixed, max_abs,                            \
+                        num_rois * pooled_height * pooled_width));             \
+  }                                                                            \
+  CUROI_KERNEL void roi_pool_fixed_finish_##suffix(                            \
+      const int64_t* fixed, const double* max_abs, int64_t terms,              \
+      int64_t total, AccType<T>::type* grad_input) {                           \
+    curoi_fixed_finish(fixed, max_abs, terms, total, grad_input);              \
   }
 
 CUROI_INSTANTIATE(CUROI_DEFINE_ROI_POOL)

@@ -3,6 +3,7 @@ backward, from one CUDA source compiled by NVRTC for the GPU and by the host
 C++ compiler for the CPU; any DLPack array in, the caller's kind of array out.
 """
 
+from ._cpu import get_num_threads, set_num_threads
 from ._info import backend_info
 from ._roi_align import roi_align, roi_align_backward
 from ._roi_pool import roi_pool, roi_pool_backward
@@ -11,8 +12,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "backend_info",
+    "get_num_threads",
     "roi_align",
     "roi_align_backward",
     "roi_pool",
     "roi_pool_backward",
+    "set_num_threads",
 ]

@@ -8,8 +8,10 @@ of its content, checked before loading, so a file damaged later (a disk
 error, a copy cut short) is rebuilt rather than loaded.
 """
 
+import atexit
 import ctypes
 import hashlib
+import numbers
 import os
 import shlex
 import shutil
@@ -25,6 +27,9 @@ from . import _kernels, _sources
 _FLAGS = (
     "-O3",
     "-std=c++17",
+    # Nothing reads errno: without it, llrint, floor and ceil compile to
+    # single instructions instead of library calls.
+    "-fno-math-errno",
     "-fPIC",
     "-shared",
     "-DCUROI_WITH_F32",
@@ -32,8 +37,48 @@ _FLAGS = (
 )
 _OPENMP_FLAG = "-fopenmp"
 
+# CUROI_SANITIZE="address,undefined" (any -fsanitize= list) builds the
+# library instrumented, for the test suite's sanitizer run. The flags are
+# part of the cache key, so the instrumented build never replaces the
+# ordinary one. -O1 overrides -O3: the usual level for readable reports.
+_SANITIZE_ENV = "CUROI_SANITIZE"
+
+
+def sanitize_flags():
+    """Extra compiler flags that $CUROI_SANITIZE asks for (empty if unset)."""
+    value = os.environ.get(_SANITIZE_ENV, "").strip()
+    if not value:
+        return ()
+    if not all(part.replace("-", "_").isidentifier() for part in value.split(",")):
+        raise ValueError(
+            f"{_SANITIZE_ENV} must be a comma-separated list of sanitizers "
+            f"such as 'address,undefined', got {value!r}"
+        )
+    return (
+        f"-fsanitize={value}",
+        "-fno-sanitize-recover=all",  # the first report ends the process
+        "-fno-omit-frame-pointer",
+        "-g",
+        "-O1",
+    )
+
+
+def _check_sanitizer_runtime(flags):
+    """An ASan-instrumented library cannot run in a process whose first
+    library is not the ASan runtime (Python is not instrumented): the
+    runtime would abort the process on load. Say what to do instead."""
+    if not any(f.startswith("-fsanitize=") and "address" in f for f in flags):
+        return
+    if not hasattr(ctypes.CDLL(None), "__asan_init"):
+        raise RuntimeError(
+            f"{_SANITIZE_ENV} asks for AddressSanitizer, whose runtime must be "
+            "loaded before Python starts: run with LD_PRELOAD=$(c++ "
+            "-print-file-name=libasan.so) and ASAN_OPTIONS=detect_leaks=0"
+        )
+
 _lock = threading.Lock()
 _library = None
+_library_sanitize = None  # the -fsanitize= list of the loaded library
 _functions = {}
 
 
@@ -49,6 +94,47 @@ def cache_dir() -> Path:
         return Path(configured).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
     return Path(base).expanduser() / "curoi"
+
+
+# A cache folder that cannot be created or written (read-only home, a path
+# below a file) is replaced, for this process, by a private temporary folder:
+# configured folder -> folder used instead.
+_fallback_dirs = {}
+
+
+def _library_dir() -> Path:
+    """The folder that libraries are looked up in and built into: cache_dir(),
+    unless this process had to fall back from it."""
+    wanted = cache_dir()
+    return _fallback_dirs.get(wanted, wanted)
+
+
+def _use_writable_cache_dir():
+    """Make sure _library_dir() can be written, else fall back (once per
+    process and folder) to a new temporary folder, with a RuntimeWarning
+    that names both. The temporary folder is removed at exit: a loaded
+    library stays usable after its file is gone."""
+    wanted = cache_dir()
+    if wanted in _fallback_dirs:
+        return
+    try:
+        wanted.mkdir(parents=True, exist_ok=True)
+        # Permission bits do not tell (root ignores them, a read-only mount
+        # does not show in them): try to create a file.
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=wanted)
+        os.close(fd)
+        os.unlink(probe)
+        return
+    except OSError as error:
+        reason = error.strerror or str(error)
+    used = Path(tempfile.mkdtemp(prefix="curoi-cache-"))
+    atexit.register(shutil.rmtree, used, True)
+    _fallback_dirs[wanted] = used
+    _warn_from_caller(
+        f"curoi cannot use the cache folder {wanted} ({reason}); this process "
+        f"builds its CPU library in {used} instead, and removes it at exit. "
+        "Set CUROI_CACHE_DIR to a writable folder to keep the build."
+    )
 
 
 def compiler_command():
@@ -116,7 +202,7 @@ def _cached_library(stem):
     """A cached library whose content matches the digest in its name. A file
     that does not match (cut short, damaged) is removed, never loaded:
     loading a truncated library can kill the process with SIGBUS."""
-    for path in sorted(cache_dir().glob(f"{stem}-*{_SUFFIX}")):
+    for path in sorted(_library_dir().glob(f"{stem}-*{_SUFFIX}")):
         try:
             intact = _content_digest(path.read_bytes()) == path.stem.rsplit("-", 1)[1]
         except OSError:
@@ -143,7 +229,7 @@ def _write_atomically(data: bytes, target: Path):
 
 def _compile(argv, flags, stem):
     """Build the library into the cache; return its path."""
-    folder = cache_dir()
+    folder = _library_dir()
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=_SUFFIX, dir=folder)
     os.close(fd)
@@ -180,12 +266,20 @@ def _build_and_load():
     argv = compiler_command()
     if argv is None:
         raise _missing_compiler_error()
-    with_openmp = _FLAGS + (_OPENMP_FLAG,)
+    global _library_sanitize
+    sanitize = sanitize_flags()
+    _check_sanitizer_runtime(sanitize)
+    _library_sanitize = sanitize[0].split("=", 1)[1] if sanitize else None
+    with_openmp = _FLAGS + sanitize + (_OPENMP_FLAG,)
     stem = _library_stem(argv, with_openmp)
+    # A library already in the cache is used even when the folder is read
+    # only (a shared, prebuilt cache); building needs a writable one.
+    path = _cached_library(stem)
+    if path is None:
+        _use_writable_cache_dir()
     # A compiler that rejects -fopenmp (Apple clang) is recorded, so that
     # later processes go straight to the single-threaded build.
-    no_openmp_marker = cache_dir() / f"{stem}.no-openmp"
-    path = _cached_library(stem)
+    no_openmp_marker = _library_dir() / f"{stem}.no-openmp"
     openmp_error = None
     if path is None and no_openmp_marker.exists():
         openmp_error = no_openmp_marker.read_text(errors="replace")
@@ -195,8 +289,8 @@ def _build_and_load():
         except RuntimeError as error:
             openmp_error = str(error)
     if path is None:
-        plain = _library_stem(argv, _FLAGS)
-        path = _cached_library(plain) or _compile(argv, _FLAGS, plain)
+        plain = _library_stem(argv, _FLAGS + sanitize)
+        path = _cached_library(plain) or _compile(argv, _FLAGS + sanitize, plain)
         if not no_openmp_marker.exists():
             # Only now is it known that OpenMP, not the compiler, failed.
             _write_atomically(openmp_error.encode(), no_openmp_marker)
@@ -213,8 +307,68 @@ def library():
     global _library
     with _lock:
         if _library is None:
-            _library = _build_and_load()
+            loaded = _build_and_load()
+            _store_num_threads(loaded[0], get_num_threads())
+            _library = loaded
         return _library[0]
+
+
+# ------------------------------------------------------------ thread count
+_NUM_THREADS_ENV = "CUROI_NUM_THREADS"
+_num_threads = None  # None until set or first read from the environment
+
+
+def _available_cores():
+    """Cores this process may run on (its CPU affinity where the OS has
+    one: a container or taskset may allow fewer than os.cpu_count())."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
+
+
+def _threads_from_environment():
+    text = os.environ.get(_NUM_THREADS_ENV, "").strip()
+    if not text:
+        return _available_cores()
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(
+            f"{_NUM_THREADS_ENV} must be a positive integer (threads for "
+            f"curoi's CPU kernels), got {text!r}"
+        )
+    return value
+
+
+def get_num_threads():
+    """Threads the CPU kernels use: set by set_num_threads, else
+    $CUROI_NUM_THREADS, else the cores available to this process."""
+    global _num_threads
+    if _num_threads is None:
+        _num_threads = _threads_from_environment()
+    return _num_threads
+
+
+def set_num_threads(num_threads):
+    """Use ``num_threads`` threads in the CPU kernels from now on, in every
+    Python thread (like torch.set_num_threads)."""
+    global _num_threads
+    if not isinstance(num_threads, numbers.Integral) or isinstance(num_threads, bool):
+        raise TypeError(f"num_threads must be an int, got {num_threads!r}")
+    if not 1 <= num_threads <= 2**31 - 1:
+        raise ValueError(
+            f"num_threads must be between 1 and 2**31 - 1, got {num_threads}")
+    with _lock:
+        _num_threads = int(num_threads)
+        if _library is not None:
+            _store_num_threads(_library[0], _num_threads)
+
+
+def _store_num_threads(lib, value):
+    # The kernels read this variable at each launch (curoi_common.cuh).
+    ctypes.c_int.in_dll(lib, "curoi_num_threads").value = value
 
 
 def library_path():
@@ -262,7 +416,10 @@ def info():
         "compiler": None if argv is None else " ".join(argv),
         "compiler_version": None if argv is None
         else (_compiler_version(argv).splitlines() or [""])[0],
-        "cache_dir": str(cache_dir()),
+        "cache_dir": str(_library_dir()),
+        # The loaded library's sanitizers; before loading, what it would get.
+        "sanitize": _library_sanitize if _library is not None
+        else os.environ.get(_SANITIZE_ENV, "").strip() or None,
         "library": library_path(),
-        "threads": os.cpu_count(),
+        "threads": get_num_threads(),
     }

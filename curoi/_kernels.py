@@ -20,6 +20,13 @@ SIGNATURES = {
     "roi_align_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR),
     # grad_output, rois, shape, spatial_scale, sampling_ratio, aligned, grad_input
     "roi_align_backward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR),
+    # The deterministic backward: as above, then max|grad_output| (one double),
+    # the int64 fixed-point sums, and grad_input for non-finite terms.
+    "roi_pool_backward_fixed": (PTR, PTR, PTR) + _SHAPE + (PTR, PTR, PTR),
+    "roi_align_backward_fixed": (PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR, PTR, PTR),
+    # fixed, max_abs, terms (K*PH*PW), total (N*C*H*W), grad_input
+    "roi_pool_fixed_finish": (PTR, PTR, I64, I64, PTR),
+    "roi_align_fixed_finish": (PTR, PTR, I64, I64, PTR),
 }
 
 #: Feature dtype name -> kernel suffix. Only float32/float64 exist on the CPU.

@@ -1,7 +1,7 @@
 """What every public function does between checking its arguments and
-returning: view the features, pick the kernel's element type, launch."""
+launching: view the features, pick the kernel's element type."""
 
-from . import _cpu, _gpu, _validate
+from . import _validate
 
 
 def features(caller, x, name, layout):
@@ -35,11 +35,3 @@ def cast_back(caller, storage, kernel_dtype_name):
         return caller.dtype
     return storage  # another producer's result is NumPy/CuPy: cast by name
 
-
-def run(caller, family, direction, dtype, args, total):
-    if total == 0:
-        return
-    if caller.device.is_cuda:
-        _gpu.launch(family, direction, dtype, args, total)
-    else:
-        _cpu.launch(family, direction, dtype, args)

@@ -1,6 +1,6 @@
 """RoI Align (average pooling), forward and backward."""
 
-from . import _boxes, _launch, _validate
+from . import _boxes, _launch, _ops, _validate
 from ._interop import Caller
 
 _FEATURES = "[N, C, H, W]"
@@ -56,19 +56,16 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
         k = rois.shape[0]
         dtype = _launch.kernel_dtype(caller, storage)
         cast = _launch.cast_back(caller, storage, dtype)
-        # The kernel writes every output; only an empty map leaves zeros.
         out, native = caller.new((k, c, ph, pw), dtype, native=cast is None,
-                                 zeroed=h * w == 0)
-        if h * w > 0:
-            _launch.run(caller, "roi_align", "forward", dtype,
-                        (_launch.as_kernel_input(x, dtype), rois, k, n, c, h, w,
-                         ph, pw, scale, ratio, int(aligned), out),
-                        out.size)
+                                 zeroed=False)
+        _ops.roi_align_forward(_launch.as_kernel_input(x, dtype), rois, out,
+                               scale, ratio, aligned)
         return caller.result(out, native, cast)
 
 
 def roi_align_backward(grad_output, boxes, input_shape, output_size,
-                       spatial_scale=1.0, sampling_ratio=-1, aligned=False):
+                       spatial_scale=1.0, sampling_ratio=-1, aligned=False, *,
+                       deterministic=False):
     """Gradient of :func:`roi_align` with respect to its input.
 
     Args:
@@ -76,18 +73,27 @@ def roi_align_backward(grad_output, boxes, input_shape, output_size,
         boxes: as given to :func:`roi_align` (``[K, 5]`` or a list).
         input_shape: ``(N, C, H, W)`` of the forward input.
         output_size, spatial_scale, sampling_ratio, aligned: as in the forward.
+        deterministic: sum in fixed point (see below), so that the result is
+            bitwise the same in every run, on every thread count and launch
+            configuration.
 
     Returns:
         ``[N, C, H, W]`` of grad_output's dtype. Gradients accumulate in
         float32 (float64 for float64) and are rounded to half precision once
-        at the end. The sum uses atomic adds, so float32 results may differ
-        in the last bits from run to run. Boxes that the forward ignores get
-        no gradient.
+        at the end. Boxes that the forward ignores get no gradient.
+
+    By default the sum uses floating-point atomic adds, whose order varies,
+    so results may differ in the last bits from run to run. With
+    ``deterministic=True`` every term is rounded to a multiple of ``2**-e``
+    and summed exactly in 64-bit integers, where ``e`` is chosen from
+    ``max|grad_output|`` so that no sum can overflow; see the README's
+    guarantees for the precision this gives.
     """
     ph, pw = _validate.output_size(output_size)
     scale = _validate.spatial_scale(spatial_scale)
     ratio = _validate.sampling_ratio(sampling_ratio)
     aligned = _validate.flag(aligned, "aligned")
+    deterministic = _validate.flag(deterministic, "deterministic")
     n, c, h, w = _validate.input_shape(input_shape)
     caller = Caller(grad_output, "grad_output")
     with caller.on_device():
@@ -104,10 +110,10 @@ def roi_align_backward(grad_output, boxes, input_shape, output_size,
         dtype = _launch.kernel_dtype(caller, storage)
         acc = _launch.accumulation_dtype(storage)
         cast = _launch.cast_back(caller, storage, acc)
+        # Allocated zeroed: the OS hands out zero pages lazily, so a huge,
+        # sparsely hit gradient costs only the pages the kernel writes.
         grad_input, native = caller.new((n, c, h, w), acc, native=cast is None)
-        if h * w > 0:
-            _launch.run(caller, "roi_align", "backward", dtype,
-                        (_launch.as_kernel_input(g, dtype), rois, k, n, c, h, w,
-                         ph, pw, scale, ratio, int(aligned), grad_input),
-                        g.size)
+        _ops.roi_align_backward(_launch.as_kernel_input(g, dtype), rois,
+                                grad_input, scale, ratio, aligned, deterministic,
+                                zeroed=True)
         return caller.result(grad_input, native, cast)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from . import _boxes, _gpu, _kernels, _launch, _validate
+from . import _boxes, _gpu, _kernels, _launch, _ops, _validate
 from ._interop import Caller
 
 _FEATURES = "[N, C, H, W]"
@@ -53,25 +53,19 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
         k = rois.shape[0]
         dtype = _launch.kernel_dtype(caller, storage)
         cast = _launch.cast_back(caller, storage, dtype)
-        # The kernel writes every output; only an empty map leaves zeros.
         out, native = caller.new((k, c, ph, pw), dtype, native=cast is None,
-                                 zeroed=h * w == 0)
+                                 zeroed=False)
         argmax, native_argmax = caller.new((k, c, ph, pw), "int64", zeroed=False)
-        if h * w > 0:
-            _launch.run(caller, "roi_pool", "forward", dtype,
-                        (_launch.as_kernel_input(x, dtype), rois, k, n, c, h, w,
-                         ph, pw, scale, _kernels.POOL_CONVENTIONS[convention],
-                         out, argmax),
-                        out.size)
-        else:
-            argmax.fill(-1)
+        _ops.roi_pool_forward(_launch.as_kernel_input(x, dtype), rois, out,
+                              argmax, scale, convention)
         y = caller.result(out, native, cast)
         if return_argmax:
             return y, caller.result(argmax, native_argmax)
         return y
 
 
-def roi_pool_backward(grad_output, argmax, boxes, input_shape):
+def roi_pool_backward(grad_output, argmax, boxes, input_shape, *,
+                      deterministic=False):
     """Gradient of :func:`roi_pool` with respect to its input.
 
     Args:
@@ -80,11 +74,14 @@ def roi_pool_backward(grad_output, argmax, boxes, input_shape):
             shape). Entries outside ``[0, H*W)`` pass no gradient.
         boxes: as given to :func:`roi_pool` (for the batch index of each box).
         input_shape: ``(N, C, H, W)`` of the forward input.
+        deterministic: sum in fixed point, bitwise reproducible, as in
+            :func:`curoi.roi_align_backward`.
 
     Returns:
         ``[N, C, H, W]`` of grad_output's dtype; accumulated in float32
         (float64 for float64) and rounded to half precision once at the end.
     """
+    deterministic = _validate.flag(deterministic, "deterministic")
     n, c, h, w = _validate.input_shape(input_shape)
     caller = Caller(grad_output, "grad_output")
     with caller.on_device():
@@ -110,10 +107,9 @@ def roi_pool_backward(grad_output, argmax, boxes, input_shape):
         dtype = _launch.kernel_dtype(caller, storage)
         acc = _launch.accumulation_dtype(storage)
         cast = _launch.cast_back(caller, storage, acc)
+        # Allocated zeroed: the OS hands out zero pages lazily, so a huge,
+        # sparsely hit gradient costs only the pages the kernel writes.
         grad_input, native = caller.new((n, c, h, w), acc, native=cast is None)
-        if h * w > 0:
-            _launch.run(caller, "roi_pool", "backward", dtype,
-                        (_launch.as_kernel_input(g, dtype), idx, rois, k, n, c,
-                         h, w, ph, pw, grad_input),
-                        g.size)
+        _ops.roi_pool_backward(_launch.as_kernel_input(g, dtype), idx, rois,
+                               grad_input, deterministic, zeroed=True)
         return caller.result(grad_input, native, cast)

@@ -24,7 +24,14 @@ except Exception as error:  # CuPy without its NVRTC library
                 allow_module_level=True)
 
 FAMILIES = _sources.FAMILIES
-DIRECTIONS = ("forward", "backward")
+
+
+def _directions(family):
+    """Every kernel the backends may launch for a family (forward, backward,
+    the deterministic backward and its finishing pass)."""
+    return [key[len(family) + 1:] for key in _kernels.SIGNATURES
+            if key.startswith(family + "_")]
+
 DTYPES = tuple(_kernels.SUFFIXES)
 # Volta, Ampere, Hopper: the oldest architecture checked (bfloat16 conversions
 # are emulated in software below sm_80), the first with native bfloat16, and
@@ -37,6 +44,8 @@ def test_the_matrix_is_what_the_backend_offers():
     # below picks it up; this pins the minimum that must be there.
     assert set(FAMILIES) >= {"roi_pool", "roi_align"}
     assert set(DTYPES) >= {"float32", "float64", "float16", "bfloat16"}
+    for family in FAMILIES:
+        assert {"forward", "backward", "backward_fixed"} <= set(_directions(family))
 
 
 def _compile(source, name, options):
@@ -71,7 +80,7 @@ def test_module_compiles_to_cubin(family, dtype, arch):
     # for (extern "C", so unmangled). Symbol names sit NUL-terminated in the
     # ELF string table: matching "\0name\0" keeps roi_pool_forward_f16 from
     # being found inside roi_pool_forward_bf16's name.
-    for direction in DIRECTIONS:
+    for direction in _directions(family):
         symbol = _kernels.kernel_name(family, direction, dtype).encode()
         assert b"\0" + symbol + b"\0" in cubin, (
             f"{family} {dtype} {arch}: kernel {symbol.decode()} missing from "
@@ -82,7 +91,7 @@ def test_module_compiles_to_cubin(family, dtype, arch):
     for other in DTYPES:
         if other == dtype:
             continue
-        for direction in DIRECTIONS:
+        for direction in _directions(family):
             symbol = _kernels.kernel_name(family, direction, other).encode()
             assert b"\0" + symbol + b"\0" not in cubin, (
                 f"{family} {dtype} {arch}: unexpected kernel {symbol.decode()}"
@@ -103,7 +112,7 @@ def test_module_compiles_with_the_options_cupy_adds(family, dtype):
                + ("--gpu-architecture=sm_90",))
     cubin, log, error = _compile(_gpu.module_source(family), f"{family}.cu", options)
     assert error is None, f"NVRTC failed on {family} {dtype} ({error}):\n{log}"
-    for direction in DIRECTIONS:
+    for direction in _directions(family):
         symbol = _kernels.kernel_name(family, direction, dtype).encode()
         assert b"\0" + symbol + b"\0" in cubin, log
 

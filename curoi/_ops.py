@@ -1,0 +1,135 @@
+"""The operators on kernel views: what every front end runs once arguments
+are checked and arrays are on their device.
+
+Arrays here are C-contiguous, native-endian NumPy arrays (CPU backend) or
+CuPy arrays (GPU backend, run on the current CuPy device and stream):
+
+- features and gradients of outputs in a kernel dtype: float32 or float64
+  on the CPU, also float16 and bfloat16 on the GPU;
+- ``rois``: ``[K, 5]`` (batch index, x1, y1, x2, y2) in the accumulation
+  dtype (float64 for float64 features, else float32);
+- outputs are written entirely: forward outputs ``[K, C, PH, PW]`` in the
+  features' dtype (``argmax`` int64), gradients of the features
+  ``[N, C, H, W]`` in the accumulation dtype.
+
+The public functions (curoi.roi_align, ...), curoi.torch and curoi.jax all
+end here, so every front end gets the same numbers.
+"""
+
+import numpy as np
+
+from . import _cpu, _gpu, _kernels
+
+
+def _is_cuda(array):
+    return not isinstance(array, np.ndarray)
+
+
+def _xp(array):
+    return np if isinstance(array, np.ndarray) else _gpu.require_cupy()
+
+
+def _run(family, direction, dtype, args, total, cuda):
+    if total == 0:
+        return
+    if cuda:
+        _gpu.launch(family, direction, dtype, args, total)
+    else:
+        _cpu.launch(family, direction, dtype, args)
+
+
+def _finite_max_abs(grad_output, xp):
+    """max |grad_output| over its finite entries (0 if none), as a float64
+    array of one element on grad_output's device: the kernels read it there,
+    so the GPU never waits for the host."""
+    if grad_output.size == 0:
+        return xp.zeros(1, dtype=np.float64)
+    if xp is np:
+        # Two reading passes and no temporary in the usual all-finite case.
+        largest = max(float(grad_output.max()), -float(grad_output.min()))
+        if np.isfinite(largest):
+            return np.array([largest], dtype=np.float64)
+    magnitude = xp.abs(grad_output.astype(np.float32, copy=False)
+                       if grad_output.dtype.itemsize < 4 else grad_output)
+    finite = xp.where(xp.isfinite(magnitude), magnitude, 0)
+    return finite.max().astype(np.float64).reshape(1)
+
+
+def _backward(family, args_before_sum, grad_output, grad_input, deterministic,
+              zeroed):
+    """Launch ``family``'s backward; the deterministic flavour sums in int64
+    fixed point and then adds the sums into grad_input (see
+    CuroiFixedSum in curoi_common.cuh)."""
+    cuda = _is_cuda(grad_output)
+    dtype = grad_output.dtype.name
+    if not zeroed:
+        grad_input.fill(0)
+    if grad_input.size == 0:
+        return
+    if not deterministic:
+        _run(family, "backward", dtype, args_before_sum + (grad_input,),
+             grad_output.size, cuda)
+        return
+    xp = _xp(grad_output)
+    max_abs = _finite_max_abs(grad_output, xp)
+    fixed = xp.zeros(grad_input.shape, dtype=np.int64)
+    k, _, ph, pw = grad_output.shape
+    _run(family, "backward_fixed", dtype,
+         args_before_sum + (max_abs, fixed, grad_input), grad_output.size, cuda)
+    _run(family, "fixed_finish", dtype,
+         (fixed, max_abs, k * ph * pw, grad_input.size, grad_input),
+         grad_input.size, cuda)
+
+
+def roi_align_forward(x, rois, out, spatial_scale, sampling_ratio, aligned):
+    """``out[K, C, PH, PW]`` = RoI Align of ``x[N, C, H, W]``."""
+    n, c, h, w = x.shape
+    k, _, ph, pw = out.shape
+    if h * w == 0:
+        out.fill(0)
+        return
+    _run("roi_align", "forward", x.dtype.name,
+         (x, rois, k, n, c, h, w, ph, pw, spatial_scale, sampling_ratio,
+          int(aligned), out),
+         out.size, _is_cuda(x))
+
+
+def roi_align_backward(grad_output, rois, grad_input, spatial_scale,
+                       sampling_ratio, aligned, deterministic=False,
+                       zeroed=False):
+    """``grad_input[N, C, H, W]`` = gradient of RoI Align for
+    ``grad_output[K, C, PH, PW]``. ``zeroed`` says grad_input holds zeros
+    already (as a fresh numpy.zeros does without touching its memory)."""
+    n, c, h, w = grad_input.shape
+    k, _, ph, pw = grad_output.shape
+    _backward("roi_align",
+              (grad_output, rois, k, n, c, h, w, ph, pw, spatial_scale,
+               sampling_ratio, int(aligned)),
+              grad_output, grad_input, deterministic, zeroed)
+
+
+def roi_pool_forward(x, rois, out, argmax, spatial_scale, convention):
+    """``out`` and ``argmax`` ``[K, C, PH, PW]`` = RoI Pool of ``x``;
+    ``convention`` is "torchvision" or "mmcv"."""
+    n, c, h, w = x.shape
+    k, _, ph, pw = out.shape
+    if h * w == 0:
+        out.fill(0)
+        argmax.fill(-1)
+        return
+    _run("roi_pool", "forward", x.dtype.name,
+         (x, rois, k, n, c, h, w, ph, pw, spatial_scale,
+          _kernels.POOL_CONVENTIONS[convention], out, argmax),
+         out.size, _is_cuda(x))
+
+
+def roi_pool_backward(grad_output, argmax, rois, grad_input,
+                      deterministic=False, zeroed=False):
+    """``grad_input[N, C, H, W]`` = gradient of RoI Pool for
+    ``grad_output`` and the forward's ``argmax`` (int64); ``zeroed`` as in
+    :func:`roi_align_backward`."""
+    n, c, h, w = grad_input.shape
+    k, _, ph, pw = grad_output.shape
+    _backward("roi_pool",
+              (grad_output, argmax, rois, k, n, c, h, w, ph, pw),
+              grad_output, grad_input, deterministic, zeroed)
