@@ -258,3 +258,55 @@ def test_library_is_built_on_first_use_into_the_cache_dir(tmp_path):
     assert before["cache_dir"] == after["cache_dir"] == str(cache)
     assert before["library"] is None
     assert Path(after["library"]).parent == cache and Path(after["library"]).is_file()
+
+
+# ------------------------------------------------ unusable cache folder
+def _unusable_cache_dirs(tmp_path):
+    # Root ignores permission bits, so chmod cannot make a folder read-only
+    # here: a path below a regular file cannot be created by anyone, and
+    # /proc refuses new entries even to root.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    return {"below-a-file": blocker / "cache", "proc": Path("/proc") / "curoi-cache"}
+
+
+@pytest.mark.parametrize("kind", ["below-a-file", "proc"])
+def test_unusable_cache_dir_falls_back_to_a_temporary_folder(tmp_path, kind):
+    wanted = _unusable_cache_dirs(tmp_path)[kind]
+    if kind == "proc" and not Path("/proc/self").exists():
+        pytest.skip("no /proc on this system")
+    done = _run(wanted)
+    result = _result(done)
+    assert result["y"] == EXPECTED  # the library still builds, loads, computes
+    used = Path(result["info"]["cache_dir"])
+    # backend_info names the folder actually used, and the library is in it.
+    assert used != wanted and Path(result["info"]["library"]).parent == used
+    assert used.name.startswith("curoi-cache-")
+    # One warning, naming the folder it could not use and the one it used,
+    # pointing at the caller's line.
+    assert done.stderr.count("RuntimeWarning") == 1, done.stderr
+    assert str(wanted) in done.stderr and str(used) in done.stderr, done.stderr
+    assert "<string>:" in done.stderr
+    assert not wanted.exists()
+    # The temporary folder goes away with the process.
+    assert not used.exists()
+
+
+def test_read_only_cache_with_the_library_is_used_without_a_warning(tmp_path):
+    # A shared, prebuilt cache that this process may not write to: the
+    # library in it is loaded as is, and no fallback happens. /proc stands
+    # in for "not writable", so build into a folder and move the check to
+    # the lookup: an intact library is found before writability matters.
+    cache = tmp_path / "cache"
+    library = _build_once(cache)
+    done = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-c",
+         "from curoi import _cpu\n"
+         "_cpu._use_writable_cache_dir = lambda: (_ for _ in ()).throw(\n"
+         "    AssertionError('a cached library must not need a writable folder'))\n"
+         + SCRIPT],
+        env=_env(cache), capture_output=True, text=True, timeout=120)
+    result = _result(done)
+    assert result["y"] == EXPECTED
+    assert Path(result["info"]["library"]) == library
+    assert result["info"]["cache_dir"] == str(cache)

@@ -3,6 +3,7 @@ empty inputs (K = 0 boxes, maps with no pixels or no channels) are not
 errors and give empty or all-zero results.
 """
 
+import inspect
 import json
 import os
 import re
@@ -192,6 +193,56 @@ CASES += [
          "cuda"),
 ]
 
+# Values the checks above miss: out of the 32-bit range, a float32 overflow,
+# None or a bool where a number or a shape goes, complex boxes.
+for op, f in {"roi_align": align, "roi_align_backward": align_bw}.items():
+    for bad, exc in [(2**31, ValueError), (-(2**31), ValueError), (2**63, ValueError),
+                     (True, TypeError), (np.float32(2), TypeError)]:
+        CASES.append(case(f"{op}-sampling_ratio={bad!r}", f(sampling_ratio=bad), exc,
+                          "sampling_ratio"))
+for op, f in WITH_OUTPUT_SIZE.items():
+    # 1e39 is a fine float64 but not a float32, the arithmetic type here.
+    CASES.append(case(f"{op}-spatial_scale-overflows-float32", f(spatial_scale=1e39),
+                      ValueError, "spatial_scale", "1e+39"))
+    CASES.append(case(f"{op}-output_size=2**31", f(output_size=(2, 2**31)), ValueError,
+                      "output_size"))
+for op, f in FORWARD.items():
+    CASES.append(case(f"{op}-boxes-complex", f(boxes=B.astype(np.complex64)), TypeError,
+                      "boxes", "complex64"))
+    CASES.append(case(f"{op}-boxes-bool", f(boxes=B.astype(bool)), TypeError, "boxes", "bool"))
+for op, f in {"roi_align_backward": align_bw, "roi_pool_backward": pool_bw}.items():
+    CASES += [
+        case(f"{op}-input_shape-none", f(input_shape=None), TypeError, "input_shape", "None"),
+        case(f"{op}-input_shape-str", f(input_shape="2388"), TypeError, "input_shape"),
+        case(f"{op}-input_shape-bool", f(input_shape=(N, C, True, W)), TypeError,
+             "input_shape"),
+        case(f"{op}-grad-none", f(grad_output=None), TypeError, "grad_output", "None"),
+        case(f"{op}-grad-bool", f(grad_output=G.astype(bool)), TypeError, "grad_output", "bool"),
+        case(f"{op}-grad-complex", f(grad_output=G.astype(np.complex64)), TypeError,
+             "grad_output", "complex64"),
+        case(f"{op}-boxes-none", f(boxes=None), TypeError, "boxes", "None"),
+    ]
+    # The deterministic keyword of the backward passes (where present).
+    fn = getattr(curoi, op)
+    if "deterministic" in inspect.signature(fn).parameters:
+        for bad in (1, 0, "yes", None):
+            CASES.append(case(f"{op}-deterministic={bad!r}", f(deterministic=bad), TypeError,
+                              "deterministic", repr(bad)))
+CASES.append(case("roi_pool_backward-argmax-none", pool_bw(argmax=None), TypeError, "argmax",
+                  "None"))
+CASES.append(case("roi_pool_backward-argmax-complex",
+                  pool_bw(argmax=ARGMAX.astype(np.complex64)), TypeError, "argmax"))
+
+# curoi.set_num_threads: the thread count of the CPU kernels.
+if hasattr(curoi, "set_num_threads"):
+    _THREADS_ARG = next(iter(inspect.signature(curoi.set_num_threads).parameters))
+    for bad, exc in [(0, ValueError), (-1, ValueError), (2**40, ValueError),
+                     (2.0, TypeError), ("2", TypeError), (None, TypeError), (True, TypeError),
+                     (np.float64(2), TypeError)]:
+        CASES.append(case(f"set_num_threads({bad!r})",
+                          (lambda v: lambda: curoi.set_num_threads(v))(bad), exc,
+                          _THREADS_ARG, repr(bad) if exc is TypeError else None))
+
 
 def _names(message, name):
     """``name`` appears as a whole word (so "input" is not found in
@@ -211,6 +262,26 @@ def test_bad_argument_is_named(call, exc, name, came):
     assert _names(message, name), message
     if came is not None:
         assert came in message, message
+
+
+def test_rejected_num_threads_leaves_the_setting_alone():
+    if not hasattr(curoi, "set_num_threads"):
+        pytest.skip("curoi.set_num_threads does not exist yet")
+    before = curoi.get_num_threads()
+    for bad in (0, -3, 2.5, None):
+        with pytest.raises((TypeError, ValueError)):
+            curoi.set_num_threads(bad)
+        assert curoi.get_num_threads() == before
+    # An accepted value is reported back, and results do not depend on it.
+    x = np.random.default_rng(2).standard_normal((N, C, H, W)).astype(np.float32)
+    want = curoi.roi_align(x, B, 2, 1.0, 2, True)
+    try:
+        curoi.set_num_threads(1)
+        assert curoi.get_num_threads() == 1
+        np.testing.assert_array_equal(curoi.roi_align(x, B, 2, 1.0, 2, True), want)
+    finally:
+        curoi.set_num_threads(before)
+    assert curoi.get_num_threads() == before
 
 
 def test_output_size_too_large_says_why():

@@ -582,3 +582,116 @@ def test_torch_tensor_on_cuda_1_gives_result_on_cuda_1():
     assert_close(g, curoi.roi_align_backward(gy, rois, x.shape, OUT, SCALE, 2, True),
                  "float32", backward=True)
     np.testing.assert_array_equal(to_f64(p), curoi.roi_pool(x, rois, OUT, SCALE))
+
+
+# ------------------------------------------------ adversarial inputs
+# The box zoo of test_adversarial.py (unusable batch indices, NaN and inf,
+# boxes at 1e9 and 1e20, reversed, degenerate) on the GPU, against the CPU.
+# float64, so that both backends see the same boxes; boxes with a corner
+# beyond 1e6 are checked by invariant only (a fused multiply-add may move a
+# bin edge there).
+def _zoo():
+    import test_adversarial as adv
+
+    return adv
+
+
+@pytest.mark.parametrize("ratio", [0, 2, 2**31 - 1])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_roi_align_box_zoo_matches_cpu(aligned, ratio):
+    adv = _zoo()
+    names = [n for n in adv.NAMES if n not in adv.EXTREME]
+    x = adv.rand((adv.N, adv.C, adv.H, adv.W), np.float64)
+    rois = adv.rois(names, np.float64)
+    expected = curoi.roi_align(x, rois, adv.OUT, 1.0, ratio, aligned)
+    got = curoi.roi_align(cupy.asarray(x), cupy.asarray(rois), adv.OUT, 1.0, ratio, aligned)
+    assert_close(got, expected, "float64")
+    gy = adv.rand(expected.shape, np.float64, seed=1)
+    expected = curoi.roi_align_backward(gy, rois, x.shape, adv.OUT, 1.0, ratio, aligned)
+    got = curoi.roi_align_backward(cupy.asarray(gy), cupy.asarray(rois), x.shape, adv.OUT,
+                                   1.0, ratio, aligned)
+    assert_close(got, expected, "float64", backward=True)
+    # Extreme boxes: finite, and within the range of an average.
+    extreme = adv.rois(sorted(adv.EXTREME), np.float64)
+    y = cupy.asnumpy(curoi.roi_align(cupy.asarray(x), cupy.asarray(extreme), adv.OUT, 1.0,
+                                     ratio, aligned))
+    adv.assert_average_bounds(y, x)
+    cupy.cuda.Device().synchronize()
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_roi_pool_box_zoo_matches_cpu(convention):
+    adv = _zoo()
+    x = adv.rand((adv.N, adv.C, adv.H, adv.W), np.float64, seed=2)
+    rois = adv.rois(adv.NAMES, np.float64)
+    expected, expected_argmax = curoi.roi_pool(x, rois, adv.OUT, convention=convention,
+                                               return_argmax=True)
+    got, argmax = curoi.roi_pool(cupy.asarray(x), cupy.asarray(rois), adv.OUT,
+                                 convention=convention, return_argmax=True)
+    got, argmax = cupy.asnumpy(got), cupy.asnumpy(argmax)
+    exact = [k for k, n in enumerate(adv.NAMES) if n not in adv.EXTREME]
+    np.testing.assert_array_equal(got[exact], expected[exact])
+    np.testing.assert_array_equal(argmax[exact], expected_argmax[exact])
+    n, c, h, w = x.shape
+    assert ((argmax >= -1) & (argmax < h * w)).all()
+    for name in adv.UNUSABLE:
+        assert (argmax[adv.NAMES.index(name)] == -1).all(), name
+    gy = adv.rand(got.shape, np.float64, seed=3)
+    expected = curoi.roi_pool_backward(gy, argmax, rois, x.shape)
+    got = curoi.roi_pool_backward(cupy.asarray(gy), cupy.asarray(argmax), cupy.asarray(rois),
+                                  x.shape)
+    assert_close(got, expected, "float64", backward=True)
+
+
+def test_maps_of_one_pixel_and_large_output_size_on_gpu():
+    adv = _zoo()
+    rois = adv.rois(["inside", "partly-out", "reversed", "point"], np.float32)
+    rois[:, 0] = 0
+    for shape, out in [((1, 2, 1, 1), 3), ((1, 2, 1, 6), (2, 3)), ((1, 2, 5, 1), (2, 3)),
+                       ((1, 1, 3, 4), (1, 4096))]:
+        x = adv.rand(shape, np.float32, seed=4)
+        xg, rg = cupy.asarray(x), cupy.asarray(rois)
+        assert_close(curoi.roi_align(xg, rg, out, 1.0, 0, True),
+                     curoi.roi_align(x, rois, out, 1.0, 0, True), "float32")
+        y, argmax = curoi.roi_pool(xg, rg, out, return_argmax=True)
+        e, e_argmax = curoi.roi_pool(x, rois, out, return_argmax=True)
+        np.testing.assert_array_equal(cupy.asnumpy(y), e)
+        np.testing.assert_array_equal(cupy.asnumpy(argmax), e_argmax)
+    cupy.cuda.Device().synchronize()
+
+
+# ------------------------------------------------------------- threads
+def test_threads_on_one_gpu_give_the_serial_results():
+    # Eight Python threads launching at once (each on its own current
+    # stream, CuPy's per-thread default) get what one thread gets.
+    import threading
+
+    x, rois, gy = make_case("float32", 19)
+    xg, rg, gg = cupy.asarray(x), cupy.asarray(rois), cupy.asarray(gy)
+    serial = [cupy.asnumpy(a) for a in all_ops(xg, rg, gg, gg, x.shape)]
+    results, errors = [None] * 8, []
+    barrier = threading.Barrier(8)
+
+    def work(i):
+        try:
+            with cupy.cuda.Device(0):
+                barrier.wait()
+                got = all_ops(xg, rg, gg, gg, x.shape)
+                cupy.cuda.get_current_stream().synchronize()
+                results[i] = [cupy.asnumpy(a) for a in got]
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    names = ("roi_align", "roi_align_backward", "roi_pool", "argmax", "roi_pool_backward")
+    for got in results:
+        for name, g, e in zip(names, got, serial):
+            if name.endswith("backward"):
+                assert_close(g, e, "float32", backward=True, what=name)
+            else:
+                np.testing.assert_array_equal(g, e, err_msg=name)
