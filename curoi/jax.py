@@ -1,0 +1,627 @@
+"""RoI Align and RoI Pool for JAX: eager, ``jax.jit``, ``jax.grad``/``jax.vjp``
+and ``jax.vmap``, on the CPU and on CUDA GPUs.
+
+    import curoi.jax
+
+    y = curoi.jax.roi_align(x, boxes, output_size=7, spatial_scale=1/16,
+                            sampling_ratio=2, aligned=True)
+    loss, grads = jax.value_and_grad(loss_fn)(params)   # through roi_align
+
+The arguments and the numbers are those of :func:`curoi.roi_align` and
+:func:`curoi.roi_pool`; inputs and results are ``jax.Array``.
+
+How it runs. Each kernel launch is a ``jax.experimental.buffer_callback``:
+XLA calls it with its own device buffers, and the callback views them through
+DLPack without copying (NumPy views on the CPU, inputs read-only; CuPy views
+on a GPU, where the kernel is launched on XLA's stream, ``ctx.stream``, on the
+buffers' device) and runs the same kernels as the rest of curoi. Everything
+else (boxes to a ``[K, 5]`` float32/float64 array, half precision widened to
+float32 on the CPU, gradients cast back to the features' dtype) is plain
+``jax.numpy`` around the callback, so XLA sees shapes and dtypes up front and
+``jax.eval_shape`` works without running a kernel.
+
+Transformations:
+
+- ``jax.grad``/``jax.vjp``: a ``jax.custom_vjp`` whose backward runs curoi's
+  backward kernels (``deterministic=True`` selects the bitwise reproducible
+  sum). The gradient with respect to the boxes is zero.
+- ``jax.vmap``: each kernel carries a ``jax.custom_batching.custom_vmap`` rule
+  that folds the mapped axis into the image axis: features ``[B, N, C, H, W]``
+  become ``[B*N, C, H, W]`` and box ``k`` of batch ``b`` gets batch index
+  ``n + b*N``, so one launch serves the whole batch (boxes whose batch index
+  is invalid stay invalid). Nested ``vmap`` folds once per level. Unbatched
+  features with batched boxes are not copied per batch element.
+
+What does not work (yet):
+
+- ``jax.export`` (and so any serialisation of the program): the kernels are
+  Python callbacks, which XLA cannot serialise; ``jax.export.export(...)``
+  raises JAX's ``NotImplementedError: serialization of host_callbacks is not
+  yet implemented``. For the same reason such programs are not stored in
+  JAX's persistent compilation cache.
+- TPUs and ROCm GPUs: the callbacks run on CPU and CUDA devices only.
+- Gradients with respect to the boxes are zero (not the derivative of the
+  bilinear weights). Only reverse mode is defined (``custom_vjp``):
+  ``jax.jvp``, ``jax.jacfwd`` and derivatives of order two (``jax.hessian``,
+  ``grad`` of ``grad``) raise JAX's errors.
+- Arrays sharded over several devices: not supported; XLA does not
+  partition a callback.
+- Under ``vmap`` the folded batch ``B*N`` may hold at most ``2**24`` images
+  (``2**53`` for float64), the largest batch index a float32 box holds
+  exactly; a larger one raises a ValueError at trace time.
+
+On a GPU the kernels are compiled by NVRTC on first use (inside the first
+call), and the deterministic backward takes its temporary int64 buffer from
+CuPy's memory pool, outside XLA's: if XLA has preallocated most of the GPU
+memory, lower ``XLA_PYTHON_CLIENT_MEM_FRACTION`` or set
+``XLA_PYTHON_CLIENT_PREALLOCATE=false``.
+
+Needs JAX 0.7 or newer (``jax.experimental.buffer_callback``), and CuPy for
+GPU arrays (``pip install curoi[cuda12]``).
+"""
+
+import functools
+import importlib
+
+import numpy as np
+
+try:
+    import jax
+    import jax.numpy as jnp
+    from jax.custom_batching import custom_vmap
+except ImportError as error:  # pragma: no cover - only without JAX
+    raise ImportError(
+        "curoi.jax needs JAX: `pip install \"jax>=0.7\"` (CPU) or "
+        "`pip install \"jax[cuda12]>=0.7\"` (NVIDIA GPUs)"
+    ) from error
+
+from . import _boxes, _gpu, _kernels, _ops, _validate
+from ._interop import FLOAT_DTYPES, HALF_DTYPES
+
+__all__ = ["roi_align", "roi_pool"]
+
+#: The JAX release that curoi.jax needs: the first with a public
+#: ``jax.experimental.buffer_callback`` carrying XLA's stream.
+MIN_JAX_VERSION = "0.7"
+
+_BUFFER_CALLBACK_MODULE = "jax.experimental.buffer_callback"
+
+
+def _load_buffer_callback(import_module=importlib.import_module,
+                          jax_version=None):
+    """``jax.experimental.buffer_callback.buffer_callback``, or an ImportError
+    that names the JAX version needed. ``import_module`` is a parameter so
+    that a JAX without it can be simulated."""
+    version = jax.__version__ if jax_version is None else jax_version
+    try:
+        module = import_module(_BUFFER_CALLBACK_MODULE)
+        function = module.buffer_callback
+    except (ImportError, AttributeError):
+        raise ImportError(
+            f"curoi.jax runs its kernels through {_BUFFER_CALLBACK_MODULE}, "
+            f"which this JAX ({version}) does not have; it needs JAX "
+            f"{MIN_JAX_VERSION} or newer: `pip install -U \"jax>={MIN_JAX_VERSION}\"`"
+        ) from None
+    return function
+
+
+_buffer_callback = _load_buffer_callback()
+
+_FEATURES = "[N, C, H, W]"
+_POOL_CONVENTIONS = tuple(_kernels.POOL_CONVENTIONS)
+_DLPACK_CPU = 1
+_DLPACK_CUDA = 2
+
+# Largest batch index that the accumulation type holds exactly: the limit on
+# the folded batch B*N under vmap.
+_EXACT_INDEX = {"float32": 2**24, "float64": 2**53}
+
+
+# --------------------------------------------------------------------------
+# argument checks (at trace time: shapes and dtypes are static)
+# --------------------------------------------------------------------------
+
+
+def _accumulation_dtype(dtype_name):
+    return "float64" if dtype_name == "float64" else "float32"
+
+
+def _dtype_name(dtype):
+    return np.dtype(dtype).name
+
+
+def _features(x, name="input"):
+    if isinstance(x, np.ndarray):
+        x = jnp.asarray(x)
+    if not isinstance(x, jax.Array):
+        raise TypeError(
+            f"{name} must be a jax.Array (or a NumPy array) {_FEATURES}, got "
+            f"{type(x).__module__}.{type(x).__qualname__}"
+        )
+    _validate.float_array(x, name, _dtype_name(x.dtype), 4, _FEATURES)
+    return x
+
+
+def _box_array(array, name, columns):
+    if isinstance(array, np.ndarray):
+        array = jnp.asarray(array)
+    if not isinstance(array, jax.Array):
+        raise TypeError(
+            f"{name} must be a jax.Array like the input, got "
+            f"{type(array).__module__}.{type(array).__qualname__}"
+        )
+    dtype = _dtype_name(array.dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating-point dtype, got {dtype}")
+    if array.ndim != 2 or array.shape[1] != columns:
+        raise ValueError(f"{_boxes._LAYOUT}; {name} has shape {tuple(array.shape)}")
+    return array
+
+
+def _checked_boxes(boxes, batch):
+    """The boxes as jax.Arrays (a ``[K, 5]`` array or a list of ``[L, 4]``
+    arrays), checked; shapes and dtypes are static, so this runs at trace
+    time."""
+    if isinstance(boxes, (list, tuple)):
+        if len(boxes) > batch:
+            raise ValueError(
+                f"boxes is a list of {len(boxes)} per-image arrays but input "
+                f"holds {batch} images"
+            )
+        return [_box_array(b, f"boxes[{i}]", 4) for i, b in enumerate(boxes)]
+    return _box_array(boxes, "boxes", 5)
+
+
+def _rois(boxes, acc):
+    """Checked boxes as the kernels take them: one ``[K, 5]`` array in the
+    accumulation dtype. Traced ``jnp`` code, so the cast carries the boxes'
+    (zero) gradient back to whatever dtype they came in."""
+    if isinstance(boxes, list):
+        if not boxes:
+            return jnp.zeros((0, 5), dtype=acc)
+        parts = [jnp.concatenate([jnp.full((b.shape[0], 1), i, dtype=acc),
+                                  b.astype(acc)], axis=1)
+                 for i, b in enumerate(boxes)]
+        return jnp.concatenate(parts, axis=0)
+    return boxes.astype(acc)
+
+
+# --------------------------------------------------------------------------
+# the callback: XLA's buffers as kernel views
+# --------------------------------------------------------------------------
+
+
+class _XlaStream:
+    """XLA's CUDA stream, as the CUDA stream protocol that CuPy 14 reads."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def __cuda_stream__(self):
+        return (0, self._handle)
+
+
+def _cupy_stream(cupy, handle, device_id):
+    if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14
+        return cupy.cuda.Stream.from_external(_XlaStream(handle))
+    return cupy.cuda.ExternalStream(handle, device_id)
+
+
+def _run_on_buffers(ctx, run, outputs, inputs, int64_outputs=()):
+    """Call ``run(*input_views, *output_views)`` on kernel views of XLA's
+    buffers. ``int64_outputs``: positions of outputs that JAX holds as int32
+    pairs (JAX has no int64 without x64) and the kernel writes as int64."""
+    kind, device_id = inputs[0].__dlpack_device__()
+    kind = int(kind)
+    if kind == _DLPACK_CPU:
+        # np.from_dlpack gives read-only views of the inputs (XLA's immutable
+        # buffers) and writable views of the outputs, all in place.
+        ins = [np.from_dlpack(b) for b in inputs]
+        outs = [np.from_dlpack(b) for b in outputs]
+        _check_views(ins + outs)
+        outs = [v.view(np.int64)[..., 0] if i in int64_outputs else v
+                for i, v in enumerate(outs)]
+        run(*ins, *outs)
+        return
+    if kind != _DLPACK_CUDA:
+        raise RuntimeError(
+            f"curoi.jax got buffers on DLPack device type {kind}; it runs on "
+            "CPU and CUDA devices only"
+        )
+    cupy = _gpu.require_cupy()
+    device_id = int(device_id)
+    with cupy.cuda.Device(device_id):
+        # The kernels launch on XLA's own stream, so they are ordered with the
+        # rest of the XLA program without any synchronisation; CuPy passes
+        # the same stream to __dlpack__, so the views need none either.
+        with _cupy_stream(cupy, ctx.stream, device_id):
+            ins = [cupy.from_dlpack(b) for b in inputs]
+            outs = [cupy.from_dlpack(b) for b in outputs]
+            _check_views(ins + outs)
+            outs = [v.view(np.int64)[..., 0] if i in int64_outputs else v
+                    for i, v in enumerate(outs)]
+            run(*ins, *outs)
+
+
+def _check_views(views):
+    # The kernels index dense row-major arrays; XLA's custom-call operands
+    # use the default (row-major) layout, which this guards.
+    for view in views:
+        if not view.flags.c_contiguous:
+            raise RuntimeError(
+                "curoi.jax: XLA passed a buffer that is not C-contiguous "
+                f"(shape {view.shape}, strides {view.strides})"
+            )
+
+
+def _call(run, out_types, *args, int64_outputs=()):
+    """One kernel launch inside the XLA program."""
+    def callback(ctx, outputs, *inputs):
+        _run_on_buffers(ctx, run, list(outputs), list(inputs), int64_outputs)
+
+    return _buffer_callback(callback, tuple(out_types))(*args)
+
+
+def _int64_type(shape):
+    # int64 results travel as int32 pairs: JAX without x64 has no int64.
+    return jax.ShapeDtypeStruct(tuple(shape) + (2,), jnp.int32)
+
+
+# --------------------------------------------------------------------------
+# vmap: fold the mapped axis into the image axis
+# --------------------------------------------------------------------------
+
+
+def _fold_rois(rois, batched, axis_size, images):
+    """``[B, K, 5]`` (or ``[K, 5]`` shared by every batch element) to
+    ``[B*K, 5]`` whose batch indices address ``[B*N]`` folded images: index
+    ``n`` of batch ``b`` becomes ``n + b*N``. An index the kernel would skip
+    (not finite, not in ``[0, N)``) becomes -1, so that it cannot land in a
+    neighbouring batch element's images."""
+    if not batched:
+        rois = jnp.broadcast_to(rois, (axis_size,) + rois.shape)
+    acc = _dtype_name(rois.dtype)
+    if axis_size * images > _EXACT_INDEX[acc]:
+        raise ValueError(
+            f"vmap folds {axis_size} batches of {images} images into "
+            f"{axis_size * images} images, more than {acc} boxes can index "
+            f"exactly ({_EXACT_INDEX[acc]}): map over fewer at a time"
+        )
+    index = rois[..., 0]
+    valid = (index >= 0) & (index < images)  # NaN fails both, as in the kernel
+    offset = (jnp.arange(axis_size, dtype=rois.dtype) * images)[:, None]
+    # The kernel truncates a valid index to an integer: do it before adding
+    # the offset, since a fractional index plus a large offset can round up
+    # to the next integer in float32 (and land on the next image).
+    folded = jnp.where(valid, jnp.trunc(index) + offset, -1)
+    rois = rois.at[..., 0].set(folded)
+    return rois.reshape((-1, 5))
+
+
+def _broadcast(value, batched, axis_size):
+    return value if batched else jnp.broadcast_to(value, (axis_size,) + value.shape)
+
+
+def _unfold(value, axis_size):
+    return value.reshape((axis_size, -1) + value.shape[1:])
+
+
+# --------------------------------------------------------------------------
+# kernels as JAX functions (one per static configuration)
+# --------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _align_forward_op(ph, pw, scale, ratio, aligned):
+    """``x [N, C, H, W]`` (a kernel dtype), ``rois [K, 5]`` -> ``[K, C, PH, PW]``."""
+
+    def run(x, rois, out):
+        _ops.roi_align_forward(x, rois, out, scale, ratio, aligned)
+
+    @custom_vmap
+    def op(x, rois):
+        n, c = x.shape[:2]
+        shape = (rois.shape[0], c, ph, pw)
+        if x.size == 0 or rois.shape[0] * c == 0:
+            return jnp.zeros(shape, x.dtype)  # nothing to read: no launch
+        return _call(run, [jax.ShapeDtypeStruct(shape, x.dtype)], x, rois)[0]
+
+    @op.def_vmap
+    def rule(axis_size, in_batched, x, rois):
+        x_batched, rois_batched = in_batched
+        if x_batched:
+            n = x.shape[1]
+            x = x.reshape((-1,) + x.shape[2:])
+            rois = _fold_rois(rois, rois_batched, axis_size, n)
+        else:
+            # Shared features: only the boxes fold, the features are read
+            # once, not copied per batch element.
+            rois = rois.reshape((-1, 5))
+        return _unfold(op(x, rois), axis_size), True
+
+    return op
+
+
+@functools.lru_cache(maxsize=None)
+def _align_backward_op(input_shape, scale, ratio, aligned, deterministic):
+    """``grad_output [K, C, PH, PW]``, ``rois`` -> ``[N, C, H, W]`` in the
+    accumulation dtype."""
+
+    def run(g, rois, grad_input):
+        _ops.roi_align_backward(g, rois, grad_input, scale, ratio, aligned,
+                                deterministic=deterministic)
+
+    @custom_vmap
+    def op(g, rois):
+        acc = _accumulation_dtype(_dtype_name(g.dtype))
+        if g.size == 0 or int(np.prod(input_shape)) == 0:
+            return jnp.zeros(input_shape, acc)
+        out = jax.ShapeDtypeStruct(input_shape, acc)
+        return _call(run, [out], g, rois)[0]
+
+    @op.def_vmap
+    def rule(axis_size, in_batched, g, rois):
+        g_batched, rois_batched = in_batched
+        g = _broadcast(g, g_batched, axis_size).reshape((-1,) + g.shape[-3:])
+        rois = _fold_rois(rois, rois_batched, axis_size, input_shape[0])
+        folded = (axis_size * input_shape[0],) + tuple(input_shape[1:])
+        inner = _align_backward_op(folded, scale, ratio, aligned, deterministic)
+        return _unfold(inner(g, rois), axis_size), True
+
+    return op
+
+
+@functools.lru_cache(maxsize=None)
+def _pool_forward_op(ph, pw, scale, convention):
+    """``x``, ``rois`` -> (``[K, C, PH, PW]``, argmax as int32 pairs)."""
+
+    def run(x, rois, out, argmax):
+        _ops.roi_pool_forward(x, rois, out, argmax, scale, convention)
+
+    @custom_vmap
+    def op(x, rois):
+        c = x.shape[1]
+        shape = (rois.shape[0], c, ph, pw)
+        if rois.shape[0] * c == 0:
+            return jnp.zeros(shape, x.dtype), jnp.zeros(shape + (2,), jnp.int32)
+        if x.size == 0:
+            # No pixels: every bin is empty (0, argmax -1 in both halves).
+            return jnp.zeros(shape, x.dtype), jnp.full(shape + (2,), -1, jnp.int32)
+        y, argmax = _call(run, [jax.ShapeDtypeStruct(shape, x.dtype),
+                                _int64_type(shape)], x, rois,
+                          int64_outputs=(1,))
+        return y, argmax
+
+    @op.def_vmap
+    def rule(axis_size, in_batched, x, rois):
+        x_batched, rois_batched = in_batched
+        if x_batched:
+            n = x.shape[1]
+            x = x.reshape((-1,) + x.shape[2:])
+            rois = _fold_rois(rois, rois_batched, axis_size, n)
+        else:
+            rois = rois.reshape((-1, 5))
+        y, argmax = op(x, rois)
+        # argmax is a flat index within one feature plane: folding the
+        # images does not change it.
+        return (_unfold(y, axis_size), _unfold(argmax, axis_size)), (True, True)
+
+    return op
+
+
+@functools.lru_cache(maxsize=None)
+def _pool_backward_op(input_shape, deterministic):
+    """``grad_output``, argmax (int32 pairs), ``rois`` -> ``[N, C, H, W]``
+    in the accumulation dtype."""
+
+    def run(g, argmax, rois, grad_input):
+        _ops.roi_pool_backward(g, argmax.view(np.int64)[..., 0], rois,
+                               grad_input, deterministic=deterministic)
+
+    @custom_vmap
+    def op(g, argmax, rois):
+        acc = _accumulation_dtype(_dtype_name(g.dtype))
+        if g.size == 0 or int(np.prod(input_shape)) == 0:
+            return jnp.zeros(input_shape, acc)
+        out = jax.ShapeDtypeStruct(input_shape, acc)
+        return _call(run, [out], g, argmax, rois)[0]
+
+    @op.def_vmap
+    def rule(axis_size, in_batched, g, argmax, rois):
+        g_batched, argmax_batched, rois_batched = in_batched
+        g = _broadcast(g, g_batched, axis_size).reshape((-1,) + g.shape[-3:])
+        argmax = _broadcast(argmax, argmax_batched, axis_size)
+        argmax = argmax.reshape((-1,) + argmax.shape[-4:])
+        rois = _fold_rois(rois, rois_batched, axis_size, input_shape[0])
+        folded = (axis_size * input_shape[0],) + tuple(input_shape[1:])
+        inner = _pool_backward_op(folded, deterministic)
+        return _unfold(inner(g, argmax, rois), axis_size), True
+
+    return op
+
+
+def _per_platform(half, on_cpu, on_gpu, *args):
+    """Half precision: the GPU has float16/bfloat16 kernels, the CPU
+    computes them in float32. The platform is known only when XLA lowers the
+    program (not while tracing), hence lax.platform_dependent."""
+    if not half:
+        return on_gpu(*args)  # float32/float64: the same kernels everywhere
+    return jax.lax.platform_dependent(*args, cpu=on_cpu, default=on_gpu)
+
+
+# --------------------------------------------------------------------------
+# custom_vjp: forward and backward
+# --------------------------------------------------------------------------
+
+
+def _align_forward(config, x, rois):
+    ph, pw, scale, ratio, aligned, _, _ = config
+    op = _align_forward_op(ph, pw, scale, ratio, aligned)
+    dtype = x.dtype
+
+    def on_cpu(x, rois):
+        return op(x.astype(jnp.float32), rois).astype(dtype)
+
+    return _per_platform(_dtype_name(dtype) in HALF_DTYPES, on_cpu, op, x, rois)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _roi_align(config, x, rois):
+    return _align_forward(config, x, rois)
+
+
+def _roi_align_fwd(config, x, rois):
+    return _align_forward(config, x, rois), rois
+
+
+def _roi_align_bwd(config, rois, g):
+    _, _, scale, ratio, aligned, deterministic, input_shape = config
+    op = _align_backward_op(input_shape, scale, ratio, aligned, deterministic)
+    dtype = g.dtype
+
+    def on_cpu(g, rois):
+        return op(g.astype(jnp.float32), rois)
+
+    grad = _per_platform(_dtype_name(dtype) in HALF_DTYPES, on_cpu, op, g, rois)
+    # One rounding to the features' dtype at the end; boxes get zero.
+    return grad.astype(dtype), jnp.zeros_like(rois)
+
+
+_roi_align.defvjp(_roi_align_fwd, _roi_align_bwd)
+
+
+def _pool_forward(config, x, rois):
+    ph, pw, scale, convention, _, _ = config
+    op = _pool_forward_op(ph, pw, scale, convention)
+    dtype = x.dtype
+
+    def on_cpu(x, rois):
+        y, argmax = op(x.astype(jnp.float32), rois)
+        return y.astype(dtype), argmax
+
+    return _per_platform(_dtype_name(dtype) in HALF_DTYPES, on_cpu, op, x, rois)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _roi_pool(config, x, rois):
+    return _pool_forward(config, x, rois)[0]
+
+
+def _roi_pool_fwd(config, x, rois):
+    y, argmax = _pool_forward(config, x, rois)
+    return y, (argmax, rois)
+
+
+def _roi_pool_bwd(config, residuals, g):
+    argmax, rois = residuals
+    _, _, _, _, deterministic, input_shape = config
+    op = _pool_backward_op(input_shape, deterministic)
+    dtype = g.dtype
+
+    def on_cpu(g, argmax, rois):
+        return op(g.astype(jnp.float32), argmax, rois)
+
+    grad = _per_platform(_dtype_name(dtype) in HALF_DTYPES, on_cpu, op,
+                         g, argmax, rois)
+    return grad.astype(dtype), jnp.zeros_like(rois)
+
+
+_roi_pool.defvjp(_roi_pool_fwd, _roi_pool_bwd)
+
+
+# The whole operator (boxes to rois, casts, kernel) as one jitted program
+# per configuration: an eager call is a single XLA dispatch with its
+# constants compiled in (no host-to-device transfers), and under an outer
+# jit, grad or vmap the inner jit is simply inlined.
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _align_program(config, x, boxes):
+    return _roi_align(config, x, _rois(boxes, _acc_of(x)))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _pool_program(config, x, boxes):
+    return _roi_pool(config, x, _rois(boxes, _acc_of(x)))
+
+
+def _acc_of(x):
+    return _accumulation_dtype(_dtype_name(x.dtype))
+
+
+# --------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------
+
+
+def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
+              aligned=False, *, deterministic=False):
+    """RoI Align of JAX arrays: :func:`curoi.roi_align` for ``jax.jit``,
+    ``jax.grad`` and ``jax.vmap``.
+
+    Args:
+        input: features ``[N, C, H, W]``, a ``jax.Array`` of float16,
+            bfloat16, float32 or float64 (float64 needs JAX's x64 mode), on
+            the CPU or a CUDA GPU.
+        boxes: ``[K, 5]`` rows of ``(batch index, x1, y1, x2, y2)``, or a list
+            of ``[L, 4]`` arrays, one per image, in input-image coordinates.
+            Used in float32 (float64 for float64 features) whatever the
+            feature precision. Boxes with an invalid batch index or a
+            non-finite coordinate give zeros.
+        output_size: ``(PH, PW)`` or an int for both.
+        spatial_scale: factor from box to feature coordinates, e.g. 1/16.
+        sampling_ratio: samples per bin side; ``<= 0`` means adaptive.
+        aligned: shift boxes by -0.5 pixel (detectron2, ONNX ``half_pixel``).
+        deterministic: make the backward pass bitwise reproducible (see
+            :func:`curoi.roi_align_backward`); the forward is always so.
+
+    Returns:
+        ``[K, C, PH, PW]`` of the input's dtype. Under ``jax.vmap`` the input
+        is ``[B, N, C, H, W]`` and the boxes ``[B, K, 5]`` (either may be
+        unbatched), the result ``[B, K, C, PH, PW]``.
+
+    Gradients flow to ``input`` (accumulated in float32, float64 for
+    float64, and rounded once to the input's dtype); the boxes get zero.
+    """
+    ph, pw = _validate.output_size(output_size)
+    scale = _validate.spatial_scale(spatial_scale)
+    ratio = _validate.sampling_ratio(sampling_ratio)
+    aligned = _validate.flag(aligned, "aligned")
+    deterministic = _validate.flag(deterministic, "deterministic")
+    x = _features(input)
+    _validate.scale_for(scale, _accumulation_dtype(_dtype_name(x.dtype)))
+    boxes = _checked_boxes(boxes, x.shape[0])
+    config = (ph, pw, scale, ratio, aligned, deterministic,
+              tuple(int(v) for v in x.shape))
+    return _align_program(config, x, boxes)
+
+
+def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
+             convention="torchvision", deterministic=False):
+    """RoI Pool of JAX arrays: :func:`curoi.roi_pool` for ``jax.jit``,
+    ``jax.grad`` and ``jax.vmap``.
+
+    Args:
+        input: features ``[N, C, H, W]`` (see :func:`roi_align`).
+        boxes: ``[K, 5]`` or a list of ``[L, 4]`` arrays, one per image.
+        output_size: ``(PH, PW)`` or an int for both.
+        spatial_scale: factor from box to feature coordinates.
+        convention: ``"torchvision"`` (torchvision, Caffe, ONNX MaxRoiPool)
+            or ``"mmcv"``; see :func:`curoi.roi_pool`.
+        deterministic: make the backward pass bitwise reproducible.
+
+    Returns:
+        ``[K, C, PH, PW]`` of the input's dtype (``[B, K, C, PH, PW]`` under
+        ``jax.vmap``). The gradient goes to the first maximum of each bin;
+        empty bins and the boxes get none.
+    """
+    ph, pw = _validate.output_size(output_size)
+    scale = _validate.spatial_scale(spatial_scale)
+    convention = _validate.choice(convention, "convention", _POOL_CONVENTIONS)
+    deterministic = _validate.flag(deterministic, "deterministic")
+    x = _features(input)
+    _validate.scale_for(scale, _accumulation_dtype(_dtype_name(x.dtype)))
+    boxes = _checked_boxes(boxes, x.shape[0])
+    config = (ph, pw, scale, convention, deterministic,
+              tuple(int(v) for v in x.shape))
+    return _pool_program(config, x, boxes)
