@@ -197,6 +197,58 @@ def test_roi_pool_forward_and_argmax_match_cpu(dtype, convention):
     np.testing.assert_array_equal(cupy.asnumpy(argmax), expected_argmax)
 
 
+# ------------------------------------------------ deterministic backward
+def _launch_configurations(monkeypatch):
+    """Run the body under the default grid and under a tiny one (3 blocks of
+    64 threads: each thread loops over many elements, in another order)."""
+    from curoi import _gpu
+
+    yield "default"
+    monkeypatch.setattr(_gpu, "_THREADS_PER_BLOCK", 64)
+    monkeypatch.setattr(_gpu, "_MAX_BLOCKS", 3)
+    yield "3 blocks of 64"
+
+
+def _bits(a):
+    a = cupy.asnumpy(a)
+    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+@pytest.mark.parametrize("family", ["roi_align", "roi_pool"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deterministic_backward_is_bitwise_stable_across_launches(
+        dtype, family, monkeypatch):
+    # Many boxes on a small map: each pixel receives hundreds of terms, whose
+    # atomic float order varies; the fixed-point sum must not.
+    x, rois, gy = make_case(dtype, [9, DTYPES.index(dtype)], shape=(2, 4, 6, 7))
+    rois = np.concatenate([rois] * 8)
+    gy = np.concatenate([gy] * 8)
+    if family == "roi_align":
+        expected = curoi.roi_align_backward(gy, rois, x.shape, OUT, SCALE, 2, True,
+                                            deterministic=True)
+
+        def run():
+            return curoi.roi_align_backward(
+                cupy.asarray(gy), cupy.asarray(rois), x.shape, OUT, SCALE, 2,
+                True, deterministic=True)
+    else:
+        _, argmax = curoi.roi_pool(x, rois, OUT, SCALE, return_argmax=True)
+        expected = curoi.roi_pool_backward(gy, argmax, rois, x.shape,
+                                           deterministic=True)
+
+        def run():
+            return curoi.roi_pool_backward(
+                cupy.asarray(gy), cupy.asarray(argmax), cupy.asarray(rois),
+                x.shape, deterministic=True)
+    results = []
+    for _ in _launch_configurations(monkeypatch):
+        results += [run(), run()]
+    first = _bits(results[0])
+    for other in results[1:]:
+        np.testing.assert_array_equal(_bits(other), first)
+    assert_close(results[0], expected, dtype, backward=True)
+
+
 @pytest.mark.parametrize("convention", CONVENTIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_roi_pool_backward_matches_cpu(dtype, convention):
