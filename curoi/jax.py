@@ -298,6 +298,19 @@ def _fold_rois(rois, batched, axis_size, images):
     return rois.reshape((-1, 5))
 
 
+def _fold_forward_args(axis_size, in_batched, x, rois):
+    """A forward's (features, rois) under vmap, folded for one launch."""
+    x_batched, rois_batched = in_batched
+    if x_batched:
+        n = x.shape[1]
+        x = x.reshape((-1,) + x.shape[2:])
+        return x, _fold_rois(rois, rois_batched, axis_size, n)
+    # Shared features: only the boxes fold (their batch indices already
+    # address the shared images); the features are read once, not copied
+    # per batch element.
+    return x, rois.reshape((-1, 5))
+
+
 def _broadcast(value, batched, axis_size):
     return value if batched else jnp.broadcast_to(value, (axis_size,) + value.shape)
 
@@ -328,15 +341,7 @@ def _align_forward_op(ph, pw, scale, ratio, aligned):
 
     @op.def_vmap
     def rule(axis_size, in_batched, x, rois):
-        x_batched, rois_batched = in_batched
-        if x_batched:
-            n = x.shape[1]
-            x = x.reshape((-1,) + x.shape[2:])
-            rois = _fold_rois(rois, rois_batched, axis_size, n)
-        else:
-            # Shared features: only the boxes fold, the features are read
-            # once, not copied per batch element.
-            rois = rois.reshape((-1, 5))
+        x, rois = _fold_forward_args(axis_size, in_batched, x, rois)
         return _unfold(op(x, rois), axis_size), True
 
     return op
@@ -394,13 +399,7 @@ def _pool_forward_op(ph, pw, scale, convention):
 
     @op.def_vmap
     def rule(axis_size, in_batched, x, rois):
-        x_batched, rois_batched = in_batched
-        if x_batched:
-            n = x.shape[1]
-            x = x.reshape((-1,) + x.shape[2:])
-            rois = _fold_rois(rois, rois_batched, axis_size, n)
-        else:
-            rois = rois.reshape((-1, 5))
+        x, rois = _fold_forward_args(axis_size, in_batched, x, rois)
         y, argmax = op(x, rois)
         # argmax is a flat index within one feature plane: folding the
         # images does not change it.
