@@ -14,6 +14,7 @@
 
 typedef long long int64_t;
 typedef unsigned long long uint64_t;
+typedef unsigned int uint32_t;
 
 #if defined(CUROI_WITH_F16)
 #include <cuda_fp16.h>
@@ -148,6 +149,37 @@ template <typename A> CUROI_DEVICE int64_t curoi_clamp_to_int(A v, A lo, A hi) {
   if (!(v >= lo)) return (int64_t)lo;  // also NaN
   if (v > hi) return (int64_t)hi;
   return (int64_t)v;
+}
+
+// The position (k, c, ph, pw) of output element `index` in [K, C, PH, PW].
+// Three divisions, in 32 bits whenever the whole output has fewer than 2^32
+// elements: 64-bit division is several times slower on CPUs and emulated in
+// software on GPUs, and dividing dominated the cost of small bins.
+struct CuroiOutputIndex {
+  int64_t k, c, ph, pw;
+};
+
+CUROI_DEVICE CuroiOutputIndex curoi_output_index(int64_t index, int64_t total,
+                                                 int64_t channels,
+                                                 int64_t pooled_height,
+                                                 int64_t pooled_width) {
+  CuroiOutputIndex at;
+  if (total <= (int64_t)0xffffffff) {
+    const uint32_t i = (uint32_t)index, w = (uint32_t)pooled_width;
+    const uint32_t h = (uint32_t)pooled_height, ch = (uint32_t)channels;
+    const uint32_t row = i / w, plane = row / h, box = plane / ch;
+    at.pw = i - row * w;
+    at.ph = row - plane * h;
+    at.c = plane - box * ch;
+    at.k = box;
+  } else {
+    const int64_t row = index / pooled_width, plane = row / pooled_height;
+    at.k = plane / channels;
+    at.pw = index - row * pooled_width;
+    at.ph = row - plane * pooled_height;
+    at.c = plane - at.k * channels;
+  }
+  return at;
 }
 
 // A box row is (batch index, x1, y1, x2, y2). Its batch index is usable only

@@ -213,10 +213,9 @@ CUROI_DEVICE void roi_align_forward(
   typedef typename AccType<T>::type A;
   const int64_t total = num_rois * channels * pooled_height * pooled_width;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const int64_t pw = index % pooled_width;
-    const int64_t ph = (index / pooled_width) % pooled_height;
-    const int64_t c = (index / pooled_width / pooled_height) % channels;
-    const int64_t k = index / pooled_width / pooled_height / channels;
+    const CuroiOutputIndex at = curoi_output_index(
+        index, total, channels, pooled_height, pooled_width);
+    const int64_t k = at.k, c = at.c, ph = at.ph, pw = at.pw;
 
     const RoiAlignBin<A> bin =
         roi_align_bin(rois + k * 5, batch, height, width, ph, pw,
@@ -261,10 +260,9 @@ CUROI_DEVICE void roi_align_backward(
   typedef typename AccType<T>::type A;
   const int64_t total = num_rois * channels * pooled_height * pooled_width;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const int64_t pw = index % pooled_width;
-    const int64_t ph = (index / pooled_width) % pooled_height;
-    const int64_t c = (index / pooled_width / pooled_height) % channels;
-    const int64_t k = index / pooled_width / pooled_height / channels;
+    const CuroiOutputIndex at = curoi_output_index(
+        index, total, channels, pooled_height, pooled_width);
+    const int64_t k = at.k, c = at.c, ph = at.ph, pw = at.pw;
 
     const RoiAlignBin<A> bin =
         roi_align_bin(rois + k * 5, batch, height, width, ph, pw,

@@ -54,10 +54,9 @@ CUROI_DEVICE void roi_pool_forward(
   typedef typename AccType<T>::type A;
   const int64_t total = num_rois * channels * pooled_height * pooled_width;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const int64_t pw = index % pooled_width;
-    const int64_t ph = (index / pooled_width) % pooled_height;
-    const int64_t c = (index / pooled_width / pooled_height) % channels;
-    const int64_t k = index / pooled_width / pooled_height / channels;
+    const CuroiOutputIndex at = curoi_output_index(
+        index, total, channels, pooled_height, pooled_width);
+    const int64_t k = at.k, c = at.c, ph = at.ph, pw = at.pw;
 
     const A* box = rois + k * 5;
     const int64_t b = curoi_box_batch(box, batch);
@@ -108,8 +107,9 @@ CUROI_DEVICE void roi_pool_backward(
   typedef typename AccType<T>::type A;
   const int64_t total = num_rois * channels * pooled_height * pooled_width;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const int64_t c = (index / pooled_width / pooled_height) % channels;
-    const int64_t k = index / pooled_width / pooled_height / channels;
+    const CuroiOutputIndex position = curoi_output_index(
+        index, total, channels, pooled_height, pooled_width);
+    const int64_t k = position.k, c = position.c;
     const int64_t b = curoi_box_batch(rois + k * 5, batch);
     const int64_t at = argmax[index];
     // argmax comes from the caller: never trust it to lie inside the plane.
