@@ -2,7 +2,8 @@
 // for the CPU (the host C++ compiler, with OpenMP).
 //
 // Kernels written against this header use only what it can map to both:
-// grid-stride loops (CUDA_1D_KERNEL_LOOP), atomic adds and plain arithmetic.
+// grid-stride loops (CUDA_1D_KERNEL_LOOP, and CUROI_FOR_EACH_BIN with
+// CUROI_FOR_EACH_CHANNEL), atomic adds and plain arithmetic.
 // No shared memory, warp intrinsics or __syncthreads: the CPU build has no
 // thread blocks to give them a meaning.
 #ifndef CUROI_COMMON_CUH
@@ -31,6 +32,21 @@ typedef unsigned int uint32_t;
 #define CUDA_1D_KERNEL_LOOP(i, n)                                            \
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;           \
        i < (int64_t)(n); i += (int64_t)blockDim.x * gridDim.x)
+
+// Output bins and their channels (see the CPU build for why two loops): on
+// the GPU, one thread per output element, as CUDA_1D_KERNEL_LOOP; the
+// channel loop runs once, for the thread's own channel, and `index` is the
+// element's flat position in [K, C, PH, PW].
+#define CUROI_FOR_EACH_BIN(at, num_rois, channels, pooled_h, pooled_w)       \
+  CUDA_1D_KERNEL_LOOP(curoi_element_,                                        \
+                      (num_rois) * (channels) * (pooled_h) * (pooled_w))    \
+  for (CuroiOutputIndex at = curoi_output_index(                             \
+           curoi_element_, (num_rois) * (channels) * (pooled_h) * (pooled_w), \
+           channels, pooled_h, pooled_w),                                    \
+           *curoi_once_ = &at;                                               \
+       curoi_once_; curoi_once_ = 0)
+#define CUROI_FOR_EACH_CHANNEL(c, index, at, channels, pooled_h, pooled_w)   \
+  for (int64_t c = (at).c, index = curoi_element_; c >= 0; c = -1)
 
 template <typename T>
 CUROI_DEVICE void curoi_atomic_add(T* address, T value) {
@@ -81,6 +97,25 @@ static inline int curoi_threads() {
 #define CUDA_1D_KERNEL_LOOP(i, n)                                            \
   _Pragma("omp parallel for schedule(dynamic, 64) num_threads(curoi_threads())") \
   for (int64_t i = 0; i < (int64_t)(n); ++i)
+
+// Output bins and their channels: on the CPU, one iteration per bin (box,
+// ph, pw), in parallel, with its channels in an inner loop, so that the
+// bin's geometry (which depends on the box and the bin, not the channel) is
+// computed once rather than once per channel. `index` is the element's flat
+// position in [K, C, PH, PW].
+#define CUROI_FOR_EACH_BIN(at, num_rois, channels, pooled_h, pooled_w)       \
+  _Pragma("omp parallel for schedule(dynamic, 16) num_threads(curoi_threads())") \
+  for (int64_t curoi_bin_ = 0;                                               \
+       curoi_bin_ < (int64_t)(num_rois) * (pooled_h) * (pooled_w);          \
+       ++curoi_bin_)                                                         \
+  for (CuroiOutputIndex at = curoi_bin_index(curoi_bin_, pooled_h, pooled_w), \
+           *curoi_once_ = &at;                                               \
+       curoi_once_; curoi_once_ = 0)
+#define CUROI_FOR_EACH_CHANNEL(c, index, at, channels, pooled_h, pooled_w)   \
+  for (int64_t c = 0,                                                        \
+               index = (at).k * (channels) * (pooled_h) * (pooled_w) +       \
+                       (at).ph * (pooled_w) + (at).pw;                       \
+       c < (channels); ++c, index += (pooled_h) * (pooled_w))
 
 template <typename T>
 static inline void curoi_atomic_add(T* address, T value) {
@@ -179,6 +214,19 @@ CUROI_DEVICE CuroiOutputIndex curoi_output_index(int64_t index, int64_t total,
     at.ph = row - plane * pooled_height;
     at.c = plane - at.k * channels;
   }
+  return at;
+}
+
+// The bin (k, ph, pw) of flat bin number `bin` in [K, PH, PW]; c is 0.
+CUROI_DEVICE CuroiOutputIndex curoi_bin_index(int64_t bin,
+                                              int64_t pooled_height,
+                                              int64_t pooled_width) {
+  CuroiOutputIndex at;
+  const int64_t row = bin / pooled_width;
+  at.k = row / pooled_height;
+  at.ph = row - at.k * pooled_height;
+  at.pw = bin - row * pooled_width;
+  at.c = 0;
   return at;
 }
 

@@ -211,38 +211,36 @@ CUROI_DEVICE void roi_align_forward(
     typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
     T* output) {
   typedef typename AccType<T>::type A;
-  const int64_t total = num_rois * channels * pooled_height * pooled_width;
-  CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_index(
-        index, total, channels, pooled_height, pooled_width);
-    const int64_t k = at.k, c = at.c, ph = at.ph, pw = at.pw;
-
+  CUROI_FOR_EACH_BIN(at, num_rois, channels, pooled_height, pooled_width) {
     const RoiAlignBin<A> bin =
-        roi_align_bin(rois + k * 5, batch, height, width, ph, pw,
+        roi_align_bin(rois + at.k * 5, batch, height, width, at.ph, at.pw,
                       pooled_height, pooled_width, spatial_scale,
                       sampling_ratio, aligned);
-    A sum = (A)0;
-    if (bin.batch_index >= 0) {
-      const T* plane =
-          input + (bin.batch_index * channels + c) * height * width;
-      for (int64_t ey = bin.y.first; ey < bin.y.last; ++ey) {
-        RoiAlignTap<A> ty;
-        if (!roi_align_tap(bin.y, ey, height, &ty)) continue;
-        const T* row_lo = plane + ty.lo * width;
-        const T* row_hi = plane + ty.hi * width;
-        for (int64_t ex = bin.x.first; ex < bin.x.last; ++ex) {
-          RoiAlignTap<A> tx;
-          if (!roi_align_tap(bin.x, ex, width, &tx)) continue;
-          const A w00 = ty.w_lo * tx.w_lo, w01 = ty.w_lo * tx.w_hi;
-          const A w10 = ty.w_hi * tx.w_lo, w11 = ty.w_hi * tx.w_hi;
-          sum += w00 * curoi_load<A>(row_lo[tx.lo]) +
-                 w01 * curoi_load<A>(row_lo[tx.hi]) +
-                 w10 * curoi_load<A>(row_hi[tx.lo]) +
-                 w11 * curoi_load<A>(row_hi[tx.hi]);
+    CUROI_FOR_EACH_CHANNEL(c, index, at, channels, pooled_height,
+                           pooled_width) {
+      A sum = (A)0;
+      if (bin.batch_index >= 0) {
+        const T* plane =
+            input + (bin.batch_index * channels + c) * height * width;
+        for (int64_t ey = bin.y.first; ey < bin.y.last; ++ey) {
+          RoiAlignTap<A> ty;
+          if (!roi_align_tap(bin.y, ey, height, &ty)) continue;
+          const T* row_lo = plane + ty.lo * width;
+          const T* row_hi = plane + ty.hi * width;
+          for (int64_t ex = bin.x.first; ex < bin.x.last; ++ex) {
+            RoiAlignTap<A> tx;
+            if (!roi_align_tap(bin.x, ex, width, &tx)) continue;
+            const A w00 = ty.w_lo * tx.w_lo, w01 = ty.w_lo * tx.w_hi;
+            const A w10 = ty.w_hi * tx.w_lo, w11 = ty.w_hi * tx.w_hi;
+            sum += w00 * curoi_load<A>(row_lo[tx.lo]) +
+                   w01 * curoi_load<A>(row_lo[tx.hi]) +
+                   w10 * curoi_load<A>(row_hi[tx.lo]) +
+                   w11 * curoi_load<A>(row_hi[tx.hi]);
+          }
         }
       }
+      output[index] = curoi_store<T>(sum / bin.count);
     }
-    output[index] = curoi_store<T>(sum / bin.count);
   }
 }
 
@@ -258,33 +256,31 @@ CUROI_DEVICE void roi_align_backward(
     typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
     const Sum& grad_input) {
   typedef typename AccType<T>::type A;
-  const int64_t total = num_rois * channels * pooled_height * pooled_width;
-  CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_index(
-        index, total, channels, pooled_height, pooled_width);
-    const int64_t k = at.k, c = at.c, ph = at.ph, pw = at.pw;
-
+  CUROI_FOR_EACH_BIN(at, num_rois, channels, pooled_height, pooled_width) {
     const RoiAlignBin<A> bin =
-        roi_align_bin(rois + k * 5, batch, height, width, ph, pw,
+        roi_align_bin(rois + at.k * 5, batch, height, width, at.ph, at.pw,
                       pooled_height, pooled_width, spatial_scale,
                       sampling_ratio, aligned);
     if (bin.batch_index < 0) continue;
-    const A g = curoi_load<A>(grad_output[index]) / bin.count;
-    const int64_t plane = (bin.batch_index * channels + c) * height * width;
-    for (int64_t ey = bin.y.first; ey < bin.y.last; ++ey) {
-      RoiAlignTap<A> ty;
-      if (!roi_align_tap(bin.y, ey, height, &ty)) continue;
-      const int64_t row_lo = plane + ty.lo * width;
-      const int64_t row_hi = plane + ty.hi * width;
-      for (int64_t ex = bin.x.first; ex < bin.x.last; ++ex) {
-        RoiAlignTap<A> tx;
-        if (!roi_align_tap(bin.x, ex, width, &tx)) continue;
-        const A w00 = ty.w_lo * tx.w_lo, w01 = ty.w_lo * tx.w_hi;
-        const A w10 = ty.w_hi * tx.w_lo, w11 = ty.w_hi * tx.w_hi;
-        curoi_sum_add(grad_input, row_lo + tx.lo, g * w00);
-        curoi_sum_add(grad_input, row_lo + tx.hi, g * w01);
-        curoi_sum_add(grad_input, row_hi + tx.lo, g * w10);
-        curoi_sum_add(grad_input, row_hi + tx.hi, g * w11);
+    CUROI_FOR_EACH_CHANNEL(c, index, at, channels, pooled_height,
+                           pooled_width) {
+      const A g = curoi_load<A>(grad_output[index]) / bin.count;
+      const int64_t plane = (bin.batch_index * channels + c) * height * width;
+      for (int64_t ey = bin.y.first; ey < bin.y.last; ++ey) {
+        RoiAlignTap<A> ty;
+        if (!roi_align_tap(bin.y, ey, height, &ty)) continue;
+        const int64_t row_lo = plane + ty.lo * width;
+        const int64_t row_hi = plane + ty.hi * width;
+        for (int64_t ex = bin.x.first; ex < bin.x.last; ++ex) {
+          RoiAlignTap<A> tx;
+          if (!roi_align_tap(bin.x, ex, width, &tx)) continue;
+          const A w00 = ty.w_lo * tx.w_lo, w01 = ty.w_lo * tx.w_hi;
+          const A w10 = ty.w_hi * tx.w_lo, w11 = ty.w_hi * tx.w_hi;
+          curoi_sum_add(grad_input, row_lo + tx.lo, g * w00);
+          curoi_sum_add(grad_input, row_lo + tx.hi, g * w01);
+          curoi_sum_add(grad_input, row_hi + tx.lo, g * w10);
+          curoi_sum_add(grad_input, row_hi + tx.hi, g * w11);
+        }
       }
     }
   }

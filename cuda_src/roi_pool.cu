@@ -52,13 +52,8 @@ CUROI_DEVICE void roi_pool_forward(
     typename AccType<T>::type spatial_scale, int convention, T* output,
     int64_t* argmax) {
   typedef typename AccType<T>::type A;
-  const int64_t total = num_rois * channels * pooled_height * pooled_width;
-  CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_index(
-        index, total, channels, pooled_height, pooled_width);
-    const int64_t k = at.k, c = at.c, ph = at.ph, pw = at.pw;
-
-    const A* box = rois + k * 5;
+  CUROI_FOR_EACH_BIN(bin, num_rois, channels, pooled_height, pooled_width) {
+    const A* box = rois + bin.k * 5;
     const int64_t b = curoi_box_batch(box, batch);
     int64_t hstart = 0, hend = 0, wstart = 0, wend = 0;
     if (b >= 0) {
@@ -68,30 +63,34 @@ CUROI_DEVICE void roi_pool_forward(
           !((box[3] + (A)1) * spatial_scale - box[1] * spatial_scale > (A)0 &&
             (box[4] + (A)1) * spatial_scale - box[2] * spatial_scale > (A)0);
       if (!degenerate) {
-        roi_pool_bin(box[2], box[4], spatial_scale, ph, pooled_height, height,
-                     convention, &hstart, &hend);
-        roi_pool_bin(box[1], box[3], spatial_scale, pw, pooled_width, width,
-                     convention, &wstart, &wend);
+        roi_pool_bin(box[2], box[4], spatial_scale, bin.ph, pooled_height,
+                     height, convention, &hstart, &hend);
+        roi_pool_bin(box[1], box[3], spatial_scale, bin.pw, pooled_width,
+                     width, convention, &wstart, &wend);
       }
     }
+    const bool empty = !(hend > hstart && wend > wstart);
 
-    A best = (A)0;
-    int64_t best_index = -1;
-    if (hend > hstart && wend > wstart) {
-      const T* plane = input + (b * channels + c) * height * width;
-      for (int64_t h = hstart; h < hend; ++h) {
-        for (int64_t w = wstart; w < wend; ++w) {
-          const int64_t at = h * width + w;
-          const A v = curoi_load<A>(plane[at]);
-          if (best_index < 0 || v > best || (v != v && best == best)) {
-            best = v;
-            best_index = at;
+    CUROI_FOR_EACH_CHANNEL(c, index, bin, channels, pooled_height,
+                           pooled_width) {
+      A best = (A)0;
+      int64_t best_index = -1;
+      if (!empty) {
+        const T* plane = input + (b * channels + c) * height * width;
+        for (int64_t h = hstart; h < hend; ++h) {
+          for (int64_t w = wstart; w < wend; ++w) {
+            const int64_t at = h * width + w;
+            const A v = curoi_load<A>(plane[at]);
+            if (best_index < 0 || v > best || (v != v && best == best)) {
+              best = v;
+              best_index = at;
+            }
           }
         }
       }
+      output[index] = curoi_store<T>(best);
+      argmax[index] = best_index;
     }
-    output[index] = curoi_store<T>(best);
-    argmax[index] = best_index;
   }
 }
 
