@@ -180,11 +180,30 @@ class Caller:
         return array
 
     # ------------------------------------------------------------- output
-    def new(self, shape, dtype, native=True, zeroed=True):
+    def new(self, shape, dtype, native=True, zeroed=True, what="the result"):
         """A new result buffer, zero-filled unless ``zeroed`` is False (for
         a kernel that writes every element). Returns (kernel_view, native):
         native is the caller's tensor when curoi allocates through the
-        caller's framework (torch), else None."""
+        caller's framework (torch), else None. A buffer too large to
+        allocate is a MemoryError that says which result and why
+        (``what``)."""
+        try:
+            return self._new(shape, dtype, native, zeroed)
+        except (MemoryError, ValueError, RuntimeError) as error:
+            text = str(error).lower()
+            if isinstance(error, RuntimeError) and not (
+                    "memory" in text or "overflow" in text):
+                raise  # not about the size (torch reports sizes as RuntimeError)
+            count = 1
+            for extent in shape:
+                count *= int(extent)
+            size = count * np.dtype(dtype).itemsize
+            raise MemoryError(
+                f"{what} of shape {tuple(shape)} ({size / 2**30:.3g} GiB of "
+                f"{dtype}) cannot be allocated on {self.device}: {error}"
+            ) from error
+
+    def _new(self, shape, dtype, native, zeroed):
         if native and self.framework == "torch":
             import torch
 

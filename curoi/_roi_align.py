@@ -5,6 +5,8 @@ from ._interop import Caller
 
 _FEATURES = "[N, C, H, W]"
 _GRAD = "[K, C, PH, PW]"
+_OUTPUT = "the output [K, C, PH, PW] (boxes, channels, output_size)"
+_GRAD_INPUT = "the gradient [N, C, H, W] (input_shape)"
 
 
 def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
@@ -57,7 +59,7 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
         dtype = _launch.kernel_dtype(caller, storage)
         cast = _launch.cast_back(caller, storage, dtype)
         out, native = caller.new((k, c, ph, pw), dtype, native=cast is None,
-                                 zeroed=False)
+                                 zeroed=False, what=_OUTPUT)
         _ops.roi_align_forward(_launch.as_kernel_input(x, dtype), rois, out,
                                scale, ratio, aligned)
         return caller.result(out, native, cast)
@@ -112,7 +114,8 @@ def roi_align_backward(grad_output, boxes, input_shape, output_size,
         cast = _launch.cast_back(caller, storage, acc)
         # Allocated zeroed: the OS hands out zero pages lazily, so a huge,
         # sparsely hit gradient costs only the pages the kernel writes.
-        grad_input, native = caller.new((n, c, h, w), acc, native=cast is None)
+        grad_input, native = caller.new((n, c, h, w), acc, native=cast is None,
+                                        what=_GRAD_INPUT)
         _ops.roi_align_backward(_launch.as_kernel_input(g, dtype), rois,
                                 grad_input, scale, ratio, aligned, deterministic,
                                 zeroed=True)

@@ -7,6 +7,8 @@ from ._interop import Caller
 
 _FEATURES = "[N, C, H, W]"
 _GRAD = "[K, C, PH, PW]"
+_OUTPUT = "the output [K, C, PH, PW] (boxes, channels, output_size)"
+_GRAD_INPUT = "the gradient [N, C, H, W] (input_shape)"
 _CONVENTIONS = tuple(_kernels.POOL_CONVENTIONS)
 
 
@@ -54,8 +56,9 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
         dtype = _launch.kernel_dtype(caller, storage)
         cast = _launch.cast_back(caller, storage, dtype)
         out, native = caller.new((k, c, ph, pw), dtype, native=cast is None,
-                                 zeroed=False)
-        argmax, native_argmax = caller.new((k, c, ph, pw), "int64", zeroed=False)
+                                 zeroed=False, what=_OUTPUT)
+        argmax, native_argmax = caller.new((k, c, ph, pw), "int64", zeroed=False,
+                                           what="the argmax " + _OUTPUT[11:])
         _ops.roi_pool_forward(_launch.as_kernel_input(x, dtype), rois, out,
                               argmax, scale, convention)
         y = caller.result(out, native, cast)
@@ -109,7 +112,8 @@ def roi_pool_backward(grad_output, argmax, boxes, input_shape, *,
         cast = _launch.cast_back(caller, storage, acc)
         # Allocated zeroed: the OS hands out zero pages lazily, so a huge,
         # sparsely hit gradient costs only the pages the kernel writes.
-        grad_input, native = caller.new((n, c, h, w), acc, native=cast is None)
+        grad_input, native = caller.new((n, c, h, w), acc, native=cast is None,
+                                        what=_GRAD_INPUT)
         _ops.roi_pool_backward(_launch.as_kernel_input(g, dtype), idx, rois,
                                grad_input, deterministic, zeroed=True)
         return caller.result(grad_input, native, cast)

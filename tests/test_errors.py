@@ -403,3 +403,27 @@ def test_maps_without_pixels_or_channels_give_zeros(fw, shape):
                  curoi.roi_pool_backward(conv(g), conv(np.zeros((k, c, 2, 2), np.int64)),
                                          conv(boxes), shape)):
         assert _np(grad).shape == shape and not _np(grad).any()
+
+
+# ------------------------------------------------- results too large to hold
+@pytest.mark.parametrize("fw", ["numpy", "torch"])
+@pytest.mark.parametrize("output_size", [(2**31 - 1, 2**31 - 1), (2**20, 2**20)])
+def test_a_result_too_large_to_allocate_is_a_memory_error_naming_output_size(
+        fw, output_size):
+    conv = {"numpy": np.asarray, "torch": torch.from_numpy}[fw]
+    x = conv(np.ones((1, 1, 4, 4), np.float32))
+    boxes = conv(np.array([[0, 0, 0, 3, 3]], np.float32))
+    for op in (curoi.roi_align, curoi.roi_pool):
+        with pytest.raises(MemoryError, match=r"output_size.*\(1, 1, %d, %d\)"
+                           % output_size):
+            op(x, boxes, output_size)
+
+
+def test_a_gradient_too_large_to_allocate_is_a_memory_error_naming_input_shape():
+    g = np.ones((1, 1, 1, 1), np.float32)
+    boxes = np.array([[0, 0, 0, 3, 3]], np.float32)
+    shape = (1, 1, 2**30, 2**30)
+    with pytest.raises(MemoryError, match="input_shape"):
+        curoi.roi_align_backward(g, boxes, shape, 1)
+    with pytest.raises(MemoryError, match="input_shape"):
+        curoi.roi_pool_backward(g, np.zeros((1, 1, 1, 1), np.int64), boxes, shape)
