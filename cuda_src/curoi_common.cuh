@@ -2,8 +2,10 @@
 // for the CPU (the host C++ compiler, with OpenMP).
 //
 // Kernels written against this header use only what it can map to both:
-// grid-stride loops (CUDA_1D_KERNEL_LOOP, and CUROI_FOR_EACH_BIN with
-// CUROI_FOR_EACH_CHANNEL), atomic adds and plain arithmetic.
+// grid-stride loops (CUDA_1D_KERNEL_LOOP; CUROI_FOR_EACH_BIN with
+// CUROI_FOR_EACH_CHANNEL for outputs; CUROI_FOR_EACH_BIN_OF_OWNED_CHANNELS
+// with CUROI_FOR_EACH_OWNED_CHANNEL and curoi_scatter_add for gradients)
+// and plain arithmetic.
 // No shared memory, warp intrinsics or __syncthreads: the CPU build has no
 // thread blocks to give them a meaning.
 #ifndef CUROI_COMMON_CUH
@@ -48,14 +50,19 @@ typedef unsigned int uint32_t;
 #define CUROI_FOR_EACH_CHANNEL(c, index, at, channels, pooled_h, pooled_w)   \
   for (int64_t c = (at).c, index = curoi_element_; c >= 0; c = -1)
 
+// Backward passes: the same loops. Threads of different output elements add
+// into the same gradient pixels, so curoi_scatter_add is an atomic add.
+#define CUROI_FOR_EACH_BIN_OF_OWNED_CHANNELS CUROI_FOR_EACH_BIN
+#define CUROI_FOR_EACH_OWNED_CHANNEL CUROI_FOR_EACH_CHANNEL
+
 template <typename T>
-CUROI_DEVICE void curoi_atomic_add(T* address, T value) {
+CUROI_DEVICE void curoi_scatter_add(T* address, T value) {
   atomicAdd(address, value);
 }
 
 // Integer addition wraps modulo 2^64 in unsigned arithmetic, so the order of
 // the adds cannot change the result.
-CUROI_DEVICE void curoi_atomic_add_int64(int64_t* address, int64_t value) {
+CUROI_DEVICE void curoi_scatter_add_int64(int64_t* address, int64_t value) {
   atomicAdd((unsigned long long*)address, (unsigned long long)value);
 }
 
@@ -117,16 +124,57 @@ static inline int curoi_threads() {
                        (at).ph * (pooled_w) + (at).pw;                       \
        c < (channels); ++c, index += (pooled_h) * (pooled_w))
 
+// Backward passes: each thread owns a fixed share of the channels and runs
+// over every bin for them, so every gradient plane is summed by one thread,
+// in bin order. No two threads add into the same pixel: curoi_scatter_add
+// needs no atomic (atomics cost most of a CPU backward), and the sums are
+// the same bits whatever the number of threads. A bin's geometry is
+// computed once per thread rather than once per channel.
+struct CuroiChannelRange {
+  int64_t begin, end;
+};
+
+static inline CuroiChannelRange curoi_owned_channels(int64_t channels) {
+#if defined(_OPENMP)
+  const int64_t thread = omp_get_thread_num(), threads = omp_get_num_threads();
+#else
+  const int64_t thread = 0, threads = 1;
+#endif
+  CuroiChannelRange range;
+  range.begin = channels * thread / threads;
+  range.end = channels * (thread + 1) / threads;
+  return range;
+}
+
+#define CUROI_FOR_EACH_BIN_OF_OWNED_CHANNELS(at, num_rois, channels,         \
+                                             pooled_h, pooled_w)             \
+  _Pragma("omp parallel num_threads(curoi_threads())")                       \
+  for (CuroiChannelRange curoi_owned_ = curoi_owned_channels(channels),      \
+           *curoi_owned_once_ = &curoi_owned_;                               \
+       curoi_owned_once_; curoi_owned_once_ = 0)                             \
+  for (int64_t curoi_bin_ = 0;                                               \
+       curoi_owned_.end > curoi_owned_.begin &&                              \
+       curoi_bin_ < (int64_t)(num_rois) * (pooled_h) * (pooled_w);          \
+       ++curoi_bin_)                                                         \
+  for (CuroiOutputIndex at = curoi_bin_index(curoi_bin_, pooled_h, pooled_w), \
+           *curoi_once_ = &at;                                               \
+       curoi_once_; curoi_once_ = 0)
+#define CUROI_FOR_EACH_OWNED_CHANNEL(c, index, at, channels, pooled_h,       \
+                                     pooled_w)                               \
+  for (int64_t c = curoi_owned_.begin,                                       \
+               index = ((at).k * (channels) + c) * (pooled_h) * (pooled_w) + \
+                       (at).ph * (pooled_w) + (at).pw;                       \
+       c < curoi_owned_.end; ++c, index += (pooled_h) * (pooled_w))
+
 template <typename T>
-static inline void curoi_atomic_add(T* address, T value) {
-#pragma omp atomic
+static inline void curoi_scatter_add(T* address, T value) {
   *address += value;
 }
 
-static inline void curoi_atomic_add_int64(int64_t* address, int64_t value) {
-  uint64_t* unsigned_address = (uint64_t*)address;
-#pragma omp atomic
-  *unsigned_address += (uint64_t)value;
+static inline void curoi_scatter_add_int64(int64_t* address, int64_t value) {
+  // Unsigned: wrapping is defined (and, with the scale chosen below, never
+  // happens).
+  *(uint64_t*)address += (uint64_t)value;
 }
 
 static inline int64_t curoi_round_to_int64(double v) { return llrint(v); }
@@ -243,8 +291,12 @@ CUROI_DEVICE int64_t curoi_box_batch(const A* box, int64_t batch) {
 }
 
 // ------------------------------------------------ where a backward pass sums
-// The plain sum: floating-point atomic adds, fast, in an order that varies
-// from run to run, so the last bits of a result may vary too.
+// Both sums add only inside CUROI_FOR_EACH_OWNED_CHANNEL loops, where
+// curoi_scatter_add is safe (atomic on the GPU, owned on the CPU).
+//
+// The plain sum: floating-point adds. On the GPU they are atomic, in an
+// order that varies from run to run, so the last bits of a result may vary
+// too; on the CPU the order is fixed (see CUROI_FOR_EACH_OWNED_CHANNEL).
 template <typename A>
 struct CuroiFloatSum {
   A* grad;
@@ -252,7 +304,7 @@ struct CuroiFloatSum {
 
 template <typename A>
 CUROI_DEVICE void curoi_sum_add(const CuroiFloatSum<A>& sum, int64_t at, A v) {
-  curoi_atomic_add(sum.grad + at, v);
+  curoi_scatter_add(sum.grad + at, v);
 }
 
 // The deterministic sum: every finite term is rounded to a multiple of 2^-e
@@ -292,10 +344,10 @@ CUROI_DEVICE CuroiFixedSum<A> curoi_fixed_sum(A* grad, int64_t* fixed,
 template <typename A>
 CUROI_DEVICE void curoi_sum_add(const CuroiFixedSum<A>& sum, int64_t at, A v) {
   if (curoi_isfinite(v)) {
-    curoi_atomic_add_int64(sum.fixed + at,
-                           curoi_round_to_int64((double)v * sum.scale));
+    curoi_scatter_add_int64(sum.fixed + at,
+                            curoi_round_to_int64((double)v * sum.scale));
   } else {
-    curoi_atomic_add(sum.grad + at, v);
+    curoi_scatter_add(sum.grad + at, v);
   }
 }
 

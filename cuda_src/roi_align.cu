@@ -245,8 +245,8 @@ CUROI_DEVICE void roi_align_forward(
 }
 
 // Each output gradient spreads over the four neighbours of every sample of
-// its bin; bins of one box and different boxes overlap, hence atomic adds
-// into Sum (CuroiFloatSum or the deterministic CuroiFixedSum). The gradient
+// its bin; bins of one box and different boxes overlap, so the adds go
+// through Sum (CuroiFloatSum or the deterministic CuroiFixedSum). The gradient
 // has the accumulation type (float for half precision).
 template <typename T, typename Sum>
 CUROI_DEVICE void roi_align_backward(
@@ -256,14 +256,15 @@ CUROI_DEVICE void roi_align_backward(
     typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
     const Sum& grad_input) {
   typedef typename AccType<T>::type A;
-  CUROI_FOR_EACH_BIN(at, num_rois, channels, pooled_height, pooled_width) {
+  CUROI_FOR_EACH_BIN_OF_OWNED_CHANNELS(at, num_rois, channels, pooled_height,
+                                       pooled_width) {
     const RoiAlignBin<A> bin =
         roi_align_bin(rois + at.k * 5, batch, height, width, at.ph, at.pw,
                       pooled_height, pooled_width, spatial_scale,
                       sampling_ratio, aligned);
     if (bin.batch_index < 0) continue;
-    CUROI_FOR_EACH_CHANNEL(c, index, at, channels, pooled_height,
-                           pooled_width) {
+    CUROI_FOR_EACH_OWNED_CHANNEL(c, index, at, channels, pooled_height,
+                                 pooled_width) {
       const A g = curoi_load<A>(grad_output[index]) / bin.count;
       const int64_t plane = (bin.batch_index * channels + c) * height * width;
       for (int64_t ey = bin.y.first; ey < bin.y.last; ++ey) {

@@ -95,7 +95,7 @@ CUROI_DEVICE void roi_pool_forward(
 }
 
 // The gradient flows to the argmax of each bin; several bins (and boxes) may
-// share one, hence atomic adds into Sum (CuroiFloatSum or the deterministic
+// share one, so the adds go through Sum (CuroiFloatSum or the deterministic
 // CuroiFixedSum). The gradient has the accumulation type.
 template <typename T, typename Sum>
 CUROI_DEVICE void roi_pool_backward(
@@ -104,17 +104,18 @@ CUROI_DEVICE void roi_pool_backward(
     int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
     int64_t pooled_width, const Sum& grad_input) {
   typedef typename AccType<T>::type A;
-  const int64_t total = num_rois * channels * pooled_height * pooled_width;
-  CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex position = curoi_output_index(
-        index, total, channels, pooled_height, pooled_width);
-    const int64_t k = position.k, c = position.c;
-    const int64_t b = curoi_box_batch(rois + k * 5, batch);
-    const int64_t at = argmax[index];
-    // argmax comes from the caller: never trust it to lie inside the plane.
-    if (b >= 0 && at >= 0 && at < height * width) {
-      curoi_sum_add(grad_input, (b * channels + c) * height * width + at,
-                    curoi_load<A>(grad_output[index]));
+  CUROI_FOR_EACH_BIN_OF_OWNED_CHANNELS(bin, num_rois, channels, pooled_height,
+                                       pooled_width) {
+    const int64_t b = curoi_box_batch(rois + bin.k * 5, batch);
+    if (b < 0) continue;
+    CUROI_FOR_EACH_OWNED_CHANNEL(c, index, bin, channels, pooled_height,
+                                 pooled_width) {
+      const int64_t at = argmax[index];
+      // argmax comes from the caller: never trust it to lie in the plane.
+      if (at >= 0 && at < height * width) {
+        curoi_sum_add(grad_input, (b * channels + c) * height * width + at,
+                      curoi_load<A>(grad_output[index]));
+      }
     }
   }
 }

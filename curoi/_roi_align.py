@@ -75,20 +75,21 @@ def roi_align_backward(grad_output, boxes, input_shape, output_size,
         boxes: as given to :func:`roi_align` (``[K, 5]`` or a list).
         input_shape: ``(N, C, H, W)`` of the forward input.
         output_size, spatial_scale, sampling_ratio, aligned: as in the forward.
-        deterministic: sum in fixed point (see below), so that the result is
-            bitwise the same in every run, on every thread count and launch
-            configuration.
+        deterministic: make the result bitwise the same in every run, on
+            every thread count and launch configuration (see below).
 
     Returns:
         ``[N, C, H, W]`` of grad_output's dtype. Gradients accumulate in
         float32 (float64 for float64) and are rounded to half precision once
         at the end. Boxes that the forward ignores get no gradient.
 
-    By default the sum uses floating-point atomic adds, whose order varies,
-    so results may differ in the last bits from run to run. With
-    ``deterministic=True`` every term is rounded to a multiple of ``2**-e``
-    and summed exactly in 64-bit integers, where ``e`` is chosen from
-    ``max|grad_output|`` so that no sum can overflow; see the README's
+    On the CPU every gradient plane is summed by one thread in a fixed
+    order, so results are bitwise reproducible whatever ``deterministic``
+    says. On the GPU the plain sum uses floating-point atomic adds, whose
+    order varies, so results may differ in the last bits from run to run;
+    with ``deterministic=True`` every term is rounded to a multiple of
+    ``2**-e`` and summed exactly in 64-bit integers, where ``e`` is chosen
+    from ``max|grad_output|`` so that no sum can overflow; see the README's
     guarantees for the precision this gives.
     """
     ph, pw = _validate.output_size(output_size)

@@ -77,7 +77,7 @@ def roi_pool_backward(grad_output, argmax, boxes, input_shape, *,
             shape). Entries outside ``[0, H*W)`` pass no gradient.
         boxes: as given to :func:`roi_pool` (for the batch index of each box).
         input_shape: ``(N, C, H, W)`` of the forward input.
-        deterministic: sum in fixed point, bitwise reproducible, as in
+        deterministic: bitwise reproducible sums, as in
             :func:`curoi.roi_align_backward`.
 
     Returns:

@@ -1,12 +1,18 @@
 """deterministic=True: bitwise the same gradient in every run and on every
 thread count, within the documented precision of the reference, and with
-inf/NaN gradients where the plain sum puts them."""
+inf/NaN gradients where the plain sum puts them.
+
+Two sums are checked on the CPU: its own (each gradient plane summed by one
+thread in a fixed order, what deterministic=True uses on the CPU) and the
+GPU's int64 fixed-point sum, which curoi._ops.FIXED_POINT_ON_CPU runs through
+the CPU backend so that its kernels are tested without a GPU."""
 
 import numpy as np
 import pytest
 
 import curoi
 import reference
+from curoi import _ops
 
 RNG_SEED = 1234
 
@@ -39,6 +45,17 @@ def _bits(a):
     return a.view(np.uint32 if a.dtype.itemsize == 4 else np.uint64)
 
 
+@pytest.fixture(params=["cpu-sum", "fixed-point"])
+def sum_method(request, monkeypatch):
+    monkeypatch.setattr(_ops, "FIXED_POINT_ON_CPU", request.param == "fixed-point")
+    return request.param
+
+
+@pytest.fixture
+def fixed_point(monkeypatch):
+    monkeypatch.setattr(_ops, "FIXED_POINT_ON_CPU", True)
+
+
 @pytest.fixture
 def restore_threads():
     before = curoi.get_num_threads()
@@ -47,7 +64,8 @@ def restore_threads():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_roi_align_backward_is_bitwise_reproducible(dtype, restore_threads):
+def test_roi_align_backward_is_bitwise_reproducible(dtype, sum_method,
+                                                    restore_threads):
     x, boxes, g = _case(dtype)
     results = []
     for threads in (1, 2, 5, 2, 1):
@@ -58,7 +76,8 @@ def test_roi_align_backward_is_bitwise_reproducible(dtype, restore_threads):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_roi_pool_backward_is_bitwise_reproducible(dtype, restore_threads):
+def test_roi_pool_backward_is_bitwise_reproducible(dtype, sum_method,
+                                                   restore_threads):
     # Few distinct pixels and many boxes: argmaxes collide.
     x, boxes, g = _case(dtype, h=5, w=6, output_size=(2, 2))
     results = []
@@ -71,7 +90,8 @@ def test_roi_pool_backward_is_bitwise_reproducible(dtype, restore_threads):
 
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("sampling_ratio", [-1, 2, 100])
-def test_deterministic_roi_align_backward_matches_the_reference(aligned, sampling_ratio):
+def test_deterministic_roi_align_backward_matches_the_reference(
+        aligned, sampling_ratio, sum_method):
     # sampling_ratio=100 puts more than 64 samples per bin side on small bins:
     # the closed-form per-pixel sums of dense sampling.
     x, boxes, g = _case(np.float64, k=24)
@@ -87,7 +107,8 @@ def test_deterministic_roi_align_backward_matches_the_reference(aligned, samplin
 
 
 @pytest.mark.parametrize("convention", ["torchvision", "mmcv"])
-def test_deterministic_roi_pool_backward_matches_the_reference(convention):
+def test_deterministic_roi_pool_backward_matches_the_reference(convention,
+                                                               sum_method):
     x, boxes, g = _case(np.float32, h=6, w=7, output_size=(2, 3))
     _, argmax = curoi.roi_pool(x, boxes, (2, 3), convention=convention,
                                return_argmax=True)
@@ -98,7 +119,7 @@ def test_deterministic_roi_pool_backward_matches_the_reference(convention):
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_float32_result_is_the_exact_sum_rounded_once():
+def test_float32_result_is_the_exact_sum_rounded_once(fixed_point):
     # With a few terms the fixed-point sum is exact: the float32 result is the
     # float64 sum of the same float32 terms, rounded once. The plain atomic
     # sum rounds at every add instead.
@@ -111,7 +132,7 @@ def test_float32_result_is_the_exact_sum_rounded_once():
 
 
 @pytest.mark.parametrize("power", [-100, 60, 100])
-def test_power_of_two_scaling_of_gradients_is_exact(power):
+def test_power_of_two_scaling_of_gradients_is_exact(power, sum_method):
     # The fixed-point step follows max|g|: scaling g by 2**power scales every
     # integer term's unit by the same power, so the result scales exactly.
     x, boxes, g = _case(np.float32, k=40)
@@ -120,7 +141,7 @@ def test_power_of_two_scaling_of_gradients_is_exact(power):
     assert np.array_equal(scaled, base * np.float32(2.0**power))
 
 
-def test_non_finite_gradients_land_where_the_plain_sum_puts_them():
+def test_non_finite_gradients_land_where_the_plain_sum_puts_them(fixed_point):
     x, boxes, g = _case(np.float32, k=30)
     boxes[[0, 3, 7]] = [[0, 1, 1, 12, 9], [1, 2, 3, 9, 11], [0, 0, 0, 16, 12]]
     g[0, 0, 0, 0] = np.inf
@@ -137,7 +158,7 @@ def test_non_finite_gradients_land_where_the_plain_sum_puts_them():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_sums_beyond_the_float_range_overflow_to_inf_not_wrap(dtype):
+def test_sums_beyond_the_float_range_overflow_to_inf_not_wrap(dtype, sum_method):
     big = np.finfo(dtype).max
     x = np.zeros((1, 1, 3, 3), dtype)
     boxes = np.array([[0, 0, 0, 2, 2]] * 4, dtype)
@@ -149,7 +170,7 @@ def test_sums_beyond_the_float_range_overflow_to_inf_not_wrap(dtype):
     assert np.count_nonzero(got) == 1
 
 
-def test_all_zero_and_empty_gradients():
+def test_all_zero_and_empty_gradients(sum_method):
     x, boxes, g = _case(np.float32, k=10)
     zero = _align_backward(np.zeros_like(g), boxes, x.shape, True)
     assert not zero.any()
@@ -158,7 +179,8 @@ def test_all_zero_and_empty_gradients():
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_precision_gradients_are_reproducible_and_keep_their_dtype(dtype):
+def test_half_precision_gradients_are_reproducible_and_keep_their_dtype(
+        dtype, sum_method):
     torch = pytest.importorskip("torch")
     x, boxes, g = _case(np.float32, k=50)
     gt = torch.from_numpy(g).to(getattr(torch, dtype))
