@@ -234,10 +234,10 @@ template <typename A> CUROI_DEVICE int64_t curoi_clamp_to_int(A v, A lo, A hi) {
   return (int64_t)v;
 }
 
-// The position (k, c, ph, pw) of output element `index` in [K, C, PH, PW].
-// Three divisions, in 32 bits whenever the whole output has fewer than 2^32
-// elements: 64-bit division is several times slower on CPUs and emulated in
-// software on GPUs, and dividing dominated the cost of small bins.
+// The position (k, c, ph, pw) of output element `index` in [K, C, PH, PW],
+// for the GPU's thread-per-element loop. Three divisions, in 32 bits
+// whenever the whole output has fewer than 2^32 elements: GPUs have no
+// 64-bit integer division and emulate it in software.
 struct CuroiOutputIndex {
   int64_t k, c, ph, pw;
 };
