@@ -251,32 +251,43 @@ def test_zero_output_size_is_a_value_error(output_size):
             call()
 
 
-@pytest.mark.parametrize("output_size", [(1, 4096), (4096, 1), (64, 64)])
-def test_large_output_size_on_a_small_map(output_size):
-    x = rand((1, 1, 3, 4), np.float64, seed=5)
-    names = ["inside", "partly-out", "reversed", "batch-nan"]
-    boxes = rois(names, np.float64)
-    boxes[:, 0] = np.minimum(boxes[:, 0], 0)  # one image here
-    for aligned, ratio in [(True, 0), (False, 2)]:
+def _check_every_op_against_the_reference(x, boxes, output_size, align_cases, seed):
+    """roi_align forward and backward for each (aligned, sampling_ratio) in
+    align_cases, and roi_pool forward and backward in both conventions, all
+    against the NumPy reference (float64)."""
+    for aligned, ratio in align_cases:
         y = curoi.roi_align(x, boxes, output_size, 1.0, ratio, aligned)
         np.testing.assert_allclose(
-            y, reference.roi_align(x, boxes, output_size, 1.0, ratio, aligned), rtol=1e-10,
-            atol=1e-12)
-        g = rand(y.shape, np.float64, seed=6)
+            y, reference.roi_align(x, boxes, output_size, 1.0, ratio, aligned),
+            rtol=1e-10, atol=1e-12)
+        g = rand(y.shape, np.float64, seed=seed)
         np.testing.assert_allclose(
             curoi.roi_align_backward(g, boxes, x.shape, output_size, 1.0, ratio, aligned),
-            reference.roi_align_backward(g, boxes, x.shape, output_size, 1.0, ratio, aligned),
+            reference.roi_align_backward(g, boxes, x.shape, output_size, 1.0, ratio,
+                                         aligned),
             rtol=1e-10, atol=1e-12)
+    h, w = x.shape[2:]
     for convention in CONVENTIONS:
         y, argmax = curoi.roi_pool(x, boxes, output_size, convention=convention,
                                    return_argmax=True)
         want_y, want_argmax = reference.roi_pool(x, boxes, output_size, 1.0, convention)
         np.testing.assert_array_equal(y, want_y)
         np.testing.assert_array_equal(argmax, want_argmax)
-        g = rand(y.shape, np.float64, seed=7)
+        assert (argmax < h * w).all()
+        g = rand(y.shape, np.float64, seed=seed + 1)
         np.testing.assert_allclose(
             curoi.roi_pool_backward(g, argmax, boxes, x.shape),
             reference.roi_pool_backward(g, want_argmax, boxes, x.shape), rtol=1e-12)
+
+
+@pytest.mark.parametrize("output_size", [(1, 4096), (4096, 1), (64, 64)])
+def test_large_output_size_on_a_small_map(output_size):
+    x = rand((1, 1, 3, 4), np.float64, seed=5)
+    names = ["inside", "partly-out", "reversed", "batch-nan"]
+    boxes = rois(names, np.float64)
+    boxes[:, 0] = np.minimum(boxes[:, 0], 0)  # one image here
+    _check_every_op_against_the_reference(x, boxes, output_size,
+                                          [(True, 0), (False, 2)], seed=6)
 
 
 @pytest.mark.parametrize("hw", [(1, 1), (1, 6), (5, 1)], ids=lambda s: "x".join(map(str, s)))
@@ -285,27 +296,8 @@ def test_maps_one_pixel_high_or_wide(hw):
     x = rand((1, C, h, w), np.float64, seed=8)
     boxes = np.array([[0, 0, 0, w, h], [0, -0.7, -0.7, 0.3, 0.3], [0, 0.2, 0.1, w - 0.4, h],
                       [0, -2, -2, w + 2, h + 2], [0, w, h, w + 1, h + 1]], np.float64)
-    for aligned in (True, False):
-        for ratio in (0, 2):
-            y = curoi.roi_align(x, boxes, OUT, 1.0, ratio, aligned)
-            np.testing.assert_allclose(
-                y, reference.roi_align(x, boxes, OUT, 1.0, ratio, aligned), rtol=1e-10,
-                atol=1e-12)
-            g = rand(y.shape, np.float64, seed=9)
-            np.testing.assert_allclose(
-                curoi.roi_align_backward(g, boxes, x.shape, OUT, 1.0, ratio, aligned),
-                reference.roi_align_backward(g, boxes, x.shape, OUT, 1.0, ratio, aligned),
-                rtol=1e-10, atol=1e-12)
-    for convention in CONVENTIONS:
-        y, argmax = curoi.roi_pool(x, boxes, OUT, convention=convention, return_argmax=True)
-        want_y, want_argmax = reference.roi_pool(x, boxes, OUT, 1.0, convention)
-        np.testing.assert_array_equal(y, want_y)
-        np.testing.assert_array_equal(argmax, want_argmax)
-        assert (argmax < h * w).all()
-        g = rand(y.shape, np.float64, seed=10)
-        np.testing.assert_allclose(curoi.roi_pool_backward(g, argmax, boxes, x.shape),
-                                   reference.roi_pool_backward(g, want_argmax, boxes, x.shape),
-                                   rtol=1e-12)
+    _check_every_op_against_the_reference(
+        x, boxes, OUT, [(a, r) for a in (True, False) for r in (0, 2)], seed=9)
 
 
 @pytest.mark.parametrize("shape", [(N, 0, H, W), (0, C, H, W), (0, 0, 0, 0)],
