@@ -1,11 +1,12 @@
 // curoi common header: lets one kernel source compile for the GPU (NVRTC) and
-// for the CPU (the host C++ compiler, with OpenMP).
+// for the CPU (the host C++ compiler, with a thread pool of its own).
 //
 // Kernels written against this header use only what it can map to both:
 // grid-stride loops (CUDA_1D_KERNEL_LOOP; CUROI_FOR_EACH_BIN with
 // CUROI_FOR_EACH_CHANNEL for outputs; CUROI_FOR_EACH_BIN_OF_OWNED_CHANNELS
-// with CUROI_FOR_EACH_OWNED_CHANNEL and curoi_scatter_add for gradients)
-// and plain arithmetic.
+// with CUROI_FOR_EACH_OWNED_CHANNEL and curoi_scatter_add for gradients),
+// whose bodies are lambdas on the CPU (end them with `};`, leave an
+// iteration with `return`), and plain arithmetic.
 // No shared memory, warp intrinsics or __syncthreads: the CPU build has no
 // thread blocks to give them a meaning.
 #ifndef CUROI_COMMON_CUH
@@ -35,18 +36,25 @@ typedef unsigned int uint32_t;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;           \
        i < (int64_t)(n); i += (int64_t)blockDim.x * gridDim.x)
 
+// Calls a loop body written as a lambda with one value; the CPU build's
+// loops take lambdas, and the GPU's take the same text.
+template <typename V>
+struct CuroiInvoke {
+  V value;
+  template <typename F> __device__ void operator<<(const F& f) const { f(value); }
+};
+
 // Output bins and their channels (see the CPU build for why two loops): on
 // the GPU, one thread per output element, as CUDA_1D_KERNEL_LOOP; the
 // channel loop runs once, for the thread's own channel, and `index` is the
-// element's flat position in [K, C, PH, PW].
+// element's flat position in [K, C, PH, PW]. The body is a lambda, as on
+// the CPU: end it with `};` and leave an element with `return`.
 #define CUROI_FOR_EACH_BIN(at, num_rois, channels, pooled_h, pooled_w)       \
   CUDA_1D_KERNEL_LOOP(curoi_element_,                                        \
                       (num_rois) * (channels) * (pooled_h) * (pooled_w))    \
-  for (CuroiOutputIndex at = curoi_output_index(                             \
-           curoi_element_, (num_rois) * (channels) * (pooled_h) * (pooled_w), \
-           channels, pooled_h, pooled_w),                                    \
-           *curoi_once_ = &at;                                               \
-       curoi_once_; curoi_once_ = 0)
+  CuroiInvoke<CuroiOutputIndex>{curoi_output_index(                          \
+      curoi_element_, (num_rois) * (channels) * (pooled_h) * (pooled_w),     \
+      channels, pooled_h, pooled_w)} << [&](const CuroiOutputIndex& at)
 #define CUROI_FOR_EACH_CHANNEL(c, index, at, channels, pooled_h, pooled_w)   \
   for (int64_t c = (at).c, index = curoi_element_; c >= 0; c = -1)
 
@@ -72,9 +80,14 @@ CUROI_DEVICE int64_t curoi_round_to_int64(double v) { return __double2ll_rn(v); 
 // ---------------------------------------------------------------- CPU build
 #include <stdint.h>
 #include <math.h>
-#if defined(_OPENMP)
-#include <omp.h>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <new>
+#if !defined(_WIN32)
+#include <pthread.h>
 #endif
+#include <thread>
 
 #if defined(_WIN32)
 #define CUROI_KERNEL extern "C" __declspec(dllexport)
@@ -84,40 +97,203 @@ CUROI_DEVICE int64_t curoi_round_to_int64(double v) { return __double2ll_rn(v); 
 #define CUROI_DEVICE static inline
 
 // Threads for the kernels' loops, set from Python (curoi.set_num_threads)
-// through ctypes; 0 leaves OpenMP's default. One variable for the whole
-// library, whichever source file includes this header.
+// through ctypes. One variable for the whole library, whichever source file
+// includes this header.
 extern "C" {
-// "used": emitted even where nothing reads it (a build without OpenMP).
-__attribute__((visibility("default"), used)) inline int curoi_num_threads = 0;
+// "used": emitted even where nothing reads it.
+__attribute__((visibility("default"), used)) inline int curoi_num_threads = 1;
 }
 
 static inline int curoi_threads() {
-#if defined(_OPENMP)
-  return curoi_num_threads > 0 ? curoi_num_threads : omp_get_max_threads();
-#else
-  return 1;
-#endif
+  return curoi_num_threads > 1 ? curoi_num_threads : 1;
 }
 
-// The grid-stride loop becomes an OpenMP loop over all elements. Dynamic
-// scheduling in chunks: boxes differ in size, so elements differ in cost.
-#define CUDA_1D_KERNEL_LOOP(i, n)                                            \
-  _Pragma("omp parallel for schedule(dynamic, 64) num_threads(curoi_threads())") \
-  for (int64_t i = 0; i < (int64_t)(n); ++i)
+// ------------------------------------------------------------ thread pool
+// curoi's own pool of worker threads rather than OpenMP's: an OpenMP
+// runtime's pool does not survive fork(), and the first parallel loop in a
+// forked child (a DataLoader worker, a multiprocessing pool) waits forever
+// for threads that do not exist there. This pool is replaced in the child
+// by a fork handler and starts new workers on the child's first parallel
+// call. It also keeps curoi's thread count to exactly curoi_num_threads,
+// beside whatever runtime other libraries in the process (PyTorch) use.
+//
+// A job runs a function on `participants` threads: the calling thread is
+// participant 0 and workers 1 .. participants-1 join it. One job at a time:
+// a second Python thread calling a kernel meanwhile waits for the pool, so
+// the process never runs more than curoi_num_threads kernel threads.
+struct CuroiJob {
+  void (*run)(void* context, int participant, int participants);
+  void* context;
+  int participants;
+};
+
+struct CuroiPool {
+  std::mutex call;                   // held by the thread running a job
+  std::mutex state;                  // guards everything below
+  std::condition_variable wake;      // workers wait here for a new job
+  std::condition_variable finished;  // the caller waits here for the workers
+  CuroiJob job;
+  unsigned long long generation = 0;  // number of jobs published
+  int workers = 0;                    // started; they live as long as the pool
+  int busy = 0;                       // workers still running the current job
+};
+
+// Never destroyed: worker threads block in it until the process exits.
+inline CuroiPool* curoi_pool = new CuroiPool();
+
+struct CuroiWorkerStart {
+  CuroiPool* pool;
+  int index;
+  unsigned long long generation;
+};
+
+inline void curoi_worker_loop(CuroiWorkerStart start) {
+#if defined(__linux__)
+  // Shown by ps, top and /proc/<pid>/task/*/comm.
+  pthread_setname_np(pthread_self(), "curoi-worker");
+#endif
+  CuroiPool* pool = start.pool;
+  unsigned long long seen = start.generation;
+  for (;;) {
+    CuroiJob job;
+    {
+      std::unique_lock<std::mutex> lock(pool->state);
+      pool->wake.wait(lock, [&] { return pool->generation != seen; });
+      seen = pool->generation;
+      job = pool->job;
+    }
+    if (start.index < job.participants) {
+      job.run(job.context, start.index, job.participants);
+      std::lock_guard<std::mutex> lock(pool->state);
+      if (--pool->busy == 0) pool->finished.notify_one();
+    }
+  }
+}
+
+// Run `run(context, p, participants)` for p in [0, participants), p = 0 on
+// the calling thread. Fewer participants if the system refuses threads.
+inline void curoi_pool_run(void (*run)(void*, int, int), void* context,
+                           int participants) {
+  if (participants <= 1) {
+    run(context, 0, 1);
+    return;
+  }
+  CuroiPool* pool = curoi_pool;
+  std::lock_guard<std::mutex> call(pool->call);
+  {
+    std::lock_guard<std::mutex> lock(pool->state);
+    while (pool->workers < participants - 1) {
+      try {
+        std::thread(curoi_worker_loop,
+                    CuroiWorkerStart{pool, pool->workers + 1, pool->generation})
+            .detach();
+      } catch (...) {
+        break;  // out of threads: run with those there are
+      }
+      ++pool->workers;
+    }
+    if (participants > pool->workers + 1) participants = pool->workers + 1;
+    pool->job = CuroiJob{run, context, participants};
+    pool->busy = participants - 1;
+    ++pool->generation;
+  }
+  pool->wake.notify_all();
+  run(context, 0, participants);
+  std::unique_lock<std::mutex> lock(pool->state);
+  pool->finished.wait(lock, [&] { return pool->busy == 0; });
+}
+
+#if !defined(_WIN32)
+// In a forked child only the forking thread exists: the workers are gone and
+// the pool's locks may be held by threads that no longer run. Start over with
+// a new pool; the old one is left alone (destroying it would touch what those
+// threads owned). Runs before any code of the child, so nothing races it.
+inline void curoi_pool_after_fork_in_child() {
+  CuroiPool* fresh = new (std::nothrow) CuroiPool();
+  if (fresh != nullptr) curoi_pool = fresh;
+}
+inline const int curoi_fork_handler =
+    pthread_atfork(nullptr, nullptr, curoi_pool_after_fork_in_child);
+#endif
+
+// Work below this many loop iterations times their estimated cost runs on
+// the calling thread: waking workers costs more than it saves.
+#define CUROI_SERIAL_WORK 4096
+
+// f(i) for i in [0, n), in chunks of `chunk` handed out dynamically (boxes
+// differ in size, so iterations differ in cost). `cost` estimates the work of
+// one iteration, to keep small calls serial.
+template <typename F>
+inline void curoi_parallel_for(int64_t n, int64_t chunk, int64_t cost,
+                               const F& f) {
+  if (n <= 0) return;
+  if (chunk < 1) chunk = 1;
+  int64_t threads = curoi_threads();
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  if (threads > chunks) threads = chunks;
+  if (threads <= 1 || n * (cost > 1 ? cost : 1) < CUROI_SERIAL_WORK) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  struct Loop {
+    const F* f;
+    int64_t n, chunk;
+    std::atomic<int64_t> next;
+  } loop{&f, n, chunk, {0}};
+  curoi_pool_run(
+      [](void* context, int, int) {
+        Loop& l = *static_cast<Loop*>(context);
+        for (;;) {
+          const int64_t begin = l.next.fetch_add(l.chunk);
+          if (begin >= l.n) return;
+          const int64_t end = begin + l.chunk < l.n ? begin + l.chunk : l.n;
+          for (int64_t i = begin; i < end; ++i) (*l.f)(i);
+        }
+      },
+      &loop, (int)threads);
+}
+
+// f(participant, participants) once on each of up to `limit` threads (for a
+// fixed share of the work per thread); `work` as n * cost above.
+template <typename F>
+inline void curoi_parallel_shares(int64_t limit, int64_t work, const F& f) {
+  int64_t threads = curoi_threads();
+  if (threads > limit) threads = limit;
+  if (threads <= 1 || work < CUROI_SERIAL_WORK) {
+    f(0, 1);
+    return;
+  }
+  curoi_pool_run(
+      [](void* context, int participant, int participants) {
+        (*static_cast<const F*>(context))(participant, participants);
+      },
+      const_cast<F*>(&f), (int)threads);
+}
+
+// The grid-stride loop becomes a parallel loop over all elements.
+// The body is a lambda: end it with `};` (a harmless empty statement on the
+// GPU), and leave an iteration with `return`, never `continue`.
+struct CuroiLoop {
+  int64_t n, chunk;
+  template <typename F> void operator<<(const F& f) const {
+    curoi_parallel_for(n, chunk, 1, f);
+  }
+};
+#define CUDA_1D_KERNEL_LOOP(i, n) \
+  CuroiLoop{(int64_t)(n), 4096} << [&](int64_t i)
 
 // Output bins and their channels: on the CPU, one iteration per bin (box,
 // ph, pw), in parallel, with its channels in an inner loop, so that the
 // bin's geometry (which depends on the box and the bin, not the channel) is
 // computed once rather than once per channel. `index` is the element's flat
 // position in [K, C, PH, PW].
+struct CuroiBinLoop {
+  int64_t bins, channels, pooled_h, pooled_w;
+  template <typename F> void operator<<(const F& f) const;
+};
 #define CUROI_FOR_EACH_BIN(at, num_rois, channels, pooled_h, pooled_w)       \
-  _Pragma("omp parallel for schedule(dynamic, 16) num_threads(curoi_threads())") \
-  for (int64_t curoi_bin_ = 0;                                               \
-       curoi_bin_ < (int64_t)(num_rois) * (pooled_h) * (pooled_w);          \
-       ++curoi_bin_)                                                         \
-  for (CuroiOutputIndex at = curoi_bin_index(curoi_bin_, pooled_h, pooled_w), \
-           *curoi_once_ = &at;                                               \
-       curoi_once_; curoi_once_ = 0)
+  CuroiBinLoop{(int64_t)(num_rois) * (pooled_h) * (pooled_w), channels,      \
+               pooled_h, pooled_w} << [&](const CuroiOutputIndex& at)
 #define CUROI_FOR_EACH_CHANNEL(c, index, at, channels, pooled_h, pooled_w)   \
   for (int64_t c = 0,                                                        \
                index = (at).k * (channels) * (pooled_h) * (pooled_w) +       \
@@ -134,31 +310,15 @@ struct CuroiChannelRange {
   int64_t begin, end;
 };
 
-static inline CuroiChannelRange curoi_owned_channels(int64_t channels) {
-#if defined(_OPENMP)
-  const int64_t thread = omp_get_thread_num(), threads = omp_get_num_threads();
-#else
-  const int64_t thread = 0, threads = 1;
-#endif
-  CuroiChannelRange range;
-  range.begin = channels * thread / threads;
-  range.end = channels * (thread + 1) / threads;
-  return range;
-}
-
+struct CuroiOwnedBinLoop {
+  int64_t bins, channels, pooled_h, pooled_w;
+  template <typename F> void operator<<(const F& f) const;
+};
 #define CUROI_FOR_EACH_BIN_OF_OWNED_CHANNELS(at, num_rois, channels,         \
                                              pooled_h, pooled_w)             \
-  _Pragma("omp parallel num_threads(curoi_threads())")                       \
-  for (CuroiChannelRange curoi_owned_ = curoi_owned_channels(channels),      \
-           *curoi_owned_once_ = &curoi_owned_;                               \
-       curoi_owned_once_; curoi_owned_once_ = 0)                             \
-  for (int64_t curoi_bin_ = 0;                                               \
-       curoi_owned_.end > curoi_owned_.begin &&                              \
-       curoi_bin_ < (int64_t)(num_rois) * (pooled_h) * (pooled_w);          \
-       ++curoi_bin_)                                                         \
-  for (CuroiOutputIndex at = curoi_bin_index(curoi_bin_, pooled_h, pooled_w), \
-           *curoi_once_ = &at;                                               \
-       curoi_once_; curoi_once_ = 0)
+  CuroiOwnedBinLoop{(int64_t)(num_rois) * (pooled_h) * (pooled_w), channels, \
+                    pooled_h, pooled_w} <<                                   \
+      [&](const CuroiChannelRange& curoi_owned_, const CuroiOutputIndex& at)
 #define CUROI_FOR_EACH_OWNED_CHANNEL(c, index, at, channels, pooled_h,       \
                                      pooled_w)                               \
   for (int64_t c = curoi_owned_.begin,                                       \
@@ -278,6 +438,28 @@ CUROI_DEVICE CuroiOutputIndex curoi_bin_index(int64_t bin,
   return at;
 }
 
+#if !defined(CUROI_GPU)
+template <typename F>
+void CuroiBinLoop::operator<<(const F& f) const {
+  const int64_t ph = pooled_h, pw = pooled_w;
+  curoi_parallel_for(bins, 16, channels, [&](int64_t bin) {
+    f(curoi_bin_index(bin, ph, pw));
+  });
+}
+
+template <typename F>
+void CuroiOwnedBinLoop::operator<<(const F& f) const {
+  const int64_t ph = pooled_h, pw = pooled_w, n = bins, ch = channels;
+  curoi_parallel_shares(ch, n * ch, [&](int participant, int participants) {
+    CuroiChannelRange owned;
+    owned.begin = ch * participant / participants;
+    owned.end = ch * (participant + 1) / participants;
+    if (owned.end <= owned.begin) return;
+    for (int64_t bin = 0; bin < n; ++bin) f(owned, curoi_bin_index(bin, ph, pw));
+  });
+}
+#endif
+
 // A box row is (batch index, x1, y1, x2, y2). Its batch index is usable only
 // when it is finite and lies in [0, batch); otherwise the box reads nothing and
 // writes no gradient. Returns -1 for an unusable box.
@@ -365,7 +547,7 @@ CUROI_DEVICE void curoi_fixed_finish(const int64_t* fixed,
     const double value = multiply ? (double)fixed[i] * unit
                                   : ldexp((double)fixed[i], -e);
     grad[i] = grad[i] + (A)value;
-  }
+  };
 }
 
 // ------------------------------------------------- instantiation by element type

@@ -241,7 +241,7 @@ CUROI_DEVICE void roi_align_forward(
       }
       output[index] = curoi_store<T>(sum / bin.count);
     }
-  }
+  };
 }
 
 // Each output gradient spreads over the four neighbours of every sample of
@@ -262,7 +262,7 @@ CUROI_DEVICE void roi_align_backward(
         roi_align_bin(rois + at.k * 5, batch, height, width, at.ph, at.pw,
                       pooled_height, pooled_width, spatial_scale,
                       sampling_ratio, aligned);
-    if (bin.batch_index < 0) continue;
+    if (bin.batch_index < 0) return;
     CUROI_FOR_EACH_OWNED_CHANNEL(c, index, at, channels, pooled_height,
                                  pooled_width) {
       const A g = curoi_load<A>(grad_output[index]) / bin.count;
@@ -284,7 +284,7 @@ CUROI_DEVICE void roi_align_backward(
         }
       }
     }
-  }
+  };
 }
 
 #define CUROI_DEFINE_ROI_ALIGN(T, suffix)                                      \

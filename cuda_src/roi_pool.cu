@@ -91,7 +91,7 @@ CUROI_DEVICE void roi_pool_forward(
       output[index] = curoi_store<T>(best);
       argmax[index] = best_index;
     }
-  }
+  };
 }
 
 // The gradient flows to the argmax of each bin; several bins (and boxes) may
@@ -107,7 +107,7 @@ CUROI_DEVICE void roi_pool_backward(
   CUROI_FOR_EACH_BIN_OF_OWNED_CHANNELS(bin, num_rois, channels, pooled_height,
                                        pooled_width) {
     const int64_t b = curoi_box_batch(rois + bin.k * 5, batch);
-    if (b < 0) continue;
+    if (b < 0) return;
     CUROI_FOR_EACH_OWNED_CHANNEL(c, index, bin, channels, pooled_height,
                                  pooled_width) {
       const int64_t at = argmax[index];
@@ -117,7 +117,7 @@ CUROI_DEVICE void roi_pool_backward(
                       curoi_load<A>(grad_output[index]));
       }
     }
-  }
+  };
 }
 
 #define CUROI_DEFINE_ROI_POOL(T, suffix)                                       \

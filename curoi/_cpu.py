@@ -32,10 +32,11 @@ _FLAGS = (
     "-fno-math-errno",
     "-fPIC",
     "-shared",
+    # The kernels' thread pool (curoi_common.cuh) uses std::thread.
+    "-pthread",
     "-DCUROI_WITH_F32",
     "-DCUROI_WITH_F64",
 )
-_OPENMP_FLAG = "-fopenmp"
 
 # CUROI_SANITIZE="address,undefined" (any -fsanitize= list) builds the
 # library instrumented, for the test suite's sanitizer run. The flags are
@@ -216,17 +217,6 @@ def _cached_library(stem):
     return None
 
 
-def _write_atomically(data: bytes, target: Path):
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _compile(argv, flags, stem):
     """Build the library into the cache; return its path."""
     folder = _library_dir()
@@ -270,35 +260,14 @@ def _build_and_load():
     sanitize = sanitize_flags()
     _check_sanitizer_runtime(sanitize)
     _library_sanitize = sanitize[0].split("=", 1)[1] if sanitize else None
-    with_openmp = _FLAGS + sanitize + (_OPENMP_FLAG,)
-    stem = _library_stem(argv, with_openmp)
+    flags = _FLAGS + sanitize
+    stem = _library_stem(argv, flags)
     # A library already in the cache is used even when the folder is read
     # only (a shared, prebuilt cache); building needs a writable one.
     path = _cached_library(stem)
     if path is None:
         _use_writable_cache_dir()
-    # A compiler that rejects -fopenmp (Apple clang) is recorded, so that
-    # later processes go straight to the single-threaded build.
-    no_openmp_marker = _library_dir() / f"{stem}.no-openmp"
-    openmp_error = None
-    if path is None and no_openmp_marker.exists():
-        openmp_error = no_openmp_marker.read_text(errors="replace")
-    elif path is None:
-        try:
-            path = _compile(argv, with_openmp, stem)
-        except RuntimeError as error:
-            openmp_error = str(error)
-    if path is None:
-        plain = _library_stem(argv, _FLAGS + sanitize)
-        path = _cached_library(plain) or _compile(argv, _FLAGS + sanitize, plain)
-        if not no_openmp_marker.exists():
-            # Only now is it known that OpenMP, not the compiler, failed.
-            _write_atomically(openmp_error.encode(), no_openmp_marker)
-        _warn_from_caller(
-            "curoi's CPU kernels were built without OpenMP (the compiler "
-            f"rejected {_OPENMP_FLAG}) and will use one core. The error "
-            f"was:\n{openmp_error}"
-        )
+        path = _compile(argv, flags, stem)
     return ctypes.CDLL(str(path)), path
 
 
@@ -344,7 +313,8 @@ def _threads_from_environment():
 
 def get_num_threads():
     """Threads the CPU kernels use: set by set_num_threads, else
-    $CUROI_NUM_THREADS, else the cores available to this process."""
+    $CUROI_NUM_THREADS, else the cores available to this process; in a
+    process forked from one that imported curoi, $CUROI_NUM_THREADS or 1."""
     global _num_threads
     if _num_threads is None:
         _num_threads = _threads_from_environment()
@@ -369,6 +339,33 @@ def set_num_threads(num_threads):
 def _store_num_threads(lib, value):
     # The kernels read this variable at each launch (curoi_common.cuh).
     ctypes.c_int.in_dll(lib, "curoi_num_threads").value = value
+
+
+def _threads_in_forked_child():
+    """A forked child's thread count until it sets one: $CUROI_NUM_THREADS
+    if set (and valid), else 1. A parent's count is not inherited: N forked
+    workers (a DataLoader's, a multiprocessing pool's) would otherwise each
+    run as many threads as the parent, N times more than there are cores."""
+    try:
+        return _threads_from_environment() \
+            if os.environ.get(_NUM_THREADS_ENV, "").strip() else 1
+    except ValueError:
+        return 1
+
+
+def _after_fork_in_child():
+    # Only the forking thread survives fork(): a lock that another thread held
+    # stays locked for ever in the child, so start with fresh ones. The
+    # kernels' worker threads are replaced by the library's own fork handler.
+    global _lock, _num_threads
+    _lock = threading.Lock()
+    _num_threads = _threads_in_forked_child()
+    if _library is not None:
+        _store_num_threads(_library[0], _num_threads)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def library_path():

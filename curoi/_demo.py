@@ -30,7 +30,7 @@ def _backend():
         if isinstance(name, bytes):
             name = name.decode()
         return f"GPU (CuPy {cupy.__version__}, {name})", cupy
-    return "CPU (host C++ compiler, OpenMP)", np
+    return "CPU (host C++ compiler, curoi thread pool)", np
 
 
 def _synchronize(xp):

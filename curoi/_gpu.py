@@ -9,6 +9,7 @@ where the CUDA runtime wheel (or a CUDA toolkit) put them.
 
 import functools
 import os
+import sys
 import threading
 
 import numpy as np
@@ -32,7 +33,50 @@ def cupy_or_none():
     return cupy
 
 
+# Whether this process has used CUDA through curoi, and whether it was forked
+# from a process that had: CUDA does not survive fork(), and a child that
+# touches it can fail obscurely or hang.
+_cuda_used = False
+_forked_after_cuda = False
+
+
+class CudaAfterForkError(RuntimeError):
+    """CUDA was asked for in a process forked after CUDA was initialised."""
+
+
+def _after_fork_in_child():
+    global _lock, _forked_after_cuda
+    _lock = threading.Lock()
+    torch = sys.modules.get("torch")
+    torch_cuda = False
+    if torch is not None:
+        try:
+            torch_cuda = bool(torch.cuda.is_initialized())
+        except Exception:
+            pass
+    _forked_after_cuda = _forked_after_cuda or _cuda_used or torch_cuda
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _check_not_forked():
+    if _forked_after_cuda:
+        raise CudaAfterForkError(
+            "curoi cannot use CUDA in this process: it was forked from a "
+            "process that had already initialised CUDA, and CUDA does not "
+            "survive fork(). Start processes that use the GPU with the "
+            "'spawn' or 'forkserver' method (multiprocessing.set_start_method, "
+            "or multiprocessing_context= of torch's DataLoader)."
+        )
+
+
 def require_cupy():
+    """CuPy, for an array on a CUDA device. Marks this process as a CUDA
+    user, so that its forked children refuse CUDA with a clear error."""
+    global _cuda_used
+    _check_not_forked()
     cupy = cupy_or_none()
     if cupy is None:
         raise RuntimeError(
@@ -41,6 +85,7 @@ def require_cupy():
             "extra for your CUDA version: `pip install curoi[cuda12]` or "
             "`pip install curoi[cuda13]`."
         )
+    _cuda_used = True
     return cupy
 
 

@@ -1,7 +1,8 @@
 """Many Python threads using curoi at once (CPU backend).
 
 ctypes releases the GIL while a kernel runs, so calls from several threads
-really overlap, each with its own OpenMP team. Results must equal a serial
+really overlap (their parallel loops take turns on curoi's one pool of
+worker threads, while the rest of each call runs). Results must equal a serial
 run: forward outputs and argmax exactly (each output element is computed by
 one thread, in a fixed order), backward passes to float rounding (their
 atomic adds may sum in another order; README, "Bad boxes, precision").

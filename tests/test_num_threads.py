@@ -54,8 +54,8 @@ def test_a_bad_environment_variable_is_an_error_naming_it(value):
                     reason="counts threads through Linux's /proc/self/task")
 @pytest.mark.parametrize("threads", [1, 3])
 def test_kernels_run_on_that_many_threads(threads):
-    # OpenMP keeps its worker threads after a parallel loop: a fresh process
-    # gains exactly threads - 1 of them on its first kernel call.
+    # The pool keeps its worker threads after a parallel loop: a fresh
+    # process gains exactly threads - 1 of them on its first kernel call.
     code = """
         import os
         import numpy as np
