@@ -1,12 +1,21 @@
 // curoi common header: lets one kernel source compile for the GPU (NVRTC) and
 // for the CPU (the host C++ compiler, with a thread pool of its own).
 //
-// Kernels written against this header use only what it can map to both:
-// grid-stride loops (CUDA_1D_KERNEL_LOOP; CUROI_FOR_EACH_BIN with
-// CUROI_FOR_EACH_CHANNEL for outputs; CUROI_FOR_EACH_BIN_OF_OWNED_CHANNELS
-// with CUROI_FOR_EACH_OWNED_CHANNEL and curoi_scatter_add for gradients),
-// whose bodies are lambdas on the CPU (end them with `};`, leave an
-// iteration with `return`), and plain arithmetic.
+// What is shared is the formulas (geometry, sample taps, weights,
+// conventions): device functions written once, that every backend calls.
+// The loops that drive them differ by backend:
+//
+// - GPU loops (CUROI_GPU_LOOPS, always on in the GPU build): one thread per
+//   output element, CUDA_1D_KERNEL_LOOP grid-stride loops, atomic adds into
+//   gradients (curoi_scatter_add).
+// - CPU loops: work items handed to the pool (curoi_parallel_for,
+//   curoi_parallel_shares), with per-box tables shared by all channels and
+//   gradient planes owned by one thread each, so no atomics.
+//
+// The CPU build can also be compiled with the GPU loops (-DCUROI_GPU_LOOPS,
+// run serially), so that the GPU's loop code runs in CI on a machine
+// without a GPU.
+//
 // No shared memory, warp intrinsics or __syncthreads: the CPU build has no
 // thread blocks to give them a meaning.
 #ifndef CUROI_COMMON_CUH
@@ -15,6 +24,7 @@
 #if defined(__CUDACC_RTC__) || defined(__CUDACC__)
 // ---------------------------------------------------------------- GPU build
 #define CUROI_GPU 1
+#define CUROI_GPU_LOOPS 1
 
 typedef long long int64_t;
 typedef unsigned long long uint64_t;
@@ -35,33 +45,6 @@ typedef unsigned int uint32_t;
 #define CUDA_1D_KERNEL_LOOP(i, n)                                            \
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;           \
        i < (int64_t)(n); i += (int64_t)blockDim.x * gridDim.x)
-
-// Calls a loop body written as a lambda with one value; the CPU build's
-// loops take lambdas, and the GPU's take the same text.
-template <typename V>
-struct CuroiInvoke {
-  V value;
-  template <typename F> __device__ void operator<<(const F& f) const { f(value); }
-};
-
-// Output bins and their channels (see the CPU build for why two loops): on
-// the GPU, one thread per output element, as CUDA_1D_KERNEL_LOOP; the
-// channel loop runs once, for the thread's own channel, and `index` is the
-// element's flat position in [K, C, PH, PW]. The body is a lambda, as on
-// the CPU: end it with `};` and leave an element with `return`.
-#define CUROI_FOR_EACH_BIN(at, num_rois, channels, pooled_h, pooled_w)       \
-  CUDA_1D_KERNEL_LOOP(curoi_element_,                                        \
-                      (num_rois) * (channels) * (pooled_h) * (pooled_w))    \
-  CuroiInvoke<CuroiOutputIndex>{curoi_output_index(                          \
-      curoi_element_, (num_rois) * (channels) * (pooled_h) * (pooled_w),     \
-      channels, pooled_h, pooled_w)} << [&](const CuroiOutputIndex& at)
-#define CUROI_FOR_EACH_CHANNEL(c, index, at, channels, pooled_h, pooled_w)   \
-  for (int64_t c = (at).c, index = curoi_element_; c >= 0; c = -1)
-
-// Backward passes: the same loops. Threads of different output elements add
-// into the same gradient pixels, so curoi_scatter_add is an atomic add.
-#define CUROI_FOR_EACH_BIN_OF_OWNED_CHANNELS CUROI_FOR_EACH_BIN
-#define CUROI_FOR_EACH_OWNED_CHANNEL CUROI_FOR_EACH_CHANNEL
 
 template <typename T>
 CUROI_DEVICE void curoi_scatter_add(T* address, T value) {
@@ -231,7 +214,8 @@ inline void curoi_parallel_for(int64_t n, int64_t chunk, int64_t cost,
   int64_t threads = curoi_threads();
   const int64_t chunks = (n + chunk - 1) / chunk;
   if (threads > chunks) threads = chunks;
-  if (threads <= 1 || n * (cost > 1 ? cost : 1) < CUROI_SERIAL_WORK) {
+  const int64_t each = cost > 1 ? cost : 1;  // n * each could overflow
+  if (threads <= 1 || n < (CUROI_SERIAL_WORK + each - 1) / each) {
     for (int64_t i = 0; i < n; ++i) f(i);
     return;
   }
@@ -270,61 +254,32 @@ inline void curoi_parallel_shares(int64_t limit, int64_t work, const F& f) {
       const_cast<F*>(&f), (int)threads);
 }
 
-// The grid-stride loop becomes a parallel loop over all elements.
-// The body is a lambda: end it with `};` (a harmless empty statement on the
-// GPU), and leave an iteration with `return`, never `continue`.
-struct CuroiLoop {
-  int64_t n, chunk;
-  template <typename F> void operator<<(const F& f) const {
-    curoi_parallel_for(n, chunk, 1, f);
-  }
-};
-#define CUDA_1D_KERNEL_LOOP(i, n) \
-  CuroiLoop{(int64_t)(n), 4096} << [&](int64_t i)
+// With the GPU's loops on the CPU (tests), the grid-stride loop runs
+// serially: one "thread" visits every element.
+#define CUDA_1D_KERNEL_LOOP(i, n) for (int64_t i = 0; i < (int64_t)(n); ++i)
 
-// Output bins and their channels: on the CPU, one iteration per bin (box,
-// ph, pw), in parallel, with its channels in an inner loop, so that the
-// bin's geometry (which depends on the box and the bin, not the channel) is
-// computed once rather than once per channel. `index` is the element's flat
-// position in [K, C, PH, PW].
-struct CuroiBinLoop {
-  int64_t bins, channels, pooled_h, pooled_w;
-  template <typename F> void operator<<(const F& f) const;
-};
-#define CUROI_FOR_EACH_BIN(at, num_rois, channels, pooled_h, pooled_w)       \
-  CuroiBinLoop{(int64_t)(num_rois) * (pooled_h) * (pooled_w), channels,      \
-               pooled_h, pooled_w} << [&](const CuroiOutputIndex& at)
-#define CUROI_FOR_EACH_CHANNEL(c, index, at, channels, pooled_h, pooled_w)   \
-  for (int64_t c = 0,                                                        \
-               index = (at).k * (channels) * (pooled_h) * (pooled_w) +       \
-                       (at).ph * (pooled_w) + (at).pw;                       \
-       c < (channels); ++c, index += (pooled_h) * (pooled_w))
+// Work items of (box, block of channels): boxes alone give every thread
+// work when there are many; a few boxes with many channels are split.
+static inline int64_t curoi_channel_block(int64_t boxes, int64_t channels) {
+  const int64_t wanted = 8 * (int64_t)curoi_threads();
+  if (boxes >= wanted || channels <= 1) return channels > 0 ? channels : 1;
+  int64_t blocks = (wanted + boxes - 1) / boxes;
+  if (blocks > channels) blocks = channels;
+  return (channels + blocks - 1) / blocks;
+}
 
-// Backward passes: each thread owns a fixed share of the channels and runs
-// over every bin for them, so every gradient plane is summed by one thread,
-// in bin order. No two threads add into the same pixel: curoi_scatter_add
-// needs no atomic (atomics cost most of a CPU backward), and the sums are
-// the same bits whatever the number of threads. A bin's geometry is
-// computed once per thread rather than once per channel.
+// The channels [begin, end) that participant p of n owns.
 struct CuroiChannelRange {
   int64_t begin, end;
 };
 
-struct CuroiOwnedBinLoop {
-  int64_t bins, channels, pooled_h, pooled_w;
-  template <typename F> void operator<<(const F& f) const;
-};
-#define CUROI_FOR_EACH_BIN_OF_OWNED_CHANNELS(at, num_rois, channels,         \
-                                             pooled_h, pooled_w)             \
-  CuroiOwnedBinLoop{(int64_t)(num_rois) * (pooled_h) * (pooled_w), channels, \
-                    pooled_h, pooled_w} <<                                   \
-      [&](const CuroiChannelRange& curoi_owned_, const CuroiOutputIndex& at)
-#define CUROI_FOR_EACH_OWNED_CHANNEL(c, index, at, channels, pooled_h,       \
-                                     pooled_w)                               \
-  for (int64_t c = curoi_owned_.begin,                                       \
-               index = ((at).k * (channels) + c) * (pooled_h) * (pooled_w) + \
-                       (at).ph * (pooled_w) + (at).pw;                       \
-       c < curoi_owned_.end; ++c, index += (pooled_h) * (pooled_w))
+static inline CuroiChannelRange curoi_owned_channels(int64_t channels, int p,
+                                                     int n) {
+  CuroiChannelRange range;
+  range.begin = channels * p / n;
+  range.end = channels * (p + 1) / n;
+  return range;
+}
 
 template <typename T>
 static inline void curoi_scatter_add(T* address, T value) {
@@ -425,41 +380,6 @@ CUROI_DEVICE CuroiOutputIndex curoi_output_index(int64_t index, int64_t total,
   return at;
 }
 
-// The bin (k, ph, pw) of flat bin number `bin` in [K, PH, PW]; c is 0.
-CUROI_DEVICE CuroiOutputIndex curoi_bin_index(int64_t bin,
-                                              int64_t pooled_height,
-                                              int64_t pooled_width) {
-  CuroiOutputIndex at;
-  const int64_t row = bin / pooled_width;
-  at.k = row / pooled_height;
-  at.ph = row - at.k * pooled_height;
-  at.pw = bin - row * pooled_width;
-  at.c = 0;
-  return at;
-}
-
-#if !defined(CUROI_GPU)
-template <typename F>
-void CuroiBinLoop::operator<<(const F& f) const {
-  const int64_t ph = pooled_h, pw = pooled_w;
-  curoi_parallel_for(bins, 16, channels, [&](int64_t bin) {
-    f(curoi_bin_index(bin, ph, pw));
-  });
-}
-
-template <typename F>
-void CuroiOwnedBinLoop::operator<<(const F& f) const {
-  const int64_t ph = pooled_h, pw = pooled_w, n = bins, ch = channels;
-  curoi_parallel_shares(ch, n * ch, [&](int participant, int participants) {
-    CuroiChannelRange owned;
-    owned.begin = ch * participant / participants;
-    owned.end = ch * (participant + 1) / participants;
-    if (owned.end <= owned.begin) return;
-    for (int64_t bin = 0; bin < n; ++bin) f(owned, curoi_bin_index(bin, ph, pw));
-  });
-}
-#endif
-
 // A box row is (batch index, x1, y1, x2, y2). Its batch index is usable only
 // when it is finite and lies in [0, batch); otherwise the box reads nothing and
 // writes no gradient. Returns -1 for an unusable box.
@@ -473,12 +393,13 @@ CUROI_DEVICE int64_t curoi_box_batch(const A* box, int64_t batch) {
 }
 
 // ------------------------------------------------ where a backward pass sums
-// Both sums add only inside CUROI_FOR_EACH_OWNED_CHANNEL loops, where
-// curoi_scatter_add is safe (atomic on the GPU, owned on the CPU).
+// Both sums add through curoi_scatter_add: atomic with the GPU's loops, a
+// plain add with the CPU's, where each gradient plane has one owner.
 //
 // The plain sum: floating-point adds. On the GPU they are atomic, in an
 // order that varies from run to run, so the last bits of a result may vary
-// too; on the CPU the order is fixed (see CUROI_FOR_EACH_OWNED_CHANNEL).
+// too; on the CPU the order is fixed (each plane is summed by the thread
+// that owns its channel, box after box, bin after bin).
 template <typename A>
 struct CuroiFloatSum {
   A* grad;
@@ -547,7 +468,7 @@ CUROI_DEVICE void curoi_fixed_finish(const int64_t* fixed,
     const double value = multiply ? (double)fixed[i] * unit
                                   : ldexp((double)fixed[i], -e);
     grad[i] = grad[i] + (A)value;
-  };
+  }
 }
 
 // ------------------------------------------------- instantiation by element type

@@ -44,6 +44,62 @@ CUROI_DEVICE void roi_pool_bin(A box_lo, A box_hi, A scale, int64_t p,
   *end = curoi_clamp_to_int(e, (A)0, (A)size);
 }
 
+// The bins of one box along both axes: rows [hstart, hend) and columns
+// [wstart, wend) of bin (ph, pw); batch_index -1 for a box that reads nothing.
+template <typename A>
+CUROI_DEVICE int64_t roi_pool_box(const A* box, int64_t batch, A spatial_scale,
+                                  int convention) {
+  const int64_t b = curoi_box_batch(box, batch);
+  if (b < 0) return -1;
+  // mmcv gives a box of no positive extent no bins at all.
+  if (convention == CUROI_POOL_MMCV &&
+      !((box[3] + (A)1) * spatial_scale - box[1] * spatial_scale > (A)0 &&
+        (box[4] + (A)1) * spatial_scale - box[2] * spatial_scale > (A)0))
+    return -1;
+  return b;
+}
+
+// The maximum of rows [hstart, hend) x columns [wstart, wend) of a plane, and
+// its flat index (-1 and 0 for an empty bin). The first maximum in
+// row-major order wins; a NaN beats any number and the first NaN wins.
+template <typename T, typename A>
+CUROI_DEVICE A roi_pool_max(const T* plane, int64_t width, int64_t hstart,
+                            int64_t hend, int64_t wstart, int64_t wend,
+                            int64_t* best_index) {
+  if (!(hend > hstart && wend > wstart)) {
+    *best_index = -1;
+    return (A)0;
+  }
+  // First the maximum, without branches that depend on the data (a NaN is
+  // only noted); then the first position that holds it.
+  A best = curoi_load<A>(plane[hstart * width + wstart]);
+  bool nan = false;
+  for (int64_t h = hstart; h < hend; ++h) {
+    const T* row = plane + h * width;
+    for (int64_t w = wstart; w < wend; ++w) {
+      const A v = curoi_load<A>(row[w]);
+      nan |= v != v;
+      best = v > best ? v : best;
+    }
+  }
+  for (int64_t h = hstart; h < hend; ++h) {
+    const T* row = plane + h * width;
+    for (int64_t w = wstart; w < wend; ++w) {
+      const A v = curoi_load<A>(row[w]);
+      // The first NaN, if there is one, else the first maximum.
+      if (nan ? v != v : v == best) {
+        *best_index = h * width + w;
+        return v;
+      }
+    }
+  }
+  *best_index = -1;  // unreachable: the maximum is in the bin
+  return best;
+}
+
+#if defined(CUROI_GPU_LOOPS)
+// ------------------------------------------------------------- GPU loops
+// One thread per output element.
 template <typename T>
 CUROI_DEVICE void roi_pool_forward(
     const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
@@ -52,51 +108,33 @@ CUROI_DEVICE void roi_pool_forward(
     typename AccType<T>::type spatial_scale, int convention, T* output,
     int64_t* argmax) {
   typedef typename AccType<T>::type A;
-  CUROI_FOR_EACH_BIN(bin, num_rois, channels, pooled_height, pooled_width) {
-    const A* box = rois + bin.k * 5;
-    const int64_t b = curoi_box_batch(box, batch);
+  const int64_t total = num_rois * channels * pooled_height * pooled_width;
+  CUDA_1D_KERNEL_LOOP(index, total) {
+    const CuroiOutputIndex at = curoi_output_index(
+        index, total, channels, pooled_height, pooled_width);
+    const A* box = rois + at.k * 5;
+    const int64_t b = roi_pool_box(box, batch, spatial_scale, convention);
     int64_t hstart = 0, hend = 0, wstart = 0, wend = 0;
     if (b >= 0) {
-      // mmcv gives a box of no positive extent no bins at all.
-      const bool degenerate =
-          convention == CUROI_POOL_MMCV &&
-          !((box[3] + (A)1) * spatial_scale - box[1] * spatial_scale > (A)0 &&
-            (box[4] + (A)1) * spatial_scale - box[2] * spatial_scale > (A)0);
-      if (!degenerate) {
-        roi_pool_bin(box[2], box[4], spatial_scale, bin.ph, pooled_height,
-                     height, convention, &hstart, &hend);
-        roi_pool_bin(box[1], box[3], spatial_scale, bin.pw, pooled_width,
-                     width, convention, &wstart, &wend);
-      }
+      roi_pool_bin(box[2], box[4], spatial_scale, at.ph, pooled_height,
+                   height, convention, &hstart, &hend);
+      roi_pool_bin(box[1], box[3], spatial_scale, at.pw, pooled_width, width,
+                   convention, &wstart, &wend);
     }
-    const bool empty = !(hend > hstart && wend > wstart);
-
-    CUROI_FOR_EACH_CHANNEL(c, index, bin, channels, pooled_height,
-                           pooled_width) {
-      A best = (A)0;
-      int64_t best_index = -1;
-      if (!empty) {
-        const T* plane = input + (b * channels + c) * height * width;
-        for (int64_t h = hstart; h < hend; ++h) {
-          for (int64_t w = wstart; w < wend; ++w) {
-            const int64_t at = h * width + w;
-            const A v = curoi_load<A>(plane[at]);
-            if (best_index < 0 || v > best || (v != v && best == best)) {
-              best = v;
-              best_index = at;
-            }
-          }
-        }
-      }
-      output[index] = curoi_store<T>(best);
-      argmax[index] = best_index;
+    int64_t best_index = -1;
+    A best = (A)0;
+    if (b >= 0) {
+      best = roi_pool_max<T, A>(input + (b * channels + at.c) * height * width,
+                                width, hstart, hend, wstart, wend, &best_index);
     }
-  };
+    output[index] = curoi_store<T>(best);
+    argmax[index] = best_index;
+  }
 }
 
 // The gradient flows to the argmax of each bin; several bins (and boxes) may
 // share one, so the adds go through Sum (CuroiFloatSum or the deterministic
-// CuroiFixedSum). The gradient has the accumulation type.
+// CuroiFixedSum), atomically. The gradient has the accumulation type.
 template <typename T, typename Sum>
 CUROI_DEVICE void roi_pool_backward(
     const T* grad_output, const int64_t* argmax,
@@ -104,21 +142,105 @@ CUROI_DEVICE void roi_pool_backward(
     int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
     int64_t pooled_width, const Sum& grad_input) {
   typedef typename AccType<T>::type A;
-  CUROI_FOR_EACH_BIN_OF_OWNED_CHANNELS(bin, num_rois, channels, pooled_height,
-                                       pooled_width) {
-    const int64_t b = curoi_box_batch(rois + bin.k * 5, batch);
-    if (b < 0) return;
-    CUROI_FOR_EACH_OWNED_CHANNEL(c, index, bin, channels, pooled_height,
-                                 pooled_width) {
-      const int64_t at = argmax[index];
-      // argmax comes from the caller: never trust it to lie in the plane.
-      if (at >= 0 && at < height * width) {
-        curoi_sum_add(grad_input, (b * channels + c) * height * width + at,
-                      curoi_load<A>(grad_output[index]));
+  const int64_t total = num_rois * channels * pooled_height * pooled_width;
+  CUDA_1D_KERNEL_LOOP(index, total) {
+    const CuroiOutputIndex at = curoi_output_index(
+        index, total, channels, pooled_height, pooled_width);
+    const int64_t b = curoi_box_batch(rois + at.k * 5, batch);
+    const int64_t where = argmax[index];
+    // argmax comes from the caller: never trust it to lie in the plane.
+    if (b >= 0 && where >= 0 && where < height * width) {
+      curoi_sum_add(grad_input, (b * channels + at.c) * height * width + where,
+                    curoi_load<A>(grad_output[index]));
+    }
+  }
+}
+
+#else
+// ------------------------------------------------------------- CPU loops
+#include <vector>
+
+// Work items of (box, block of channels); a box's bins are found once and
+// shared by its channels, which then read compact regions of their planes.
+template <typename T>
+static void roi_pool_forward(
+    const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
+    int64_t batch, int64_t channels, int64_t height, int64_t width,
+    int64_t pooled_height, int64_t pooled_width,
+    typename AccType<T>::type spatial_scale, int convention, T* output,
+    int64_t* argmax) {
+  typedef typename AccType<T>::type A;
+  const int64_t block = curoi_channel_block(num_rois, channels);
+  const int64_t blocks = (channels + block - 1) / block;
+  const int64_t bins = pooled_height * pooled_width;
+  curoi_parallel_for(num_rois * blocks, 1, block * bins * 4, [&](int64_t item) {
+    static thread_local std::vector<int64_t> rows, cols;  // [start, end) pairs
+    const int64_t k = item / blocks;
+    const int64_t c0 = (item - k * blocks) * block;
+    const int64_t c1 = curoi_min(c0 + block, channels);
+    const A* box = rois + k * 5;
+    const int64_t b = roi_pool_box(box, batch, spatial_scale, convention);
+    T* out = output + (k * channels + c0) * bins;
+    int64_t* out_index = argmax + (k * channels + c0) * bins;
+    if (b < 0) {
+      for (int64_t i = 0; i < (c1 - c0) * bins; ++i) {
+        out[i] = curoi_store<T>((A)0);
+        out_index[i] = -1;
+      }
+      return;
+    }
+    rows.resize(2 * pooled_height);
+    cols.resize(2 * pooled_width);
+    for (int64_t ph = 0; ph < pooled_height; ++ph)
+      roi_pool_bin(box[2], box[4], spatial_scale, ph, pooled_height, height,
+                   convention, &rows[2 * ph], &rows[2 * ph + 1]);
+    for (int64_t pw = 0; pw < pooled_width; ++pw)
+      roi_pool_bin(box[1], box[3], spatial_scale, pw, pooled_width, width,
+                   convention, &cols[2 * pw], &cols[2 * pw + 1]);
+    for (int64_t c = c0; c < c1; ++c) {
+      const T* plane = input + (b * channels + c) * height * width;
+      for (int64_t ph = 0; ph < pooled_height; ++ph) {
+        for (int64_t pw = 0; pw < pooled_width; ++pw) {
+          *out++ = curoi_store<T>(roi_pool_max<T, A>(
+              plane, width, rows[2 * ph], rows[2 * ph + 1], cols[2 * pw],
+              cols[2 * pw + 1], out_index++));
+        }
       }
     }
-  };
+  });
 }
+
+// Each thread owns a share of the channels and runs over every box for them:
+// every gradient plane is summed by one thread, in box and bin order.
+template <typename T, typename Sum>
+static void roi_pool_backward(
+    const T* grad_output, const int64_t* argmax,
+    const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
+    int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
+    int64_t pooled_width, const Sum& grad_input) {
+  typedef typename AccType<T>::type A;
+  const int64_t bins = pooled_height * pooled_width;
+  const int64_t plane_size = height * width;
+  curoi_parallel_shares(channels, num_rois * channels * bins,
+                        [&](int part, int parts) {
+    const CuroiChannelRange owned = curoi_owned_channels(channels, part, parts);
+    for (int64_t k = 0; k < num_rois; ++k) {
+      const int64_t b = curoi_box_batch(rois + k * 5, batch);
+      if (b < 0) continue;
+      for (int64_t c = owned.begin; c < owned.end; ++c) {
+        const int64_t plane = (b * channels + c) * plane_size;
+        const int64_t first = (k * channels + c) * bins;
+        for (int64_t i = first; i < first + bins; ++i) {
+          const int64_t where = argmax[i];
+          // argmax comes from the caller: never trust it to lie in the plane.
+          if (where >= 0 && where < plane_size)
+            curoi_sum_add(grad_input, plane + where, curoi_load<A>(grad_output[i]));
+        }
+      }
+    }
+  });
+}
+#endif
 
 #define CUROI_DEFINE_ROI_POOL(T, suffix)                                       \
   CUROI_KERNEL void roi_pool_forward_##suffix(                                 \
