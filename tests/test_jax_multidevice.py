@@ -11,6 +11,7 @@ tests/reference.py on the whole, unsharded data.
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -199,3 +200,20 @@ def test_jit_gathers_sharded_features_and_runs_the_kernel_on_each_device(measure
     assert measured["jit sharded all-gather"] is True
     assert measured["jit sharded kernel shapes"] == [[4, 3, 9, 11]] * 2
     assert measured["jit sharded output replicated"] is True
+
+
+def test_data_parallel_example_averages_gradients_and_trains():
+    path = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env = dict(os.environ, PYTHONPATH=path)
+    env.pop("XLA_FLAGS", None)  # the example splits the CPU into 2 devices itself
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "jax_data_parallel.py")],
+                          capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = done.stdout
+    assert out.startswith("2 devices"), out
+    difference = float(re.search(r"max difference (\S+)", out).group(1))
+    assert difference <= 1e-6, out
+    losses = [float(v) for v in re.findall(r"step \d+: loss (\S+)", out)]
+    assert len(losses) == 8, out
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < losses[0] / 10, losses
