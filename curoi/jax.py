@@ -32,6 +32,20 @@ Transformations:
   is invalid stay invalid). Nested ``vmap`` folds once per level. Unbatched
   features with batched boxes are not copied per batch element.
 
+Several devices:
+
+- ``jax.shard_map``: forward, ``grad`` and ``vmap`` run on each device's
+  own shard (features and boxes split on the batch, boxes' batch indices
+  local to the shard) and give the single-device numbers. Results and
+  gradients carry the mesh axes their inputs vary along; the gradient of
+  features that are the same on every device (``P()``) is summed over the
+  devices, as for JAX's own ops. This is the data-parallel recipe (see
+  ``examples/jax_data_parallel.py``).
+- ``jax.jit`` on a sharded feature array is correct but not parallel: XLA
+  cannot split a callback, so it all-gathers the features onto every device,
+  each device runs the kernel on the whole batch, and the result is
+  replicated. Use ``shard_map`` to keep the work split.
+
 What does not work (yet):
 
 - ``jax.export`` (and so any serialisation of the program): the kernels are
@@ -44,8 +58,6 @@ What does not work (yet):
   bilinear weights). Only reverse mode is defined (``custom_vjp``):
   ``jax.jvp``, ``jax.jacfwd`` and derivatives of order two (``jax.hessian``,
   ``grad`` of ``grad``) raise JAX's errors.
-- Arrays sharded over several devices: not supported; XLA does not
-  partition a callback.
 - Under ``vmap`` the folded batch ``B*N`` may hold at most ``2**24`` images
   (``2**53`` for float64), the largest batch index a float32 box holds
   exactly; a larger one raises a ValueError at trace time.

@@ -150,17 +150,22 @@ for name, op, want_y, want_g in [("align", align, ref_align, ref_align_grad),
     results[f"jit sharded {name} grad"] = err(jgrad(xs, gb, put(gy, replicated)),
                                               want_g)
 
-# What XLA does with the sharding around the kernel: the shapes the kernel
-# gets, how often it runs, and whether the program gathers the features.
+# Where the kernel runs: the feature shapes it gets (once per device), and
+# whether the jit program gathers the features first. A configuration not
+# used above, so that each program is traced and its callbacks run afresh.
 seen = []
 original = _ops.roi_align_forward
-_ops.roi_align_forward = lambda x, *a, **k: (seen.append(x.shape),
+_ops.roi_align_forward = lambda x, *a, **k: (seen.append(list(x.shape)),
                                              original(x, *a, **k))[1]
+fresh = on_mesh(lambda x, b: cj.roi_align(x, b, OUT, SCALE, 1, False),
+                (spec, spec), spec)
+fresh(xs, bs).block_until_ready()
+results["shard_map kernel shapes"], seen[:] = sorted(seen), []
 fresh = jax.jit(lambda x, b: cj.roi_align(x, b, OUT, SCALE, 1, False))
 y = fresh(xs, gb)
 y.block_until_ready()
 _ops.roi_align_forward = original
-results["jit sharded kernel shapes"] = [list(s) for s in seen]
+results["jit sharded kernel shapes"] = sorted(seen)
 results["jit sharded all-gather"] = (
     "all-gather" in fresh.lower(xs, gb).compile().as_text())
 results["jit sharded output replicated"] = bool(y.sharding.is_fully_replicated)
@@ -192,6 +197,10 @@ CASES = [f"{where} {op} {direction}"
 @pytest.mark.parametrize("case", CASES)
 def test_two_devices_give_the_single_device_numbers(measured, case):
     assert measured[case] <= 2e-5, (case, measured[case])
+
+
+def test_shard_map_runs_the_kernel_on_each_device_shard(measured):
+    assert measured["shard_map kernel shapes"] == [[2, 3, 9, 11]] * 2
 
 
 def test_jit_gathers_sharded_features_and_runs_the_kernel_on_each_device(measured):
