@@ -32,6 +32,20 @@ Transformations:
   is invalid stay invalid). Nested ``vmap`` folds once per level. Unbatched
   features with batched boxes are not copied per batch element.
 
+Several devices:
+
+- ``jax.shard_map``: forward, ``grad`` and ``vmap`` run on each device's
+  own shard (features and boxes split on the batch, boxes' batch indices
+  local to the shard) and give the single-device numbers. Results and
+  gradients carry the mesh axes their inputs vary along; the gradient of
+  features that are the same on every device (``P()``) is summed over the
+  devices, as for JAX's own ops. This is the data-parallel recipe (see
+  ``examples/jax_data_parallel.py``).
+- ``jax.jit`` on a sharded feature array is correct but not parallel: XLA
+  cannot split a callback, so it all-gathers the features onto every device,
+  each device runs the kernel on the whole batch, and the result is
+  replicated. Use ``shard_map`` to keep the work split.
+
 What does not work (yet):
 
 - ``jax.export`` (and so any serialisation of the program): the kernels are
@@ -44,8 +58,6 @@ What does not work (yet):
   bilinear weights). Only reverse mode is defined (``custom_vjp``):
   ``jax.jvp``, ``jax.jacfwd`` and derivatives of order two (``jax.hessian``,
   ``grad`` of ``grad``) raise JAX's errors.
-- Arrays sharded over several devices: not supported; XLA does not
-  partition a callback.
 - Under ``vmap`` the folded batch ``B*N`` may hold at most ``2**24`` images
   (``2**53`` for float64), the largest batch index a float32 box holds
   exactly; a larger one raises a ValueError at trace time.
@@ -268,6 +280,60 @@ def _int64_type(shape):
 
 
 # --------------------------------------------------------------------------
+# shard_map: which mesh axes a value varies along
+# --------------------------------------------------------------------------
+#
+# Inside ``jax.shard_map`` JAX types every value with the set of manual mesh
+# axes along which it differs between devices, and checks that a custom_vjp's
+# backward returns cotangents of the primals' types. A buffer_callback result
+# is typed as the same on every device whatever its inputs, so the kernels'
+# results are given the axes of their inputs (the kernels run per device on
+# local data), and a gradient is summed over the axes along which the
+# features do not vary, as JAX's own ops do for a replicated operand.
+
+
+def _varying_axes(array):
+    """The manual mesh axes along which ``array`` varies (none outside
+    ``shard_map`` or with ``check_vma=False``)."""
+    aval = jax.typeof(array)
+    manual_axis_type = getattr(aval, "mat", None)  # JAX >= 0.10
+    if manual_axis_type is not None:
+        return frozenset(manual_axis_type.varying)
+    return frozenset(getattr(aval, "vma", ()))  # JAX 0.7 - 0.9
+
+
+def _vary(value, axes):
+    """``value`` typed as varying along ``axes`` too (no data moves)."""
+    axes = tuple(axes - _varying_axes(value))
+    if not axes:
+        return value
+    if hasattr(jax.lax, "pcast"):  # JAX >= 0.10
+        return jax.lax.pcast(value, axes, to="varying")
+    return jax.lax.pvary(value, axes)
+
+
+def _varying_like(results, *inputs):
+    """Kernel results typed as varying along every axis an input varies
+    along: each device's kernel read that device's inputs."""
+    axes = frozenset().union(*(_varying_axes(a) for a in inputs))
+    if not axes:
+        return results
+    if isinstance(results, tuple):
+        return tuple(_vary(r, axes) for r in results)
+    return _vary(results, axes)
+
+
+def _cotangent_for(grad, axes):
+    """The features' gradient typed as the features: summed over the axes
+    along which the features are the same on every device (each device's
+    boxes add their share), and varying along the features' axes."""
+    summed = tuple(_varying_axes(grad) - axes)
+    if summed:
+        grad = jax.lax.psum(grad, summed)
+    return _vary(grad, axes)
+
+
+# --------------------------------------------------------------------------
 # vmap: fold the mapped axis into the image axis
 # --------------------------------------------------------------------------
 
@@ -336,8 +402,10 @@ def _align_forward_op(ph, pw, scale, ratio, aligned):
         n, c = x.shape[:2]
         shape = (rois.shape[0], c, ph, pw)
         if x.size == 0 or rois.shape[0] * c == 0:
-            return jnp.zeros(shape, x.dtype)  # nothing to read: no launch
-        return _call(run, [jax.ShapeDtypeStruct(shape, x.dtype)], x, rois)[0]
+            y = jnp.zeros(shape, x.dtype)  # nothing to read: no launch
+        else:
+            y = _call(run, [jax.ShapeDtypeStruct(shape, x.dtype)], x, rois)[0]
+        return _varying_like(y, x, rois)
 
     @op.def_vmap
     def rule(axis_size, in_batched, x, rois):
@@ -360,9 +428,11 @@ def _align_backward_op(input_shape, scale, ratio, aligned, deterministic):
     def op(g, rois):
         acc = _accumulation_dtype(_dtype_name(g.dtype))
         if g.size == 0 or int(np.prod(input_shape)) == 0:
-            return jnp.zeros(input_shape, acc)
-        out = jax.ShapeDtypeStruct(input_shape, acc)
-        return _call(run, [out], g, rois)[0]
+            grad = jnp.zeros(input_shape, acc)
+        else:
+            out = jax.ShapeDtypeStruct(input_shape, acc)
+            grad = _call(run, [out], g, rois)[0]
+        return _varying_like(grad, g, rois)
 
     @op.def_vmap
     def rule(axis_size, in_batched, g, rois):
@@ -388,14 +458,17 @@ def _pool_forward_op(ph, pw, scale, convention):
         c = x.shape[1]
         shape = (rois.shape[0], c, ph, pw)
         if rois.shape[0] * c == 0:
-            return jnp.zeros(shape, x.dtype), jnp.zeros(shape + (2,), jnp.int32)
-        if x.size == 0:
+            results = (jnp.zeros(shape, x.dtype),
+                       jnp.zeros(shape + (2,), jnp.int32))
+        elif x.size == 0:
             # No pixels: every bin is empty (0, argmax -1 in both halves).
-            return jnp.zeros(shape, x.dtype), jnp.full(shape + (2,), -1, jnp.int32)
-        y, argmax = _call(run, [jax.ShapeDtypeStruct(shape, x.dtype),
-                                _int64_type(shape)], x, rois,
-                          int64_outputs=(1,))
-        return y, argmax
+            results = (jnp.zeros(shape, x.dtype),
+                       jnp.full(shape + (2,), -1, jnp.int32))
+        else:
+            results = tuple(_call(run, [jax.ShapeDtypeStruct(shape, x.dtype),
+                                        _int64_type(shape)], x, rois,
+                                  int64_outputs=(1,)))
+        return _varying_like(results, x, rois)
 
     @op.def_vmap
     def rule(axis_size, in_batched, x, rois):
@@ -421,9 +494,11 @@ def _pool_backward_op(input_shape, deterministic):
     def op(g, argmax, rois):
         acc = _accumulation_dtype(_dtype_name(g.dtype))
         if g.size == 0 or int(np.prod(input_shape)) == 0:
-            return jnp.zeros(input_shape, acc)
-        out = jax.ShapeDtypeStruct(input_shape, acc)
-        return _call(run, [out], g, argmax, rois)[0]
+            grad = jnp.zeros(input_shape, acc)
+        else:
+            out = jax.ShapeDtypeStruct(input_shape, acc)
+            grad = _call(run, [out], g, argmax, rois)[0]
+        return _varying_like(grad, g, argmax, rois)
 
     @op.def_vmap
     def rule(axis_size, in_batched, g, argmax, rois):
@@ -454,7 +529,7 @@ def _per_platform(half, on_cpu, on_gpu, *args):
 
 
 def _align_forward(config, x, rois):
-    ph, pw, scale, ratio, aligned, _, _ = config
+    ph, pw, scale, ratio, aligned, _, _, _ = config
     op = _align_forward_op(ph, pw, scale, ratio, aligned)
     dtype = x.dtype
 
@@ -474,7 +549,7 @@ def _roi_align_fwd(config, x, rois):
 
 
 def _roi_align_bwd(config, rois, g):
-    _, _, scale, ratio, aligned, deterministic, input_shape = config
+    _, _, scale, ratio, aligned, deterministic, input_shape, input_axes = config
     op = _align_backward_op(input_shape, scale, ratio, aligned, deterministic)
     dtype = g.dtype
 
@@ -482,15 +557,18 @@ def _roi_align_bwd(config, rois, g):
         return op(g.astype(jnp.float32), rois)
 
     grad = _per_platform(_dtype_name(dtype) in HALF_DTYPES, on_cpu, op, g, rois)
-    # One rounding to the features' dtype at the end; boxes get zero.
-    return grad.astype(dtype), jnp.zeros_like(rois)
+    # Summed across devices in the accumulation dtype, then rounded once to
+    # the features' dtype; boxes get zero (of the boxes' own type, which
+    # zeros_like keeps).
+    grad = _cotangent_for(grad, input_axes).astype(dtype)
+    return grad, jnp.zeros_like(rois)
 
 
 _roi_align.defvjp(_roi_align_fwd, _roi_align_bwd)
 
 
 def _pool_forward(config, x, rois):
-    ph, pw, scale, convention, _, _ = config
+    ph, pw, scale, convention, _, _, _ = config
     op = _pool_forward_op(ph, pw, scale, convention)
     dtype = x.dtype
 
@@ -513,7 +591,7 @@ def _roi_pool_fwd(config, x, rois):
 
 def _roi_pool_bwd(config, residuals, g):
     argmax, rois = residuals
-    _, _, _, _, deterministic, input_shape = config
+    _, _, _, _, deterministic, input_shape, input_axes = config
     op = _pool_backward_op(input_shape, deterministic)
     dtype = g.dtype
 
@@ -522,7 +600,8 @@ def _roi_pool_bwd(config, residuals, g):
 
     grad = _per_platform(_dtype_name(dtype) in HALF_DTYPES, on_cpu, op,
                          g, argmax, rois)
-    return grad.astype(dtype), jnp.zeros_like(rois)
+    grad = _cotangent_for(grad, input_axes).astype(dtype)
+    return grad, jnp.zeros_like(rois)
 
 
 _roi_pool.defvjp(_roi_pool_fwd, _roi_pool_bwd)
@@ -591,7 +670,7 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
     _validate.scale_for(scale, _accumulation_dtype(_dtype_name(x.dtype)))
     boxes = _checked_boxes(boxes, x.shape[0])
     config = (ph, pw, scale, ratio, aligned, deterministic,
-              tuple(int(v) for v in x.shape))
+              tuple(int(v) for v in x.shape), _varying_axes(x))
     return _align_program(config, x, boxes)
 
 
@@ -622,5 +701,5 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
     _validate.scale_for(scale, _accumulation_dtype(_dtype_name(x.dtype)))
     boxes = _checked_boxes(boxes, x.shape[0])
     config = (ph, pw, scale, convention, deterministic,
-              tuple(int(v) for v in x.shape))
+              tuple(int(v) for v in x.shape), _varying_axes(x))
     return _pool_program(config, x, boxes)
