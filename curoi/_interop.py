@@ -24,6 +24,8 @@ _DLPACK_DEVICE_NAMES = {4: "OpenCL", 7: "Vulkan", 8: "Metal", 9: "VPI",
 #: Feature dtypes the kernels accept, by NumPy-style name.
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 HALF_DTYPES = ("float16", "bfloat16")
+#: framework_of's answers that are handled by name, not by generic_from_dlpack.
+_NAMED_FRAMEWORKS = ("numpy", "cupy", "torch", "jax", "tensorflow", "dlpack")
 
 
 def framework_of(x):
@@ -32,8 +34,7 @@ def framework_of(x):
     :func:`generic_from_dlpack`), or 'dlpack' (a bare producer)."""
     if isinstance(x, np.ndarray):
         return "numpy"
-    module = type(x).__module__
-    root = module.split(".")[0]
+    root = type(x).__module__.split(".")[0]
     if root == "cupy":
         return "cupy"
     if root == "torch":
@@ -46,7 +47,11 @@ def framework_of(x):
         # TF's importer lives in tf.experimental.dlpack and takes a capsule.
         return "tensorflow"
     found = generic_from_dlpack(x)
-    return found[0] if found is not None else "dlpack"
+    if found is None or found[0] in _NAMED_FRAMEWORKS:
+        # e.g. a foreign type whose namespace is NumPy: NumPy/CuPy results
+        # are what it would get back anyway.
+        return "dlpack"
+    return found[0]
 
 
 def generic_from_dlpack(x):
@@ -176,15 +181,15 @@ class Caller:
         self.framework = framework_of(x)
         if self.framework is None:
             raise TypeError(
-                f"{name} must be an array: a NumPy, CuPy, PyTorch or JAX array "
-                f"or any object with __dlpack__; got {_describe(x)}"
+                f"{name} must be an array: a NumPy, CuPy, PyTorch, JAX or "
+                f"TensorFlow array or any object with __dlpack__; got {_describe(x)}"
             )
         self.device = device_of(x, self.framework, name)
         # The caller's own dtype object, to cast half-precision results back.
         self.dtype = getattr(x, "dtype", None)
         # Another framework's importer, to hand results back as its arrays.
         self._from_dlpack = None
-        if self.framework not in ("numpy", "cupy", "torch", "jax", "tensorflow", "dlpack"):
+        if self.framework not in _NAMED_FRAMEWORKS:
             self._from_dlpack = generic_from_dlpack(x)[1]
 
     # ------------------------------------------------------------ streams
