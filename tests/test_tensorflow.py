@@ -24,8 +24,6 @@ from curoi._interop import Caller, framework_of
 
 import reference as ref
 
-tf = pytest.importorskip("tensorflow")
-
 N, C, H, W = 2, 3, 10, 12
 OUT = (3, 4)
 SCALE = 0.5
@@ -41,11 +39,22 @@ BOXES = np.array([
 ])
 K = len(BOXES)
 OPS = ("roi_align", "roi_pool", "roi_align_backward", "roi_pool_backward")
-TF_DTYPES = {"float16": tf.float16, "bfloat16": tf.bfloat16,
-             "float32": tf.float32, "float64": tf.float64}
 # Tolerances against the float64 reference: a few units in the last place
 # of each dtype (half types are computed in float32 and rounded once).
 REF_TOL = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 1e-5, "float64": 1e-12}
+
+
+def load_tensorflow():
+    """TensorFlow, imported by the first test that needs it, not at
+    collection: it adds several hundred MB to the test process, which would
+    count in the memory that subprocess checks elsewhere in the suite see
+    (a child's ru_maxrss starts from its parent's)."""
+    return pytest.importorskip("tensorflow")
+
+
+@pytest.fixture(scope="module")
+def tf():
+    return load_tensorflow()
 
 
 def make_case(seed=0):
@@ -65,7 +74,8 @@ def box_dtype(dtype):
 
 def tf_tensor(a, dtype):
     """TF tensor of ``dtype`` holding NumPy array ``a`` (cast inside TF)."""
-    return tf.cast(tf.constant(a), TF_DTYPES[dtype])
+    tf = load_tensorflow()
+    return tf.cast(tf.constant(a), getattr(tf, dtype))
 
 
 def numpy_of(a, dtype):
@@ -106,13 +116,14 @@ def as_list(result):
 
 def widened(t):
     """A TF result as float64 (or int64) NumPy, through TF's own cast."""
+    tf = load_tensorflow()
     return (t if t.dtype == tf.int64 else tf.cast(t, tf.float64)).numpy()
 
 
 def tf_address(t):
     """Address of a TF tensor's buffer as TensorFlow exports it: the data
     field of the DLTensor in TF's own DLPack capsule."""
-    capsule = tf.experimental.dlpack.to_dlpack(t)
+    capsule = load_tensorflow().experimental.dlpack.to_dlpack(t)
     get = ctypes.pythonapi.PyCapsule_GetPointer
     get.restype = ctypes.c_void_p
     get.argtypes = [ctypes.py_object, ctypes.c_char_p]
@@ -123,7 +134,7 @@ def tf_address(t):
 # ------------------------------------------------------------- results
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 @pytest.mark.parametrize("op", OPS)
-def test_tensorflow_in_tensorflow_out_equal_to_numpy_and_reference(op, dtype):
+def test_tensorflow_in_tensorflow_out_equal_to_numpy_and_reference(op, dtype, tf):
     case = make_case()
     source = case["g"] if op.endswith("backward") else case["x"]
     argmax = case["argmax"]
@@ -138,15 +149,15 @@ def test_tensorflow_in_tensorflow_out_equal_to_numpy_and_reference(op, dtype):
     for out, same, exact in zip(got, want, expected):
         assert isinstance(out, tf.Tensor), type(out)
         if out.dtype != tf.int64:
-            assert out.dtype == TF_DTYPES[dtype]  # the caller's dtype comes back
+            assert out.dtype == getattr(tf, dtype)  # the caller's dtype comes back
             # The NumPy path rounded to the same half type by TF equals TF's.
-            same = widened(tf.cast(tf.constant(np.asarray(same)), TF_DTYPES[dtype]))
+            same = widened(tf.cast(tf.constant(np.asarray(same)), getattr(tf, dtype)))
         np.testing.assert_array_equal(widened(out), same)
         tol = REF_TOL[dtype]
         np.testing.assert_allclose(widened(out), exact, rtol=tol, atol=tol)
 
 
-def test_roi_pool_argmax_from_tensorflow_feeds_the_backward():
+def test_roi_pool_argmax_from_tensorflow_feeds_the_backward(tf):
     case = make_case(1)
     x = tf.constant(case["x"].astype(np.float32))
     y, argmax = curoi.roi_pool(x, tf.constant(BOXES.astype(np.float32)), OUT, SCALE,
@@ -165,7 +176,7 @@ def test_roi_pool_argmax_from_tensorflow_feeds_the_backward():
 
 
 @pytest.mark.parametrize("op", ["roi_align", "roi_pool", "roi_align_backward"])
-def test_list_of_per_image_tensorflow_boxes_equals_k_by_5(op):
+def test_list_of_per_image_tensorflow_boxes_equals_k_by_5(op, tf):
     case = make_case(2)
     source = case["g"] if op.endswith("backward") else case["x"]
     order = np.argsort(BOXES[:, 0], kind="stable")  # per image, in order
@@ -188,7 +199,7 @@ def test_tensorflow_features_are_read_in_place(dtype):
     assert view.ctypes.data == tf_address(x)
 
 
-def test_tensorflow_boxes_and_argmax_are_read_in_place():
+def test_tensorflow_boxes_and_argmax_are_read_in_place(tf):
     x = tf.constant(make_case()["x"].astype(np.float32))
     boxes = tf.constant(BOXES.astype(np.float32))
     argmax = tf.constant(make_case()["argmax"])
@@ -197,7 +208,7 @@ def test_tensorflow_boxes_and_argmax_are_read_in_place():
     assert caller.view(argmax, "argmax").ctypes.data == tf_address(argmax)
 
 
-def test_address_comparison_sees_a_copy_control():
+def test_address_comparison_sees_a_copy_control(tf):
     # Control for the two tests above: a tensor TF computed anew has another
     # address, so equal addresses there do mean the same buffer.
     x = tf.constant(make_case()["x"].astype(np.float32))
@@ -207,7 +218,7 @@ def test_address_comparison_sees_a_copy_control():
 
 
 @pytest.mark.parametrize("shape", [(3, 2, 5, 7), (5, 256, 7, 7)])
-def test_tensorflow_result_wraps_curoi_buffer_without_copy(shape):
+def test_tensorflow_result_wraps_curoi_buffer_without_copy(shape, tf):
     caller = Caller(tf.zeros((1, 1, 2, 2)), "input")
     buffer, native = caller.new(shape, "float32")
     buffer[...] = np.arange(buffer.size, dtype=np.float32).reshape(shape)
@@ -219,26 +230,26 @@ def test_tensorflow_result_wraps_curoi_buffer_without_copy(shape):
 
 
 # --------------------------------------------------------------- errors
-def test_tensorflow_integer_features_are_refused_by_name():
+def test_tensorflow_integer_features_are_refused_by_name(tf):
     x = tf.zeros((N, C, H, W), tf.int32)
     with pytest.raises(TypeError, match=r"input must have a floating-point dtype.*int32"):
         curoi.roi_align(x, tf.constant(BOXES.astype(np.float32)), OUT)
 
 
-def test_tensorflow_features_of_the_wrong_rank_are_refused_by_name():
+def test_tensorflow_features_of_the_wrong_rank_are_refused_by_name(tf):
     x = tf.zeros((C, H, W))
     with pytest.raises(ValueError, match=r"input must be a 4-D array.*\(3, 10, 12\)"):
         curoi.roi_align(x, tf.constant(BOXES.astype(np.float32)), OUT)
 
 
-def test_tensorflow_float_argmax_is_refused_by_name():
+def test_tensorflow_float_argmax_is_refused_by_name(tf):
     g = tf.ones((K, C) + OUT)
     with pytest.raises(TypeError, match="argmax must have an integer dtype"):
         curoi.roi_pool_backward(g, tf.zeros((K, C) + OUT), tf.constant(BOXES.astype(np.float32)),
                                 (N, C, H, W))
 
 
-def test_tensorflow_variable_is_refused_by_name_and_its_tensor_accepted():
+def test_tensorflow_variable_is_refused_by_name_and_its_tensor_accepted(tf):
     x = make_case(6)["x"].astype(np.float32)
     boxes = tf.constant(BOXES.astype(np.float32))
     variable = tf.Variable(x)
@@ -250,7 +261,7 @@ def test_tensorflow_variable_is_refused_by_name_and_its_tensor_accepted():
 
 
 # ----------------------------------------------------------- the GPU
-def _tensorflow_gpu():
+def _tensorflow_gpu(tf):
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
         pytest.skip("TensorFlow sees no GPU (tensorflow-cpu, or no CUDA device)")
@@ -258,8 +269,8 @@ def _tensorflow_gpu():
     return "/GPU:0"
 
 
-def test_tensorflow_gpu_tensors_run_on_the_gpu_and_stay_there():
-    device = _tensorflow_gpu()
+def test_tensorflow_gpu_tensors_run_on_the_gpu_and_stay_there(tf):
+    device = _tensorflow_gpu(tf)
     case = make_case(3)
     with tf.device(device):
         x = tf.constant(case["x"].astype(np.float32))
