@@ -8,6 +8,7 @@ allocator), or as NumPy/CuPy arrays handed back through DLPack.
 """
 
 import contextlib
+import sys
 
 import numpy as np
 
@@ -23,10 +24,14 @@ _DLPACK_DEVICE_NAMES = {4: "OpenCL", 7: "Vulkan", 8: "Metal", 9: "VPI",
 #: Feature dtypes the kernels accept, by NumPy-style name.
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 HALF_DTYPES = ("float16", "bfloat16")
+#: framework_of's answers that are handled by name, not by generic_from_dlpack.
+_NAMED_FRAMEWORKS = ("numpy", "cupy", "torch", "jax", "tensorflow", "dlpack")
 
 
 def framework_of(x):
-    """'numpy', 'cupy', 'torch', 'jax' or 'dlpack' (any other producer)."""
+    """'numpy', 'cupy', 'torch', 'jax', 'tensorflow', the name of another
+    framework whose module offers ``from_dlpack`` (see
+    :func:`generic_from_dlpack`), or 'dlpack' (a bare producer)."""
     if isinstance(x, np.ndarray):
         return "numpy"
     root = type(x).__module__.split(".")[0]
@@ -36,9 +41,65 @@ def framework_of(x):
         return "torch"
     if root in ("jax", "jaxlib"):
         return "jax"
-    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+    if not (hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")):
+        return None
+    if root == "tensorflow":
+        # TF's importer lives in tf.experimental.dlpack and takes a capsule.
+        return "tensorflow"
+    found = generic_from_dlpack(x)
+    if found is None or found[0] in _NAMED_FRAMEWORKS:
+        # e.g. a foreign type whose namespace is NumPy: NumPy/CuPy results
+        # are what it would get back anyway.
         return "dlpack"
+    return found[0]
+
+
+def generic_from_dlpack(x):
+    """(framework name, its ``from_dlpack``) for an array whose framework can
+    import DLPack arrays, else None.
+
+    The array API standard's namespace (``x.__array_namespace__()``) comes
+    first; else the modules on the path of the array's type, from its
+    top-level package down (``paddle``, ``mlx.core``). Only modules that
+    are already imported are looked at: the caller's framework is loaded,
+    and nothing else gets imported."""
+    get_namespace = getattr(x, "__array_namespace__", None)
+    if get_namespace is not None:
+        try:
+            namespace = get_namespace()
+        except Exception:  # a namespace version it refuses: look elsewhere
+            namespace = None
+        importer = getattr(namespace, "from_dlpack", None)
+        if callable(importer):
+            return namespace.__name__, importer
+    parts = type(x).__module__.split(".")
+    for depth in range(1, len(parts) + 1):
+        name = ".".join(parts[:depth])
+        importer = getattr(sys.modules.get(name), "from_dlpack", None)
+        if callable(importer):
+            return name, importer
     return None
+
+
+def _tensorflow():
+    # Already imported: the caller handed over a TensorFlow tensor.
+    return sys.modules["tensorflow"]
+
+
+def cast(x, framework, dtype):
+    """``x`` as ``dtype`` (a name such as 'float32', or the framework's own
+    dtype object), converted by its own framework."""
+    if framework == "torch":
+        import torch
+
+        return x.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    if framework == "tensorflow":
+        return _tensorflow().cast(x, dtype)
+    if hasattr(x, "astype"):  # NumPy, CuPy, JAX, PaddlePaddle, MLX
+        return x.astype(dtype)
+    namespace = x.__array_namespace__()  # the array API's function form
+    return namespace.astype(
+        x, getattr(namespace, dtype) if isinstance(dtype, str) else dtype)
 
 
 def _describe(x):
@@ -92,9 +153,25 @@ def device_of(x, framework, name):
 
 
 def dtype_name(dtype):
-    """NumPy-style name of a NumPy/CuPy/ml_dtypes dtype or a torch dtype."""
+    """NumPy-style name of a dtype of any framework: NumPy, CuPy, ml_dtypes,
+    torch, TensorFlow (``tf.float32``), or one whose dtypes print as
+    ``module.name`` (``paddle.float32``, ``array_api_strict.float32``)."""
     text = str(dtype)
-    return text[len("torch."):] if text.startswith("torch.") else np.dtype(dtype).name
+    if text.startswith("torch."):
+        return text[len("torch."):]
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        pass
+    as_numpy = getattr(dtype, "as_numpy_dtype", None)  # TensorFlow
+    if as_numpy is not None:
+        return np.dtype(as_numpy).name
+    name = getattr(dtype, "name", None)
+    if isinstance(name, str):
+        return name
+    if "." in text and " " not in text:
+        return text.rsplit(".", 1)[1]
+    raise TypeError(f"cannot interpret {text!r} as a dtype")
 
 
 class Caller:
@@ -104,12 +181,16 @@ class Caller:
         self.framework = framework_of(x)
         if self.framework is None:
             raise TypeError(
-                f"{name} must be an array: a NumPy, CuPy, PyTorch or JAX array "
-                f"or any object with __dlpack__; got {_describe(x)}"
+                f"{name} must be an array: a NumPy, CuPy, PyTorch, JAX or "
+                f"TensorFlow array or any object with __dlpack__; got {_describe(x)}"
             )
         self.device = device_of(x, self.framework, name)
         # The caller's own dtype object, to cast half-precision results back.
         self.dtype = getattr(x, "dtype", None)
+        # Another framework's importer, to hand results back as its arrays.
+        self._from_dlpack = None
+        if self.framework not in _NAMED_FRAMEWORKS:
+            self._from_dlpack = generic_from_dlpack(x)[1]
 
     # ------------------------------------------------------------ streams
     @contextlib.contextmanager
@@ -168,10 +249,10 @@ class Caller:
             return cupy.ascontiguousarray(array)
         if framework != "numpy":
             dtype = getattr(x, "dtype", None)  # a bare DLPack producer has none
-            if dtype is not None and dtype_name(dtype) == "bfloat16":
+            if dtype is not None and _is_bfloat16(dtype):
                 # NumPy cannot receive bfloat16 through DLPack: the framework
                 # widens it, which the CPU backend would do anyway.
-                x = x.float() if framework == "torch" else x.astype("float32")
+                x = cast(x, framework, "float32")
             x = np.from_dlpack(x)
         array = np.ascontiguousarray(x)
         if not (array.dtype.isnative and array.flags.aligned):
@@ -232,11 +313,23 @@ class Caller:
             import jax.numpy as jnp
 
             out = jnp.from_dlpack(view)
-        else:  # numpy, cupy, or another producer: NumPy on CPU, CuPy on CUDA
+        elif fw == "tensorflow":
+            out = _tensorflow().experimental.dlpack.from_dlpack(view.__dlpack__())
+        elif self._from_dlpack is not None:
+            out = self._from_dlpack(view)
+        else:  # numpy, cupy, or a bare producer: NumPy on CPU, CuPy on CUDA
             out = view
+            fw = "cupy" if self.device.is_cuda else "numpy"
         if cast_to is not None:
-            out = out.to(cast_to) if fw == "torch" else out.astype(cast_to)
+            out = cast(out, fw, cast_to)
         return out
+
+
+def _is_bfloat16(dtype):
+    try:
+        return dtype_name(dtype) == "bfloat16"
+    except TypeError:
+        return False
 
 
 def _aligned_buffer(shape, dtype, zeroed, alignment=64):

@@ -31,7 +31,7 @@ def cast_back(caller, storage, kernel_dtype_name):
     """The dtype to cast a result to, or None when it already has it."""
     if kernel_dtype_name == storage:
         return None
-    if caller.framework in ("numpy", "cupy", "torch", "jax"):
-        return caller.dtype
-    return storage  # another producer's result is NumPy/CuPy: cast by name
+    if caller.framework != "dlpack" and caller.dtype is not None:
+        return caller.dtype  # cast in the caller's framework, to its dtype
+    return storage  # a bare producer's result is NumPy/CuPy: cast by name
 
