@@ -258,14 +258,44 @@ inline void curoi_parallel_shares(int64_t limit, int64_t work, const F& f) {
 // serially: one "thread" visits every element.
 #define CUDA_1D_KERNEL_LOOP(i, n) for (int64_t i = 0; i < (int64_t)(n); ++i)
 
-// Work items of (box, block of channels): boxes alone give every thread
-// work when there are many; a few boxes with many channels are split.
-static inline int64_t curoi_channel_block(int64_t boxes, int64_t channels) {
+// Work items of the CPU loops: groups of up to CUROI_BOX_GROUP consecutive
+// boxes times blocks of channels. Within an item each channel plane is read
+// (or, backward, written) by all the group's boxes in turn, while it is in
+// the cache, and the group's per-box tables are built once. Boxes alone give
+// every thread work when there are many; a few boxes with many channels
+// are split into channel blocks.
+#define CUROI_BOX_GROUP 16
+
+struct CuroiItems {
+  int64_t boxes, channels;
+  int64_t groups, blocks, block;
+  int64_t count() const { return groups * blocks; }
+  int64_t first_box(int64_t item) const { return item / blocks * CUROI_BOX_GROUP; }
+  int64_t end_box(int64_t item) const {
+    const int64_t end = first_box(item) + CUROI_BOX_GROUP;
+    return end < boxes ? end : boxes;
+  }
+  int64_t first_channel(int64_t item) const { return item % blocks * block; }
+  int64_t end_channel(int64_t item) const {
+    const int64_t end = first_channel(item) + block;
+    return end < channels ? end : channels;
+  }
+};
+
+static inline CuroiItems curoi_items(int64_t boxes, int64_t channels) {
+  CuroiItems items;
+  items.boxes = boxes;
+  items.channels = channels;
+  items.groups = (boxes + CUROI_BOX_GROUP - 1) / CUROI_BOX_GROUP;
   const int64_t wanted = 8 * (int64_t)curoi_threads();
-  if (boxes >= wanted || channels <= 1) return channels > 0 ? channels : 1;
-  int64_t blocks = (wanted + boxes - 1) / boxes;
-  if (blocks > channels) blocks = channels;
-  return (channels + blocks - 1) / blocks;
+  int64_t blocks = 1;
+  if (items.groups < wanted && channels > 1) {
+    blocks = (wanted + items.groups - 1) / items.groups;
+    if (blocks > channels) blocks = channels;
+  }
+  items.block = channels > 0 ? (channels + blocks - 1) / blocks : 1;
+  items.blocks = channels > 0 ? (channels + items.block - 1) / items.block : 0;
+  return items;
 }
 
 // The channels [begin, end) that participant p of n owns.

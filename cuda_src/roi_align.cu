@@ -369,6 +369,29 @@ struct RoiAlignWeights {
   }
 };
 
+// The tables of a group of boxes (see CuroiItems), built once per work item.
+template <typename A>
+struct RoiAlignGroup {
+  RoiAlignBox<A> box[CUROI_BOX_GROUP];
+  RoiAlignWeights<A> y[CUROI_BOX_GROUP], x[CUROI_BOX_GROUP];
+
+  void build(const A* rois, int64_t first, int64_t end, int64_t batch,
+             int64_t height, int64_t width, int64_t pooled_height,
+             int64_t pooled_width, A spatial_scale, int sampling_ratio,
+             int aligned) {
+    for (int64_t k = first; k < end; ++k) {
+      const int64_t i = k - first;
+      box[i] = roi_align_box(rois + k * 5, batch, pooled_height, pooled_width,
+                             spatial_scale, sampling_ratio, aligned);
+      if (box[i].batch_index < 0) continue;
+      y[i].build(box[i].start_h, box[i].roi_h, pooled_height, sampling_ratio,
+                 height);
+      x[i].build(box[i].start_w, box[i].roi_w, pooled_width, sampling_ratio,
+                 width);
+    }
+  }
+};
+
 template <typename T>
 static void roi_align_forward(
     const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
@@ -377,42 +400,42 @@ static void roi_align_forward(
     typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
     T* output) {
   typedef typename AccType<T>::type A;
-  const int64_t block = curoi_channel_block(num_rois, channels);
-  const int64_t blocks = (channels + block - 1) / block;
+  const CuroiItems items = curoi_items(num_rois, channels);
   const int64_t bins = pooled_height * pooled_width;
-  curoi_parallel_for(num_rois * blocks, 1, block * bins * 4, [&](int64_t item) {
-    static thread_local RoiAlignWeights<A> wy, wx;
-    const int64_t k = item / blocks;
-    const int64_t c0 = (item - k * blocks) * block;
-    const int64_t c1 = curoi_min(c0 + block, channels);
-    const RoiAlignBox<A> g =
-        roi_align_box(rois + k * 5, batch, pooled_height, pooled_width,
-                      spatial_scale, sampling_ratio, aligned);
-    T* out = output + (k * channels + c0) * bins;
-    if (g.batch_index < 0) {
-      for (int64_t i = 0; i < (c1 - c0) * bins; ++i) out[i] = curoi_store<T>((A)0);
-      return;
-    }
-    wy.build(g.start_h, g.roi_h, pooled_height, sampling_ratio, height);
-    wx.build(g.start_w, g.roi_w, pooled_width, sampling_ratio, width);
-    for (int64_t c = c0; c < c1; ++c) {
-      const T* plane = input + (g.batch_index * channels + c) * height * width;
-      for (int64_t ph = 0; ph < pooled_height; ++ph) {
-        const int64_t rows = wy.length[ph];
-        const T* row0 = plane + wy.begin[ph] * width;
-        const A* w_row = wy.weight.data() + wy.offset[ph];
-        for (int64_t pw = 0; pw < pooled_width; ++pw) {
-          const int64_t cols = wx.length[pw];
-          const T* col0 = row0 + wx.begin[pw];
-          const A* w_col = wx.weight.data() + wx.offset[pw];
-          A sum = (A)0;
-          for (int64_t r = 0; r < rows; ++r) {
-            const T* row = col0 + r * width;
-            A part = (A)0;
-            for (int64_t j = 0; j < cols; ++j) part += w_col[j] * curoi_load<A>(row[j]);
-            sum += w_row[r] * part;
+  const int64_t cost = CUROI_BOX_GROUP * items.block * bins * 4;
+  curoi_parallel_for(items.count(), 1, cost, [&](int64_t item) {
+    static thread_local RoiAlignGroup<A> group;
+    const int64_t k0 = items.first_box(item), k1 = items.end_box(item);
+    group.build(rois, k0, k1, batch, height, width, pooled_height,
+                pooled_width, spatial_scale, sampling_ratio, aligned);
+    for (int64_t c = items.first_channel(item); c < items.end_channel(item); ++c) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const RoiAlignBox<A>& g = group.box[k - k0];
+        const RoiAlignWeights<A>& wy = group.y[k - k0];
+        const RoiAlignWeights<A>& wx = group.x[k - k0];
+        T* out = output + (k * channels + c) * bins;
+        if (g.batch_index < 0) {
+          for (int64_t i = 0; i < bins; ++i) out[i] = curoi_store<T>((A)0);
+          continue;
+        }
+        const T* plane = input + (g.batch_index * channels + c) * height * width;
+        for (int64_t ph = 0; ph < pooled_height; ++ph) {
+          const int64_t rows = wy.length[ph];
+          const T* row0 = plane + wy.begin[ph] * width;
+          const A* w_row = wy.weight.data() + wy.offset[ph];
+          for (int64_t pw = 0; pw < pooled_width; ++pw) {
+            const int64_t cols = wx.length[pw];
+            const T* col0 = row0 + wx.begin[pw];
+            const A* w_col = wx.weight.data() + wx.offset[pw];
+            A sum = (A)0;
+            for (int64_t r = 0; r < rows; ++r) {
+              const T* row = col0 + r * width;
+              A part = (A)0;
+              for (int64_t j = 0; j < cols; ++j) part += w_col[j] * curoi_load<A>(row[j]);
+              sum += w_row[r] * part;
+            }
+            *out++ = curoi_store<T>(sum / g.count);
           }
-          *out++ = curoi_store<T>(sum / g.count);
         }
       }
     }
@@ -433,32 +456,37 @@ static void roi_align_backward(
   const int64_t bins = pooled_height * pooled_width;
   const int64_t work = num_rois * channels * bins * 4;
   curoi_parallel_shares(channels, work, [&](int part, int parts) {
-    static thread_local RoiAlignWeights<A> wy, wx;
+    static thread_local RoiAlignGroup<A> group;
     const CuroiChannelRange owned = curoi_owned_channels(channels, part, parts);
     if (owned.end <= owned.begin) return;
-    for (int64_t k = 0; k < num_rois; ++k) {
-      const RoiAlignBox<A> g =
-          roi_align_box(rois + k * 5, batch, pooled_height, pooled_width,
-                        spatial_scale, sampling_ratio, aligned);
-      if (g.batch_index < 0) continue;
-      wy.build(g.start_h, g.roi_h, pooled_height, sampling_ratio, height);
-      wx.build(g.start_w, g.roi_w, pooled_width, sampling_ratio, width);
+    for (int64_t k0 = 0; k0 < num_rois; k0 += CUROI_BOX_GROUP) {
+      const int64_t k1 = curoi_min(k0 + (int64_t)CUROI_BOX_GROUP, num_rois);
+      group.build(rois, k0, k1, batch, height, width, pooled_height,
+                  pooled_width, spatial_scale, sampling_ratio, aligned);
       for (int64_t c = owned.begin; c < owned.end; ++c) {
-        const int64_t plane = (g.batch_index * channels + c) * height * width;
-        const T* grad_bins = grad_output + (k * channels + c) * bins;
-        for (int64_t ph = 0; ph < pooled_height; ++ph) {
-          const int64_t rows = wy.length[ph];
-          const int64_t row0 = plane + wy.begin[ph] * width;
-          const A* w_row = wy.weight.data() + wy.offset[ph];
-          for (int64_t pw = 0; pw < pooled_width; ++pw) {
-            const A grad = curoi_load<A>(grad_bins[ph * pooled_width + pw]) / g.count;
-            const int64_t cols = wx.length[pw];
-            const int64_t col0 = row0 + wx.begin[pw];
-            const A* w_col = wx.weight.data() + wx.offset[pw];
-            for (int64_t r = 0; r < rows; ++r) {
-              const A grad_row = grad * w_row[r];
-              for (int64_t j = 0; j < cols; ++j)
-                curoi_sum_add(grad_input, col0 + r * width + j, grad_row * w_col[j]);
+        for (int64_t k = k0; k < k1; ++k) {
+          const RoiAlignBox<A>& g = group.box[k - k0];
+          if (g.batch_index < 0) continue;
+          const RoiAlignWeights<A>& wy = group.y[k - k0];
+          const RoiAlignWeights<A>& wx = group.x[k - k0];
+          const int64_t plane = (g.batch_index * channels + c) * height * width;
+          const T* grad_bins = grad_output + (k * channels + c) * bins;
+          for (int64_t ph = 0; ph < pooled_height; ++ph) {
+            const int64_t rows = wy.length[ph];
+            const int64_t row0 = plane + wy.begin[ph] * width;
+            const A* w_row = wy.weight.data() + wy.offset[ph];
+            for (int64_t pw = 0; pw < pooled_width; ++pw) {
+              const A grad =
+                  curoi_load<A>(grad_bins[ph * pooled_width + pw]) / g.count;
+              const int64_t cols = wx.length[pw];
+              const int64_t col0 = row0 + wx.begin[pw];
+              const A* w_col = wx.weight.data() + wx.offset[pw];
+              for (int64_t r = 0; r < rows; ++r) {
+                const A grad_row = grad * w_row[r];
+                for (int64_t j = 0; j < cols; ++j)
+                  curoi_sum_add(grad_input, col0 + r * width + j,
+                                grad_row * w_col[j]);
+              }
             }
           }
         }

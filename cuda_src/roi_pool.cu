@@ -160,8 +160,8 @@ CUROI_DEVICE void roi_pool_backward(
 // ------------------------------------------------------------- CPU loops
 #include <vector>
 
-// Work items of (box, block of channels); a box's bins are found once and
-// shared by its channels, which then read compact regions of their planes.
+// Work items of box groups and channel blocks (CuroiItems); a box's bins
+// are found once per item and shared by its channels.
 template <typename T>
 static void roi_pool_forward(
     const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
@@ -170,40 +170,52 @@ static void roi_pool_forward(
     typename AccType<T>::type spatial_scale, int convention, T* output,
     int64_t* argmax) {
   typedef typename AccType<T>::type A;
-  const int64_t block = curoi_channel_block(num_rois, channels);
-  const int64_t blocks = (channels + block - 1) / block;
+  const CuroiItems items = curoi_items(num_rois, channels);
   const int64_t bins = pooled_height * pooled_width;
-  curoi_parallel_for(num_rois * blocks, 1, block * bins * 4, [&](int64_t item) {
-    static thread_local std::vector<int64_t> rows, cols;  // [start, end) pairs
-    const int64_t k = item / blocks;
-    const int64_t c0 = (item - k * blocks) * block;
-    const int64_t c1 = curoi_min(c0 + block, channels);
-    const A* box = rois + k * 5;
-    const int64_t b = roi_pool_box(box, batch, spatial_scale, convention);
-    T* out = output + (k * channels + c0) * bins;
-    int64_t* out_index = argmax + (k * channels + c0) * bins;
-    if (b < 0) {
-      for (int64_t i = 0; i < (c1 - c0) * bins; ++i) {
-        out[i] = curoi_store<T>((A)0);
-        out_index[i] = -1;
-      }
-      return;
+  const int64_t cost = CUROI_BOX_GROUP * items.block * bins * 4;
+  curoi_parallel_for(items.count(), 1, cost, [&](int64_t item) {
+    // Per box of the group: its batch index, then [start, end) of each row
+    // bin and each column bin.
+    static thread_local std::vector<int64_t> image, rows, cols;
+    const int64_t k0 = items.first_box(item), k1 = items.end_box(item);
+    image.resize(CUROI_BOX_GROUP);
+    rows.resize(CUROI_BOX_GROUP * 2 * pooled_height);
+    cols.resize(CUROI_BOX_GROUP * 2 * pooled_width);
+    for (int64_t k = k0; k < k1; ++k) {
+      const A* box = rois + k * 5;
+      const int64_t i = k - k0;
+      image[i] = roi_pool_box(box, batch, spatial_scale, convention);
+      if (image[i] < 0) continue;
+      int64_t* r = rows.data() + i * 2 * pooled_height;
+      int64_t* q = cols.data() + i * 2 * pooled_width;
+      for (int64_t ph = 0; ph < pooled_height; ++ph)
+        roi_pool_bin(box[2], box[4], spatial_scale, ph, pooled_height, height,
+                     convention, &r[2 * ph], &r[2 * ph + 1]);
+      for (int64_t pw = 0; pw < pooled_width; ++pw)
+        roi_pool_bin(box[1], box[3], spatial_scale, pw, pooled_width, width,
+                     convention, &q[2 * pw], &q[2 * pw + 1]);
     }
-    rows.resize(2 * pooled_height);
-    cols.resize(2 * pooled_width);
-    for (int64_t ph = 0; ph < pooled_height; ++ph)
-      roi_pool_bin(box[2], box[4], spatial_scale, ph, pooled_height, height,
-                   convention, &rows[2 * ph], &rows[2 * ph + 1]);
-    for (int64_t pw = 0; pw < pooled_width; ++pw)
-      roi_pool_bin(box[1], box[3], spatial_scale, pw, pooled_width, width,
-                   convention, &cols[2 * pw], &cols[2 * pw + 1]);
-    for (int64_t c = c0; c < c1; ++c) {
-      const T* plane = input + (b * channels + c) * height * width;
-      for (int64_t ph = 0; ph < pooled_height; ++ph) {
-        for (int64_t pw = 0; pw < pooled_width; ++pw) {
-          *out++ = curoi_store<T>(roi_pool_max<T, A>(
-              plane, width, rows[2 * ph], rows[2 * ph + 1], cols[2 * pw],
-              cols[2 * pw + 1], out_index++));
+    for (int64_t c = items.first_channel(item); c < items.end_channel(item); ++c) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t i = k - k0;
+        T* out = output + (k * channels + c) * bins;
+        int64_t* out_index = argmax + (k * channels + c) * bins;
+        if (image[i] < 0) {
+          for (int64_t j = 0; j < bins; ++j) {
+            out[j] = curoi_store<T>((A)0);
+            out_index[j] = -1;
+          }
+          continue;
+        }
+        const T* plane = input + (image[i] * channels + c) * height * width;
+        const int64_t* r = rows.data() + i * 2 * pooled_height;
+        const int64_t* q = cols.data() + i * 2 * pooled_width;
+        for (int64_t ph = 0; ph < pooled_height; ++ph) {
+          for (int64_t pw = 0; pw < pooled_width; ++pw) {
+            *out++ = curoi_store<T>(roi_pool_max<T, A>(
+                plane, width, r[2 * ph], r[2 * ph + 1], q[2 * pw],
+                q[2 * pw + 1], out_index++));
+          }
         }
       }
     }
