@@ -34,7 +34,6 @@ when installed.
 import argparse
 import dataclasses
 import json
-import math
 import platform
 import statistics
 import sys
@@ -624,7 +623,7 @@ def main(argv=None, stdout=None, stderr=None):
 
     report = None
     if args.kernels:
-        report = _print_kernel_report(stdout)
+        report = _print_kernel_report(stdout, stderr)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({
@@ -669,12 +668,19 @@ def _notes(rows, cuda):
     return "\n".join(notes)
 
 
-def _print_kernel_report(stdout):
+def _print_kernel_report(stdout, stderr=None):
     from curoi import _kernel_report
+
+    progress = None
+
+    def compiled(done, total):
+        nonlocal progress
+        progress = progress or Progress(total, stream=stderr)
+        progress.step("NVRTC: kernel report")
 
     try:
         version = _kernel_report.nvrtc_version()
-        rows = _kernel_report.report()
+        rows = _kernel_report.report(progress=compiled)
     except _kernel_report.KernelReportError as error:
         print(f"Kernel report unavailable: {error}", file=stdout)
         return None
