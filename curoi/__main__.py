@@ -1,3 +1,23 @@
-from ._demo import main
+"""`python3 -m curoi` runs the demo; `python3 -m curoi bench --help` the benchmark."""
 
-main()
+import sys
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":
+        from ._bench import main as bench
+
+        return bench(argv[1:])
+    if argv:
+        print("usage: python3 -m curoi            run the demo\n"
+              "       python3 -m curoi bench ...  time curoi against its peers "
+              "(--help for options)", file=sys.stderr)
+        return 0 if argv[0] in ("-h", "--help") else 2
+    from ._demo import main as demo
+
+    demo()
+    return 0
+
+
+sys.exit(main())

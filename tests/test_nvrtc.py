@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("cupy")
 nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
 
-from curoi import _gpu, _kernels, _sources  # noqa: E402
+from curoi import _gpu, _kernel_report, _kernels, _sources  # noqa: E402
 
 try:
     NVRTC_VERSION = nvrtc.getVersion()
@@ -65,13 +65,14 @@ def _compile(source, name, options):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_module_compiles_to_cubin(family, dtype, arch):
-    source = _gpu.module_source(family)
-    options = tuple(_gpu.compile_options(dtype)) + (f"--gpu-architecture={arch}",)
-    cubin, log, error = _compile(source, f"{family}.cu", options)
-    assert error is None, (
-        f"NVRTC {NVRTC_VERSION} failed on {family} {dtype} {arch} ({error}) "
-        f"with options {options}:\n{log}"
-    )
+    # The kernel report (tests/test_kernel_report.py) compiles the very same
+    # source and options, plus ptxas's verbose report, once per process: this
+    # test shares that compile instead of repeating it.
+    try:
+        compiled = _kernel_report.compile_module(family, dtype, arch)
+    except _kernel_report.KernelReportError as error:
+        pytest.fail(f"NVRTC {NVRTC_VERSION} failed on {family} {dtype} {arch}: {error}")
+    cubin, log = compiled.cubin, compiled.log
     # A cubin (machine code, not PTX): an ELF image.
     assert isinstance(cubin, bytes) and cubin[:4] == b"\x7fELF", (
         f"{family} {dtype} {arch}: NVRTC returned no ELF cubin; log:\n{log}"

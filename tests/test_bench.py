@@ -1,0 +1,185 @@
+"""`python3 -m curoi bench`: the command runs, and its tables, JSON and plot
+have the promised shape. Speed is not asserted here (the benchmark measures
+it); the workloads are shrunk with the hidden --quick option."""
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from curoi import _bench
+
+BOX_ROWS = [
+    "roi_align forward, sampling_ratio 2",
+    "roi_align forward, adaptive",
+    "roi_align backward, sampling_ratio 2",
+    "roi_align backward, adaptive",
+    "roi_align backward, deterministic, sampling_ratio 2",
+    "roi_pool forward",
+    "roi_pool backward",
+]
+
+
+def _table(text, title_start):
+    """The Markdown table under the heading that starts with title_start."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("### " + title_start))
+    table = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    return table
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    argv = ["--quick", "--repeat", "2", "--threads", "1,2",
+            "--workload", "W1,tiny,stress", "--json", str(folder / "figures.json")]
+    try:
+        import matplotlib  # noqa: F401
+        argv += ["--plot", str(folder / "figures.png")]
+    except ImportError:
+        pass
+    stdout, stderr = io.StringIO(), io.StringIO()
+    assert _bench.main(argv, stdout=stdout, stderr=stderr) == 0
+    return folder, stdout.getvalue(), stderr.getvalue()
+
+
+def test_box_workload_table(quick_run):
+    _, out, _ = quick_run
+    table = _table(out, "W1:")
+    header, rule, rows = table[0], table[1], table[2:]
+    assert header[:3] == ["operation", "threads", "curoi ms"]
+    assert all(set(cell) == {"-"} for cell in rule)
+    # Every row at each thread count, curoi's figure a positive number.
+    assert [(r[0], r[1]) for r in rows] == [(op, t) for t in "12" for op in BOX_ROWS]
+    assert all(float(r[2]) > 0 for r in rows)
+    assert all(len(r) == len(header) for r in rows)
+    # 1 and 2 threads measured: the speedup column, filled at 2 threads only.
+    assert header[-1] == "curoi 1 thread / this"
+    assert all(r[-1] == "" for r in rows if r[1] == "1")
+    assert all(float(r[-1]) > 0 for r in rows if r[1] == "2")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return
+    peer = header.index("onnxruntime ms")
+    assert header[peer + 1] == "curoi / onnxruntime"
+    measured = {r[0] for r in rows if r[peer]}
+    assert measured == {"roi_align forward, sampling_ratio 2",
+                        "roi_align forward, adaptive", "roi_pool forward"}
+
+
+def test_tiny_and_stress_tables(quick_run):
+    _, out, _ = quick_run
+    tiny = _table(out, "tiny:")
+    assert tiny[0][2] == "curoi us"
+    assert {r[0] for r in tiny[2:]} >= {"roi_align call, NumPy"}
+    stress = _table(out, "stress:")
+    labels = [r[0] for r in stress[2:]]
+    assert "roi_align forward, 1e9-px boxes, adaptive" in labels
+    assert "roi_align forward, sampling_ratio 2**31-1" in labels
+    assert "fixed point ms" in stress[0]
+
+
+def test_json_holds_the_raw_figures(quick_run):
+    folder, _, _ = quick_run
+    figures = json.loads((folder / "figures.json").read_text())
+    assert {"curoi", "device", "cores", "repeat", "peers", "results"} <= set(figures)
+    assert figures["repeat"] == 2
+    first = figures["results"][0]
+    assert {"workload", "dtype", "threads", "operation", "unit", "curoi", "peers",
+            "samples"} <= set(first)
+    assert len(first["samples"]["curoi"]) == 2
+    assert first["curoi"] == pytest.approx(np.median(first["samples"]["curoi"]))
+    workloads = {r["workload"] for r in figures["results"]}
+    assert workloads == {"W1", "tiny", "stress"}
+
+
+def test_plot_is_a_png(quick_run):
+    pytest.importorskip("matplotlib")
+    folder, _, _ = quick_run
+    assert (folder / "figures.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_goes_to_stderr(quick_run):
+    _, out, err = quick_run
+    assert "[" + "#" * 30 + "]" in err
+    assert "#" * 30 not in out
+
+
+def test_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match="pip install"):
+        _bench.write_plot(tmp_path / "x.png", [])
+
+
+def test_ratios_in_the_table():
+    # curoi 2 ms against a peer at 4 ms is 0.50; 4 ms at 1 thread and 2 ms
+    # at 2 threads is a speedup of 2.00.
+    results = [
+        {"operation": "op", "threads": 1, "unit": "ms", "curoi": 4.0,
+         "peers": {"peer": 4.0}},
+        {"operation": "op", "threads": 2, "unit": "ms", "curoi": 2.0,
+         "peers": {"peer": 4.0}},
+    ]
+    lines = _bench.format_table(results).splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert cells[0] == ["operation", "threads", "curoi ms", "peer ms", "curoi / peer",
+                        "curoi 1 thread / this"]
+    assert cells[2] == ["op", "1", "4.00", "4.00", "1.00", ""]
+    assert cells[3] == ["op", "2", "2.00", "4.00", "0.50", "2.00"]
+
+
+def test_detection_boxes_follow_the_workload_definition():
+    rng = np.random.default_rng(1)
+    boxes = _bench.detection_boxes(rng, 4000, 2)
+    assert boxes.shape == (4000, 5) and boxes.dtype == np.float32
+    assert set(np.unique(boxes[:, 0])) == {0.0, 1.0}
+    x1, y1, x2, y2 = boxes[:, 1:].T
+    assert (x1 >= 0).all() and (x2 <= 1088).all() and (x1 <= x2).all()
+    assert (y1 >= 0).all() and (y2 <= 800).all() and (y1 <= y2).all()
+    # Clipping only shrinks a box: no side exceeds 800 px, and boxes well
+    # inside the image keep their log-uniform size, so both ends are seen.
+    widths = x2 - x1
+    assert widths.max() <= 800 + 1e-3
+    assert (widths < 40).any() and (widths > 600).any()
+
+
+def test_the_command_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "curoi", "bench", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--workload" in done.stdout
+    assert "--quick" not in done.stdout
+    done = subprocess.run([sys.executable, "-m", "curoi", "bench", "--threads", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--threads" in done.stderr and "'0'" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "curoi", "bench", "--workload", "W9"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "W1, W2, tiny, stress" in done.stderr
+
+
+def test_the_kernel_report_table():
+    pytest.importorskip("cupy")
+    from curoi import _kernel_report, _kernels
+
+    try:
+        _kernel_report.nvrtc_module()
+    except _kernel_report.KernelReportError as error:
+        pytest.skip(str(error))
+    out = io.StringIO()
+    rows = _bench._print_kernel_report(out)
+    # Every kernel of every family, for each dtype and architecture.
+    expected = (len(_kernels.SIGNATURES) * len(_kernel_report.DTYPES)
+                * len(_kernel_report.ARCHS))
+    assert len(rows) == expected
+    table = [line for line in out.getvalue().splitlines() if line.startswith("|")]
+    assert len(table) == 2 + expected
+    assert {"kernel", "arch", "f64_instructions", "registers", "spill_store_bytes",
+            "spill_load_bytes", "stack_bytes"} <= set(rows[0])
