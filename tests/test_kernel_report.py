@@ -205,19 +205,6 @@ def test_the_table_has_one_line_per_kernel():
 
 # The real check, on every kernel the GPU backend compiles.
 
-# Kernels that still compute in double although their element type is
-# single or half precision: roi_align's sample-range computation (10 double
-# divisions per thread). Remove an entry when its kernel is rewritten; the
-# xfail is strict, so a fixed kernel left here fails the suite.
-KNOWN_F64 = {
-    ("roi_align_forward", "float32"),
-    ("roi_align_forward", "float16"),
-    ("roi_align_forward", "bfloat16"),
-    ("roi_align_backward", "float32"),
-    ("roi_align_backward", "float16"),
-    ("roi_align_backward", "bfloat16"),
-}
-
 SINGLE_AND_HALF = ("float32", "float16", "bfloat16")
 
 
@@ -227,12 +214,8 @@ def _f64_cases():
         # terms into an int64 fixed-point sum through double on purpose.
         for direction in ("forward", "backward"):
             for dtype in SINGLE_AND_HALF:
-                marks = ()
-                if (f"{family}_{direction}", dtype) in KNOWN_F64:
-                    marks = pytest.mark.xfail(
-                        strict=True, reason="computes in double; see KNOWN_F64")
                 for arch in _kernel_report.ARCHS:
-                    yield pytest.param(family, direction, dtype, arch, marks=marks,
+                    yield pytest.param(family, direction, dtype, arch,
                                        id=f"{family}_{direction}-{dtype}-{arch}")
 
 
