@@ -392,6 +392,60 @@ struct RoiAlignGroup {
   }
 };
 
+// Channels computed together: U independent sums per bin share each weight
+// load, and keep the processor busy where one sum would wait on the last
+// multiply-add.
+#define CUROI_LANES 4
+
+// Every bin of boxes k0 .. k1-1 in channels c .. c+U-1, from the group's
+// tables.
+template <int U, typename T, typename A>
+static void roi_align_forward_channels(const T* input,
+                                       const RoiAlignGroup<A>& group,
+                                       int64_t k0, int64_t k1, int64_t c,
+                                       int64_t channels, int64_t height,
+                                       int64_t width, int64_t pooled_height,
+                                       int64_t pooled_width, T* output) {
+  const int64_t bins = pooled_height * pooled_width;
+  const int64_t plane_size = height * width;
+  for (int64_t k = k0; k < k1; ++k) {
+    const RoiAlignBox<A>& g = group.box[k - k0];
+    const RoiAlignWeights<A>& wy = group.y[k - k0];
+    const RoiAlignWeights<A>& wx = group.x[k - k0];
+    T* out = output + (k * channels + c) * bins;
+    if (g.batch_index < 0) {
+      for (int64_t i = 0; i < U * bins; ++i) out[i] = curoi_store<T>((A)0);
+      continue;
+    }
+    const T* plane = input + (g.batch_index * channels + c) * plane_size;
+    for (int64_t ph = 0; ph < pooled_height; ++ph) {
+      const int64_t rows = wy.length[ph];
+      const T* row0 = plane + wy.begin[ph] * width;
+      const A* w_row = wy.weight.data() + wy.offset[ph];
+      for (int64_t pw = 0; pw < pooled_width; ++pw) {
+        const int64_t cols = wx.length[pw];
+        const T* col0 = row0 + wx.begin[pw];
+        const A* w_col = wx.weight.data() + wx.offset[pw];
+        A sum[U];
+        for (int u = 0; u < U; ++u) sum[u] = (A)0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* row = col0 + r * width;
+          A part[U];
+          for (int u = 0; u < U; ++u) part[u] = (A)0;
+          for (int64_t j = 0; j < cols; ++j) {
+            const A w = w_col[j];
+            for (int u = 0; u < U; ++u)
+              part[u] += w * curoi_load<A>(row[u * plane_size + j]);
+          }
+          for (int u = 0; u < U; ++u) sum[u] += w_row[r] * part[u];
+        }
+        const int64_t bin = ph * pooled_width + pw;
+        for (int u = 0; u < U; ++u) out[u * bins + bin] = curoi_store<T>(sum[u] / g.count);
+      }
+    }
+  }
+}
+
 template <typename T>
 static void roi_align_forward(
     const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
@@ -408,38 +462,64 @@ static void roi_align_forward(
     const int64_t k0 = items.first_box(item), k1 = items.end_box(item);
     group.build(rois, k0, k1, batch, height, width, pooled_height,
                 pooled_width, spatial_scale, sampling_ratio, aligned);
-    for (int64_t c = items.first_channel(item); c < items.end_channel(item); ++c) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const RoiAlignBox<A>& g = group.box[k - k0];
-        const RoiAlignWeights<A>& wy = group.y[k - k0];
-        const RoiAlignWeights<A>& wx = group.x[k - k0];
-        T* out = output + (k * channels + c) * bins;
-        if (g.batch_index < 0) {
-          for (int64_t i = 0; i < bins; ++i) out[i] = curoi_store<T>((A)0);
-          continue;
-        }
-        const T* plane = input + (g.batch_index * channels + c) * height * width;
-        for (int64_t ph = 0; ph < pooled_height; ++ph) {
-          const int64_t rows = wy.length[ph];
-          const T* row0 = plane + wy.begin[ph] * width;
-          const A* w_row = wy.weight.data() + wy.offset[ph];
-          for (int64_t pw = 0; pw < pooled_width; ++pw) {
-            const int64_t cols = wx.length[pw];
-            const T* col0 = row0 + wx.begin[pw];
-            const A* w_col = wx.weight.data() + wx.offset[pw];
-            A sum = (A)0;
-            for (int64_t r = 0; r < rows; ++r) {
-              const T* row = col0 + r * width;
-              A part = (A)0;
-              for (int64_t j = 0; j < cols; ++j) part += w_col[j] * curoi_load<A>(row[j]);
-              sum += w_row[r] * part;
-            }
-            *out++ = curoi_store<T>(sum / g.count);
+    const int64_t c1 = items.end_channel(item);
+    int64_t c = items.first_channel(item);
+    for (; c + CUROI_LANES <= c1; c += CUROI_LANES)
+      roi_align_forward_channels<CUROI_LANES, T, A>(
+          input, group, k0, k1, c, channels, height, width, pooled_height,
+          pooled_width, output);
+    for (; c < c1; ++c)
+      roi_align_forward_channels<1, T, A>(input, group, k0, k1, c, channels,
+                                          height, width, pooled_height,
+                                          pooled_width, output);
+  });
+}
+
+// The gradient of every bin of boxes k0 .. k1-1 in channels c .. c+U-1
+// (each channel's plane in box order, bin order: the order does not depend
+// on U), sharing each weight between the U channels.
+template <int U, typename T, typename A, typename Sum>
+static void roi_align_backward_channels(const T* grad_output,
+                                        const RoiAlignGroup<A>& group,
+                                        int64_t k0, int64_t k1, int64_t c,
+                                        int64_t channels, int64_t height,
+                                        int64_t width, int64_t pooled_height,
+                                        int64_t pooled_width,
+                                        const Sum& grad_input) {
+  const int64_t bins = pooled_height * pooled_width;
+  const int64_t plane_size = height * width;
+  for (int64_t k = k0; k < k1; ++k) {
+    const RoiAlignBox<A>& g = group.box[k - k0];
+    if (g.batch_index < 0) continue;
+    const RoiAlignWeights<A>& wy = group.y[k - k0];
+    const RoiAlignWeights<A>& wx = group.x[k - k0];
+    const int64_t plane = (g.batch_index * channels + c) * plane_size;
+    const T* grad_bins = grad_output + (k * channels + c) * bins;
+    for (int64_t ph = 0; ph < pooled_height; ++ph) {
+      const int64_t rows = wy.length[ph];
+      const int64_t row0 = plane + wy.begin[ph] * width;
+      const A* w_row = wy.weight.data() + wy.offset[ph];
+      for (int64_t pw = 0; pw < pooled_width; ++pw) {
+        const int64_t bin = ph * pooled_width + pw;
+        A grad[U];
+        for (int u = 0; u < U; ++u)
+          grad[u] = curoi_load<A>(grad_bins[u * bins + bin]) / g.count;
+        const int64_t cols = wx.length[pw];
+        const int64_t col0 = row0 + wx.begin[pw];
+        const A* w_col = wx.weight.data() + wx.offset[pw];
+        for (int64_t r = 0; r < rows; ++r) {
+          A grad_row[U];
+          for (int u = 0; u < U; ++u) grad_row[u] = grad[u] * w_row[r];
+          for (int64_t j = 0; j < cols; ++j) {
+            const A w = w_col[j];
+            for (int u = 0; u < U; ++u)
+              curoi_sum_add(grad_input, col0 + u * plane_size + r * width + j,
+                            grad_row[u] * w);
           }
         }
       }
     }
-  });
+  }
 }
 
 // Each thread owns a share of the channels and runs over every box for
@@ -463,34 +543,16 @@ static void roi_align_backward(
       const int64_t k1 = curoi_min(k0 + (int64_t)CUROI_BOX_GROUP, num_rois);
       group.build(rois, k0, k1, batch, height, width, pooled_height,
                   pooled_width, spatial_scale, sampling_ratio, aligned);
-      for (int64_t c = owned.begin; c < owned.end; ++c) {
-        for (int64_t k = k0; k < k1; ++k) {
-          const RoiAlignBox<A>& g = group.box[k - k0];
-          if (g.batch_index < 0) continue;
-          const RoiAlignWeights<A>& wy = group.y[k - k0];
-          const RoiAlignWeights<A>& wx = group.x[k - k0];
-          const int64_t plane = (g.batch_index * channels + c) * height * width;
-          const T* grad_bins = grad_output + (k * channels + c) * bins;
-          for (int64_t ph = 0; ph < pooled_height; ++ph) {
-            const int64_t rows = wy.length[ph];
-            const int64_t row0 = plane + wy.begin[ph] * width;
-            const A* w_row = wy.weight.data() + wy.offset[ph];
-            for (int64_t pw = 0; pw < pooled_width; ++pw) {
-              const A grad =
-                  curoi_load<A>(grad_bins[ph * pooled_width + pw]) / g.count;
-              const int64_t cols = wx.length[pw];
-              const int64_t col0 = row0 + wx.begin[pw];
-              const A* w_col = wx.weight.data() + wx.offset[pw];
-              for (int64_t r = 0; r < rows; ++r) {
-                const A grad_row = grad * w_row[r];
-                for (int64_t j = 0; j < cols; ++j)
-                  curoi_sum_add(grad_input, col0 + r * width + j,
-                                grad_row * w_col[j]);
-              }
-            }
-          }
-        }
-      }
+      int64_t c = owned.begin;
+      for (; c + CUROI_LANES <= owned.end; c += CUROI_LANES)
+        roi_align_backward_channels<CUROI_LANES, T, A>(
+            grad_output, group, k0, k1, c, channels, height, width,
+            pooled_height, pooled_width, grad_input);
+      for (; c < owned.end; ++c)
+        roi_align_backward_channels<1, T, A>(grad_output, group, k0, k1, c,
+                                             channels, height, width,
+                                             pooled_height, pooled_width,
+                                             grad_input);
     }
   });
 }

@@ -6,6 +6,7 @@
 //   mmcv (mmdetection): continuous corners x1*s and (x2+1)*s, bins
 //     floor(p*bin + start)..ceil((p+1)*bin + start).
 // Both clip bins to the map. An empty bin gives 0 with argmax -1.
+// The forward kernel's argmax may be null: then only the maxima are written.
 //
 // argmax is the flat index h*W + w inside the feature plane of the maximum,
 // the first one in row-major order on ties. A NaN counts as larger than any
@@ -128,7 +129,7 @@ CUROI_DEVICE void roi_pool_forward(
                                 width, hstart, hend, wstart, wend, &best_index);
     }
     output[index] = curoi_store<T>(best);
-    argmax[index] = best_index;
+    if (argmax) argmax[index] = best_index;
   }
 }
 
@@ -159,6 +160,86 @@ CUROI_DEVICE void roi_pool_backward(
 #else
 // ------------------------------------------------------------- CPU loops
 #include <vector>
+
+// The maximum of one bin and its first position, for the CPU, with the
+// rules of roi_pool_max. Written so that the compiler turns the comparison
+// into branch-free selects: bins are a few pixels, and a mispredicted branch
+// per new maximum would cost more than the reads (measured: 2.5x). The scan
+// starts below every number, so an all -inf bin ends with no position and
+// takes its first pixel; NaNs are only detected (v * 0 is NaN for NaN and
+// infinite v), and a bin with one is searched again for the first NaN.
+template <typename T, typename A>
+static inline A roi_pool_max_cpu(const T* plane, int64_t width, int64_t hstart,
+                                 int64_t hend, int64_t wstart, int64_t wend,
+                                 int64_t* best_index) {
+  A best = -(A)INFINITY;
+  int64_t where = -1;
+  A poison = (A)0;
+  for (int64_t h = hstart; h < hend; ++h) {
+    for (int64_t w = wstart; w < wend; ++w) {
+      const A v = curoi_load<A>(plane[h * width + w]);
+      poison += v * (A)0;
+      if (v > best) {
+        best = v;
+        where = h * width + w;
+      }
+    }
+  }
+  if (poison != poison) {
+    for (int64_t h = hstart; h < hend; ++h)
+      for (int64_t w = wstart; w < wend; ++w) {
+        const A v = curoi_load<A>(plane[h * width + w]);
+        if (v != v) {
+          *best_index = h * width + w;
+          return v;
+        }
+      }
+  }
+  if (where < 0) {
+    if (!(hend > hstart && wend > wstart)) {
+      *best_index = -1;
+      return (A)0;
+    }
+    where = hstart * width + wstart;
+    best = curoi_load<A>(plane[where]);
+  }
+  *best_index = where;
+  return best;
+}
+
+// Every bin of boxes k0 .. k1-1 in channel c, from the group's tables
+// (batch index, row bins, column bins per box).
+template <typename T, typename A>
+static void roi_pool_forward_channel(
+    const T* input, int64_t k0, int64_t k1, int64_t c, int64_t channels,
+    int64_t height, int64_t width, int64_t pooled_height, int64_t pooled_width,
+    const int64_t* image, const int64_t* rows, const int64_t* cols, T* output,
+    int64_t* argmax) {
+  const int64_t bins = pooled_height * pooled_width;
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t i = k - k0;
+    T* out = output + (k * channels + c) * bins;
+    int64_t* out_index = argmax ? argmax + (k * channels + c) * bins : nullptr;
+    if (image[i] < 0) {
+      for (int64_t j = 0; j < bins; ++j) out[j] = curoi_store<T>((A)0);
+      if (out_index)
+        for (int64_t j = 0; j < bins; ++j) out_index[j] = -1;
+      continue;
+    }
+    const T* plane = input + (image[i] * channels + c) * height * width;
+    const int64_t* r = rows + i * 2 * pooled_height;
+    const int64_t* q = cols + i * 2 * pooled_width;
+    for (int64_t ph = 0; ph < pooled_height; ++ph) {
+      for (int64_t pw = 0; pw < pooled_width; ++pw) {
+        int64_t where;
+        *out++ = curoi_store<T>(roi_pool_max_cpu<T, A>(
+            plane, width, r[2 * ph], r[2 * ph + 1], q[2 * pw], q[2 * pw + 1],
+            &where));
+        if (out_index) *out_index++ = where;
+      }
+    }
+  }
+}
 
 // Work items of box groups and channel blocks (CuroiItems); a box's bins
 // are found once per item and shared by its channels.
@@ -195,30 +276,10 @@ static void roi_pool_forward(
         roi_pool_bin(box[1], box[3], spatial_scale, pw, pooled_width, width,
                      convention, &q[2 * pw], &q[2 * pw + 1]);
     }
-    for (int64_t c = items.first_channel(item); c < items.end_channel(item); ++c) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t i = k - k0;
-        T* out = output + (k * channels + c) * bins;
-        int64_t* out_index = argmax + (k * channels + c) * bins;
-        if (image[i] < 0) {
-          for (int64_t j = 0; j < bins; ++j) {
-            out[j] = curoi_store<T>((A)0);
-            out_index[j] = -1;
-          }
-          continue;
-        }
-        const T* plane = input + (image[i] * channels + c) * height * width;
-        const int64_t* r = rows.data() + i * 2 * pooled_height;
-        const int64_t* q = cols.data() + i * 2 * pooled_width;
-        for (int64_t ph = 0; ph < pooled_height; ++ph) {
-          for (int64_t pw = 0; pw < pooled_width; ++pw) {
-            *out++ = curoi_store<T>(roi_pool_max<T, A>(
-                plane, width, r[2 * ph], r[2 * ph + 1], q[2 * pw],
-                q[2 * pw + 1], out_index++));
-          }
-        }
-      }
-    }
+    for (int64_t c = items.first_channel(item); c < items.end_channel(item); ++c)
+      roi_pool_forward_channel<T, A>(input, k0, k1, c, channels, height, width,
+                                     pooled_height, pooled_width, image.data(),
+                                     rows.data(), cols.data(), output, argmax);
   });
 }
 

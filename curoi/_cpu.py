@@ -401,7 +401,7 @@ def launch(family, direction, dtype_name, args):
     fn = _function(name, dtype_name == "float64")
     kinds = _kernels.SIGNATURES[f"{family}_{direction}"]
     values = [
-        arg.ctypes.data if kind == _kernels.PTR else arg
+        (None if arg is None else arg.ctypes.data) if kind == _kernels.PTR else arg
         for kind, arg in zip(kinds, args)
     ]
     fn(*values)

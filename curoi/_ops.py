@@ -118,12 +118,14 @@ def roi_align_backward(grad_output, rois, grad_input, spatial_scale,
 
 def roi_pool_forward(x, rois, out, argmax, spatial_scale, convention):
     """``out`` and ``argmax`` ``[K, C, PH, PW]`` = RoI Pool of ``x``;
-    ``convention`` is "torchvision" or "mmcv"."""
+    ``convention`` is "torchvision" or "mmcv"; ``argmax`` None computes the
+    maxima alone."""
     n, c, h, w = x.shape
     k, _, ph, pw = out.shape
     if h * w == 0:
         out.fill(0)
-        argmax.fill(-1)
+        if argmax is not None:
+            argmax.fill(-1)
         return
     _run("roi_pool", "forward", x.dtype.name,
          (x, rois, k, n, c, h, w, ph, pw, spatial_scale,

@@ -57,8 +57,10 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
         cast = _launch.cast_back(caller, storage, dtype)
         out, native = caller.new((k, c, ph, pw), dtype, native=cast is None,
                                  zeroed=False, what=_OUTPUT)
-        argmax, native_argmax = caller.new((k, c, ph, pw), "int64", zeroed=False,
-                                           what="the argmax " + _OUTPUT[11:])
+        argmax = native_argmax = None
+        if return_argmax:
+            argmax, native_argmax = caller.new((k, c, ph, pw), "int64", zeroed=False,
+                                               what="the argmax " + _OUTPUT[11:])
         _ops.roi_pool_forward(_launch.as_kernel_input(x, dtype), rois, out,
                               argmax, scale, convention)
         y = caller.result(out, native, cast)
