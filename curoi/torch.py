@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 import curoi as _curoi
 
-from . import _validate
+from . import _torch_onnx, _validate
 
 __all__ = ["roi_align", "roi_pool", "RoIAlign", "RoIPool"]
 
@@ -311,6 +311,9 @@ def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, *,
     convention = _validate.choice(convention, "convention", _CONVENTIONS)
     output, _ = _roi_pool_op(input, rois, spatial_scale, ph, pw, convention)
     return output
+
+
+_torch_onnx.register_onnx_translations()
 
 
 # ------------------------------------------------------------------ modules
