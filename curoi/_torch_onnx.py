@@ -9,17 +9,17 @@ exporters, registered when ``curoi.torch`` is imported so that a plain
     curoi::roi_pool   ->  MaxRoiPool: X, rois [K, 5]; convention
                           "torchvision" only (ONNX has no other)
 
-``dynamo=True``: torch has no public registry that a library can add a
-custom op's translation to (the exporter builds its registry per export from
-onnxscript's table, and importing onnxscript at ``curoi.torch`` import time
-would cost seconds). What the exporter does consult globally is torch's
-decomposition table, when it lowers the captured program
-(``ExportedProgram.run_decompositions``). So each curoi op gets a
-decomposition that, only while ``torch.onnx.is_in_onnx_export()``, becomes
-``torch.onnx.ops.symbolic``, the node the exporter writes out as given; at
-any other time it declines (``NotImplemented``) and the op stays whole. This
-holds whichever way the exporter captured the model (strict or not), and for
-an ``ExportedProgram`` given to ``torch.onnx.export``.
+``dynamo=True``: torch has no public registry to which a library can add a
+custom op's translation (the exporter builds its registry per export from
+onnxscript's table, and importing onnxscript when ``curoi.torch`` is
+imported would cost seconds), and a translation in torch's global
+decomposition table would also be consulted by fake tensors under dynamic
+shapes, outside any export. The documented route is
+``torch.onnx.ops.symbolic``: while the exporter captures the model, the
+``curoi.torch`` functions put the ONNX node itself into the graph in place
+of the curoi op. A program captured before, with ``torch.export.export``,
+keeps the curoi op, which the exporter cannot translate; so does dynamo's
+strict capture, the exporter's fallback, which cannot trace that function.
 
 TorchScript (``dynamo=False``): the exporter traces the curoi op itself and
 translates it with the symbolic functions registered here through
@@ -27,6 +27,12 @@ translates it with the symbolic functions registered here through
 """
 
 import torch
+
+try:
+    from torch.onnx._internal.exporter import _flags as _exporter_flags
+except ImportError:  # another torch layout: strict capture keeps the curoi op,
+    # which then fails to translate
+    _exporter_flags = None
 
 _ROI_ALIGN_OPSET = 16
 _COORDINATE_MODES = {True: "half_pixel", False: "output_half_pixel"}
@@ -43,15 +49,35 @@ def check_roi_pool_convention(convention):
 
 
 # ------------------------------------------------------------ dynamo=True
+def dynamo_exporting():
+    """Whether ``torch.onnx.export(dynamo=True)`` is capturing the model."""
+    if torch.jit.is_tracing():
+        # The TorchScript exporter sets the same flag but needs the curoi op
+        # in its graph, for the symbolic functions below.
+        return False
+    if torch.compiler.is_dynamo_compiling():
+        # The exporter falls back to a strict (dynamo) capture when the
+        # non-strict one failed. Dynamo takes is_in_onnx_export() for False
+        # and cannot trace torch.onnx.ops.symbolic: the curoi op would reach
+        # the ONNX translation and fail there with a message that hides the
+        # first failure. The exporter's own flag, read as a global, tells
+        # the truth; failing here makes the exporter report the first error.
+        if getattr(_exporter_flags, "_is_onnx_exporting", False):
+            raise torch.onnx.errors.OnnxExporterError(
+                "curoi.torch ops export to ONNX through torch.export's "
+                "non-strict capture only (torch.onnx.export's first try); "
+                "dynamo's strict capture cannot emit their ONNX nodes")
+        return False
+    return torch.onnx.is_in_onnx_export()
+
+
 def _split_rois(rois, dtype):
     # ONNX RoiAlign wants the corners in X's type and the image index apart.
     return rois[:, 1:5].to(dtype), rois[:, 0].to(torch.int64)
 
 
-def _roi_align_decomposition(input, rois, spatial_scale, pooled_height,
-                             pooled_width, sampling_ratio, aligned):
-    if not torch.onnx.is_in_onnx_export():
-        return NotImplemented
+def roi_align_symbolic(input, rois, spatial_scale, pooled_height, pooled_width,
+                       sampling_ratio, aligned):
     corners, batch_indices = _split_rois(rois, input.dtype)
     return torch.onnx.ops.symbolic(
         "RoiAlign", (input, corners, batch_indices),
@@ -65,21 +91,15 @@ def _roi_align_decomposition(input, rois, spatial_scale, pooled_height,
         shape=(rois.shape[0], input.shape[1], pooled_height, pooled_width))
 
 
-def _roi_pool_decomposition(input, rois, spatial_scale, pooled_height,
-                            pooled_width, convention):
-    if not torch.onnx.is_in_onnx_export():
-        return NotImplemented
+def roi_pool_symbolic(input, rois, spatial_scale, pooled_height, pooled_width,
+                      convention):
     check_roi_pool_convention(convention)
-    shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
-    output = torch.onnx.ops.symbolic(
+    return torch.onnx.ops.symbolic(
         "MaxRoiPool", (input, rois.to(input.dtype)),
         {"pooled_shape": [pooled_height, pooled_width],
          "spatial_scale": float(spatial_scale)},
-        dtype=input.dtype, shape=shape)
-    # ONNX MaxRoiPool does not compute the argmax. curoi.torch.roi_pool never
-    # hands it to the model, so the exporter drops this unused stand-in.
-    argmax = torch.full(shape, -1, dtype=torch.int64, device=input.device)
-    return output, argmax
+        dtype=input.dtype,
+        shape=(rois.shape[0], input.shape[1], pooled_height, pooled_width))
 
 
 # --------------------------------------------------- TorchScript exporter
@@ -124,12 +144,8 @@ def _torchscript_roi_pool(g, input, rois, spatial_scale, pooled_height,
     return output, None
 
 
-def register_onnx_translations():
+def register_torchscript_symbolics():
     from torch.onnx.symbolic_helper import parse_args
-
-    register = torch._decomp.register_decomposition
-    register(torch.ops.curoi.roi_align.default)(_roi_align_decomposition)
-    register(torch.ops.curoi.roi_pool.default)(_roi_pool_decomposition)
 
     # Opset 7 is the oldest the TorchScript exporter writes; roi_align
     # explains itself below opset 16 instead of a generic "unsupported".

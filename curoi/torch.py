@@ -216,6 +216,9 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
     _check_tensors(input, rois, "boxes")
     ph, pw = _validate.output_size(output_size)
     spatial_scale, sampling_ratio, aligned = _scalars(spatial_scale, sampling_ratio, aligned)
+    if _torch_onnx.dynamo_exporting():
+        return _torch_onnx.roi_align_symbolic(input, rois, spatial_scale, ph, pw,
+                                              sampling_ratio, aligned)
     return _roi_align_op(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
 
 
@@ -309,11 +312,13 @@ def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, *,
     ph, pw = _validate.output_size(output_size)
     spatial_scale, _, _ = _scalars(spatial_scale)
     convention = _validate.choice(convention, "convention", _CONVENTIONS)
+    if _torch_onnx.dynamo_exporting():
+        return _torch_onnx.roi_pool_symbolic(input, rois, spatial_scale, ph, pw, convention)
     output, _ = _roi_pool_op(input, rois, spatial_scale, ph, pw, convention)
     return output
 
 
-_torch_onnx.register_onnx_translations()
+_torch_onnx.register_torchscript_symbolics()
 
 
 # ------------------------------------------------------------------ modules
