@@ -27,6 +27,11 @@ public functions on the tensors: CPU tensors run the kernels compiled by the
 host C++ compiler, CUDA tensors run them through CuPy on
 ``torch.cuda.current_stream()`` of the tensor's device, and results are
 allocated by torch. The gradient with respect to the boxes is None.
+
+``torch.onnx.export`` of a model using these functions writes ONNX
+``RoiAlign`` (opset 16) and ``MaxRoiPool`` nodes, with the TorchScript
+exporter and with ``dynamo=True``, without a translation table (see
+``curoi._torch_onnx``).
 """
 
 import torch
