@@ -5,6 +5,7 @@ C++ compiler for the CPU; any DLPack array in, the caller's kind of array out.
 
 from ._cpu import get_num_threads, set_num_threads
 from ._info import backend_info
+from ._onnx_ops import onnx_roi_align
 from ._roi_align import roi_align, roi_align_backward
 from ._roi_pool import roi_pool, roi_pool_backward
 
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "backend_info",
     "get_num_threads",
+    "onnx_roi_align",
     "roi_align",
     "roi_align_backward",
     "roi_pool",

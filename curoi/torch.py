@@ -27,6 +27,11 @@ public functions on the tensors: CPU tensors run the kernels compiled by the
 host C++ compiler, CUDA tensors run them through CuPy on
 ``torch.cuda.current_stream()`` of the tensor's device, and results are
 allocated by torch. The gradient with respect to the boxes is None.
+
+``torch.onnx.export`` of a model using these functions writes ONNX
+``RoiAlign`` (opset 16) and ``MaxRoiPool`` nodes, with the TorchScript
+exporter and with ``dynamo=True``, without a translation table (see
+``curoi._torch_onnx``).
 """
 
 import torch
@@ -34,7 +39,7 @@ from torch import Tensor, nn
 
 import curoi as _curoi
 
-from . import _validate
+from . import _torch_onnx, _validate
 
 __all__ = ["roi_align", "roi_pool", "RoIAlign", "RoIPool"]
 
@@ -216,6 +221,9 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
     _check_tensors(input, rois, "boxes")
     ph, pw = _validate.output_size(output_size)
     spatial_scale, sampling_ratio, aligned = _scalars(spatial_scale, sampling_ratio, aligned)
+    if _torch_onnx.dynamo_exporting():
+        return _torch_onnx.roi_align_symbolic(input, rois, spatial_scale, ph, pw,
+                                              sampling_ratio, aligned)
     return _roi_align_op(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
 
 
@@ -309,8 +317,13 @@ def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, *,
     ph, pw = _validate.output_size(output_size)
     spatial_scale, _, _ = _scalars(spatial_scale)
     convention = _validate.choice(convention, "convention", _CONVENTIONS)
+    if _torch_onnx.dynamo_exporting():
+        return _torch_onnx.roi_pool_symbolic(input, rois, spatial_scale, ph, pw, convention)
     output, _ = _roi_pool_op(input, rois, spatial_scale, ph, pw, convention)
     return output
+
+
+_torch_onnx.register_torchscript_symbolics()
 
 
 # ------------------------------------------------------------------ modules
