@@ -1,0 +1,237 @@
+// RoI Align's geometry, shared by every RoI Align kernel (average and max
+// modes): where a box's bins lie, where their samples fall, and each
+// sample's bilinear taps, with the semantics of torchvision, detectron2,
+// mmcv and ONNX RoiAlign:
+//   offset = aligned ? 0.5 : 0, start = x1*s - offset, size = (x2-x1)*s,
+//   size = max(size, 1) only when not aligned;
+//   grid = sampling_ratio if > 0 else ceil(size / pooled);
+//   sample i of a bin at start + p*bin + (i + 0.5)*bin/grid;
+//   a sample with y < -1 or y > H (x likewise) reads nothing; otherwise
+//   coordinates clamp at 0 and the last row/column uses the edge value.
+//
+// All arithmetic is in the accumulation type A (float for float32 and half
+// precision, double for float64): no double-precision instruction in a
+// float kernel, which consumer GPUs run at 1/32 to 1/64 of the float rate.
+#ifndef CUROI_ROI_ALIGN_GEOMETRY_CUH
+#define CUROI_ROI_ALIGN_GEOMETRY_CUH
+
+#include "curoi_common.cuh"
+
+// Largest sample grid per axis that is represented. Only samples that land
+// within [-1, size] are visited (see roi_align_axis), so this bound never
+// changes a result; it keeps integer conversions defined.
+#define CUROI_MAX_GRID 1e15
+
+// Up to this many samples per bin side, every sample is visited and tested
+// (the usual case: torchvision's loop exactly); beyond it, the samples that
+// can land on the map are found by binary search first.
+#define CUROI_SCAN_SAMPLES 64
+
+// Dense sampling: an axis with more than CUROI_DENSE_SAMPLES samples on the
+// map, packed closer than CUROI_DENSE_STEP pixels apart, is summed pixel by
+// pixel in closed form rather than sample by sample. Adaptive sampling never
+// packs samples that densely (its step is at least half a pixel), nor does
+// any sampling_ratio up to 64; a huge sampling_ratio would otherwise cost
+// grid^2 samples per bin, whatever the size of the map.
+#define CUROI_DENSE_SAMPLES 64
+#define CUROI_DENSE_STEP 0.25
+
+// Where one output bin samples the map, along one axis.
+template <typename A>
+struct RoiAlignAxis {
+  A base;         // start + p*bin: the bin's first edge
+  A bin;          // bin size
+  A grid;         // samples per bin (may be huge for a huge box)
+  int64_t count;  // samples in the grid, as an integer
+  bool dense;     // summed per pixel ("zones", below) instead of per sample
+  int64_t first;  // first sample index (dense: first zone) to visit
+  int64_t last;   // one past the last one
+};
+
+// Sample i's position, as torchvision computes it. For a given axis it is
+// monotone in i (each operation is monotone in i), non-decreasing when
+// bin >= 0 and non-increasing when bin < 0, which the searches below use.
+template <typename A>
+CUROI_DEVICE A roi_align_position(const RoiAlignAxis<A>& axis, int64_t i) {
+  return axis.base + ((A)i + (A)0.5) * axis.bin / axis.grid;
+}
+
+// The first sample index in [0, count] whose position lies beyond v in the
+// direction the samples move (upward: position > v, or >= v when not
+// strict; downward: < v, or <= v), by binary search.
+template <typename A>
+CUROI_DEVICE int64_t roi_align_first_beyond(const RoiAlignAxis<A>& axis, A v,
+                                            bool strict) {
+  const bool upward = axis.bin >= (A)0;
+  int64_t lo = 0, hi = axis.count;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    const A p = roi_align_position(axis, mid);
+    const bool beyond = upward ? (strict ? p > v : p >= v)
+                               : (strict ? p < v : p <= v);
+    if (beyond) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return lo;
+}
+
+// Skipping samples that fall outside [-1, size] changes no sum (they add
+// exactly 0), and bounds the work by the map size rather than by the box
+// size.
+template <typename A>
+CUROI_DEVICE RoiAlignAxis<A> roi_align_axis(A roi_start, A roi_size,
+                                            int64_t p, int64_t pooled,
+                                            int sampling_ratio, int64_t size) {
+  RoiAlignAxis<A> axis;
+  axis.bin = roi_size / (A)pooled;
+  axis.base = roi_start + (A)p * axis.bin;
+  axis.grid = sampling_ratio > 0 ? (A)sampling_ratio : ceil(roi_size / (A)pooled);
+  axis.dense = false;
+  axis.count = curoi_clamp_to_int(axis.grid, (A)0, (A)CUROI_MAX_GRID);
+  axis.first = 0;
+  axis.last = axis.count;
+  if (axis.count <= CUROI_SCAN_SAMPLES) return axis;
+  if (!(curoi_isfinite(axis.base) && curoi_isfinite(axis.bin))) {
+    axis.last = 0;  // positions not finite: no sample can land on the map
+    return axis;
+  }
+  if (axis.bin >= (A)0) {
+    axis.first = roi_align_first_beyond(axis, (A)-1, false);
+    axis.last = roi_align_first_beyond(axis, (A)size, true);
+  } else {
+    axis.first = roi_align_first_beyond(axis, (A)size, false);
+    axis.last = roi_align_first_beyond(axis, (A)-1, true);
+  }
+  if (axis.last < axis.first) axis.last = axis.first;
+  const A step = axis.bin / axis.grid;
+  if (axis.last - axis.first > CUROI_DENSE_SAMPLES &&
+      fabs(step) < (A)CUROI_DENSE_STEP) {
+    // Zones -1 .. size-1 (see roi_align_zone_tap), limited to those that
+    // the samples on the map reach.
+    const A a = roi_align_position(axis, axis.first);
+    const A b = roi_align_position(axis, axis.last - 1);
+    const A low = curoi_min(a, b), high = curoi_max(a, b);
+    axis.dense = true;
+    axis.first = curoi_clamp_to_int(floor(low) - (A)1, (A)-1, (A)size);
+    axis.last = curoi_clamp_to_int(floor(high) + (A)2, (A)-1, (A)size);
+  }
+  return axis;
+}
+
+// One axis's share of a bilinear read: rows (or columns) lo and hi with
+// weights w_lo and w_hi. The 2-D weights are products of the two axes'.
+template <typename A>
+struct RoiAlignTap {
+  int64_t lo, hi;
+  A w_lo, w_hi;
+};
+
+// Sample i as torchvision interpolates it: outside [-1, size] it adds
+// nothing; below 0 it reads the first pixel, at or past size-1 the last.
+template <typename A>
+CUROI_DEVICE bool roi_align_sample_tap(const RoiAlignAxis<A>& axis, int64_t i,
+                                       int64_t size, RoiAlignTap<A>* tap) {
+  A v = roi_align_position(axis, i);
+  if (!(v >= (A)-1 && v <= (A)size)) return false;
+  if (v <= (A)0) v = (A)0;
+  tap->lo = (int64_t)v;
+  if (tap->lo >= size - 1) {
+    tap->hi = tap->lo = size - 1;
+    v = (A)tap->lo;
+  } else {
+    tap->hi = tap->lo + 1;
+  }
+  const A l = v - (A)tap->lo;
+  tap->w_lo = (A)1 - l;
+  tap->w_hi = l;
+  return true;
+}
+
+// The sum of the sample taps over one zone of the axis, in closed form: zone
+// -1 is [-1, 0] (all weight on pixel 0), zone z in [0, size-2] is (z, z+1]
+// (weights 1 - (v - z) on z and v - z on z+1, summed as an arithmetic
+// series), zone size-1 is (size-1, size] (all weight on pixel size-1). The
+// zones partition [-1, size]; at their inner edges the weights agree, so the
+// values are those of the per-sample sum up to rounding. Which samples lie
+// in a zone is decided by the exact sample rule (binary search).
+template <typename A>
+CUROI_DEVICE bool roi_align_zone_tap(const RoiAlignAxis<A>& axis, int64_t z,
+                                     int64_t size, RoiAlignTap<A>* tap) {
+  const A lo_edge = (A)(z < 0 ? -1 : z);  // inclusive for zone -1 only
+  const A hi_edge = (A)(z < 0 ? 0 : z + 1);
+  int64_t i0, i1;
+  if (axis.bin >= (A)0) {
+    i0 = roi_align_first_beyond(axis, lo_edge, z >= 0);
+    i1 = roi_align_first_beyond(axis, hi_edge, true);
+  } else {
+    i0 = roi_align_first_beyond(axis, hi_edge, false);
+    i1 = roi_align_first_beyond(axis, lo_edge, z < 0);
+  }
+  if (i1 <= i0) return false;
+  const A n = (A)(i1 - i0);
+  if (z < 0 || z >= size - 1) {
+    tap->lo = tap->hi = z < 0 ? 0 : size - 1;
+    tap->w_lo = n;
+    tap->w_hi = (A)0;
+    return true;
+  }
+  // Mean position of samples i0 .. i1-1, less z: the mean weight on z+1.
+  const A step = axis.bin / axis.grid;
+  const A mean = axis.base + step * ((A)0.5 * ((A)i0 + (A)(i1 - 1)) + (A)0.5);
+  const A high = n * curoi_min(curoi_max(mean - (A)z, (A)0), (A)1);
+  tap->lo = z;
+  tap->hi = z + 1;
+  tap->w_lo = n - high;
+  tap->w_hi = high;
+  return true;
+}
+
+template <typename A>
+CUROI_DEVICE bool roi_align_tap(const RoiAlignAxis<A>& axis, int64_t e,
+                                int64_t size, RoiAlignTap<A>* tap) {
+  return axis.dense ? roi_align_zone_tap(axis, e, size, tap)
+                    : roi_align_sample_tap(axis, e, size, tap);
+}
+
+// What every bin of one box shares. batch_index is -1 for a box that must
+// read nothing.
+template <typename A>
+struct RoiAlignBox {
+  int64_t batch_index;
+  A start_h, start_w, roi_h, roi_w;
+  A count;  // the divisor: every sample of the grid, on the map or not
+};
+
+template <typename A>
+CUROI_DEVICE RoiAlignBox<A> roi_align_box(const A* box, int64_t batch,
+                                          int64_t pooled_height,
+                                          int64_t pooled_width,
+                                          A spatial_scale, int sampling_ratio,
+                                          int aligned) {
+  RoiAlignBox<A> g;
+  g.batch_index = curoi_box_batch(box, batch);
+  g.count = (A)1;
+  g.start_h = g.start_w = g.roi_h = g.roi_w = (A)0;
+  if (g.batch_index < 0) return g;
+  const A offset = aligned ? (A)0.5 : (A)0;
+  g.start_w = box[1] * spatial_scale - offset;
+  g.start_h = box[2] * spatial_scale - offset;
+  g.roi_w = box[3] * spatial_scale - offset - g.start_w;
+  g.roi_h = box[4] * spatial_scale - offset - g.start_h;
+  if (!aligned) {
+    g.roi_w = curoi_max(g.roi_w, (A)1);
+    g.roi_h = curoi_max(g.roi_h, (A)1);
+  }
+  // A negative grid (aligned box with x2 < x1) has no samples at all.
+  const A gy = sampling_ratio > 0 ? (A)sampling_ratio
+                                  : ceil(g.roi_h / (A)pooled_height);
+  const A gx = sampling_ratio > 0 ? (A)sampling_ratio
+                                  : ceil(g.roi_w / (A)pooled_width);
+  g.count = curoi_max(curoi_max(gy, (A)0) * curoi_max(gx, (A)0), (A)1);
+  return g;
+}
+
+#endif  // CUROI_ROI_ALIGN_GEOMETRY_CUH
