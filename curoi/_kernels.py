@@ -20,6 +20,9 @@ SIGNATURES = {
     "roi_align_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR),
     # grad_output, rois, shape, spatial_scale, sampling_ratio, aligned, grad_input
     "roi_align_backward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR),
+    # input, rois, shape, spatial_scale, sampling_ratio, aligned, mode,
+    # output, argmax (may be null)
+    "roi_align_max_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, PTR, PTR),
     # The deterministic backward: as above, then max|grad_output| (one double),
     # the int64 fixed-point sums, and grad_input for non-finite terms.
     "roi_pool_backward_fixed": (PTR, PTR, PTR) + _SHAPE + (PTR, PTR, PTR),
@@ -33,8 +36,21 @@ SIGNATURES = {
 SUFFIXES = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16"}
 CPU_DTYPES = ("float32", "float64")
 
+#: RoI Align's max modes, as the kernels number them (roi_align_max.cu).
+ALIGN_MAX_MODES = {"onnx": 0, "interpolated": 1}
+
 #: roi_pool conventions, as the kernels number them.
 POOL_CONVENTIONS = {"torchvision": 0, "mmcv": 1}
+
+
+#: What a kernel does, the last part of its SIGNATURES key.
+DIRECTIONS = ("forward", "backward", "backward_fixed", "fixed_finish")
+
+
+def directions(family: str):
+    """The directions a family has kernels for (``roi_align`` does not
+    include ``roi_align_max``'s)."""
+    return [d for d in DIRECTIONS if f"{family}_{d}" in SIGNATURES]
 
 
 def kernel_name(family: str, direction: str, dtype_name: str) -> str:

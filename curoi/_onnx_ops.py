@@ -4,17 +4,13 @@ defaults, same meaning."""
 
 import numpy as np
 
-from . import _gpu, _validate
+from . import _gpu, _launch, _ops, _validate
 from ._interop import Caller
 from ._roi_align import roi_align
 
 _MODES = ("avg", "max")
 _COORDINATE_MODES = {"half_pixel": True, "output_half_pixel": False}
 
-# The ONNX modes that curoi's kernels compute. "max" joins when the kernel
-# has ONNX's max mode: the largest, over a bin's samples, of the four
-# bilinear corner terms w * v (not the max of the interpolated values).
-_KERNEL_MODES = ("avg",)
 
 
 def _positive_int(value, name):
@@ -75,8 +71,11 @@ def onnx_roi_align(X, rois, batch_indices, *, output_height=1, output_width=1,
         sampling_ratio: samples per bin side; ``0`` is adaptive,
             ``ceil(box size / output size)``.
         spatial_scale: factor from box to feature coordinates.
-        mode: ``"avg"`` (the mean of the bin's bilinear samples). ``"max"``
-            raises NotImplementedError for now.
+        mode: ``"avg"`` (the mean of the bin's bilinear samples) or
+            ``"max"``: ONNX's definition as its reference and onnxruntime
+            compute it, the largest over the bin's samples of the four
+            weighted bilinear corner terms ``w * x`` (not of the
+            interpolated values; a sample off the map counts as 0).
         coordinate_transformation_mode: ``"half_pixel"`` (boxes shifted by
             half a pixel: ``curoi.roi_align(aligned=True)``) or
             ``"output_half_pixel"`` (no shift, boxes at least a pixel wide:
@@ -98,15 +97,33 @@ def onnx_roi_align(X, rois, batch_indices, *, output_height=1, output_width=1,
     aligned = _COORDINATE_MODES[_validate.choice(
         coordinate_transformation_mode, "coordinate_transformation_mode",
         tuple(_COORDINATE_MODES))]
-    if mode not in _KERNEL_MODES:
-        raise NotImplementedError(
-            f"onnx_roi_align(mode={mode!r}) is not implemented yet: curoi's "
-            f"RoI Align kernel computes mode 'avg' only")
     caller = Caller(X, "X")
     shape = getattr(X, "shape", None)
     if shape is not None and len(shape) != 4:
         raise ValueError(f"X must be a 4-D array [N, C, H, W], got shape {tuple(shape)}")
     with caller.on_device():
         boxes = _boxes(caller, rois, batch_indices)
+        if mode == "max":
+            return _max_corner_terms(caller, X, boxes, output_size, spatial_scale,
+                                     sampling_ratio, aligned)
     return roi_align(X, boxes, output_size, spatial_scale=spatial_scale,
                      sampling_ratio=sampling_ratio, aligned=aligned)
+
+
+def _max_corner_terms(caller, X, boxes, output_size, spatial_scale,
+                      sampling_ratio, aligned):
+    """RoiAlign mode "max" on [K, 5] boxes already on X's device."""
+    x, storage = _launch.features(caller, X, "X", "[N, C, H, W]")
+    acc = _launch.accumulation_dtype(storage)
+    _validate.scale_for(spatial_scale, acc)
+    n, c = x.shape[:2]
+    xp = _gpu.require_cupy() if caller.device.is_cuda else np
+    rois = xp.ascontiguousarray(boxes, dtype=acc)
+    dtype = _launch.kernel_dtype(caller, storage)
+    cast = _launch.cast_back(caller, storage, dtype)
+    out, native = caller.new((rois.shape[0], c) + output_size, dtype,
+                             native=cast is None, zeroed=False,
+                             what="the output [K, C, output_height, output_width]")
+    _ops.roi_align_max_forward(_launch.as_kernel_input(x, dtype), rois, out, None,
+                               spatial_scale, sampling_ratio, aligned, "onnx")
+    return caller.result(out, native, cast)

@@ -116,6 +116,24 @@ def roi_align_backward(grad_output, rois, grad_input, spatial_scale,
               grad_output, grad_input, deterministic, zeroed)
 
 
+def roi_align_max_forward(x, rois, out, argmax, spatial_scale, sampling_ratio,
+                          aligned, mode):
+    """``out[K, C, PH, PW]`` = the largest sample of each bin (see
+    roi_align_max.cu; ``mode`` "onnx" or "interpolated"), and the winning
+    sample's index in ``argmax`` unless it is None."""
+    n, c, h, w = x.shape
+    k, _, ph, pw = out.shape
+    if h * w == 0:
+        out.fill(0)
+        if argmax is not None:
+            argmax.fill(-1)
+        return
+    _run("roi_align_max", "forward", x.dtype.name,
+         (x, rois, k, n, c, h, w, ph, pw, spatial_scale, sampling_ratio,
+          int(aligned), _kernels.ALIGN_MAX_MODES[mode], out, argmax),
+         out.size, _is_cuda(x))
+
+
 def roi_pool_forward(x, rois, out, argmax, spatial_scale, convention):
     """``out`` and ``argmax`` ``[K, C, PH, PW]`` = RoI Pool of ``x``;
     ``convention`` is "torchvision" or "mmcv"; ``argmax`` None computes the

@@ -18,9 +18,6 @@ from onnx.reference import ReferenceEvaluator  # noqa: E402
 
 import curoi  # noqa: E402
 
-_MODE_MAX_MISSING = (
-    "mode='max' needs ONNX's max mode (largest weighted corner term) in the "
-    "roi_align kernel, which curoi does not have yet")
 
 
 def _backend_cases():
@@ -54,9 +51,7 @@ def test_onnx_ships_the_three_roialign_cases():
 @pytest.mark.parametrize("name", [
     "test_roialign_aligned_false",
     "test_roialign_aligned_true",
-    pytest.param("test_roialign_mode_max",
-                 marks=pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                                         reason=_MODE_MAX_MISSING)),
+    "test_roialign_mode_max",
 ])
 def test_onnx_backend_case(name):
     attributes, (x, rois, batch_indices), (expected,), rtol, atol = _CASES[name]
@@ -144,15 +139,57 @@ def test_defaults_are_onnx_defaults():
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(raises=NotImplementedError, strict=True, reason=_MODE_MAX_MISSING)
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
 @pytest.mark.parametrize("mode", ["half_pixel", "output_half_pixel"])
-def test_mode_max_agrees_with_onnxruntime(mode):
-    attributes = dict(mode="max", coordinate_transformation_mode=mode, sampling_ratio=2,
-                      output_height=3, output_width=2, spatial_scale=0.5)
+def test_mode_max_agrees_with_onnxruntime(mode, sampling_ratio):
+    attributes = dict(mode="max", coordinate_transformation_mode=mode,
+                      sampling_ratio=sampling_ratio, output_height=3, output_width=2,
+                      spatial_scale=0.5)
     x, rois, batch_indices = _random_case(11, np.float32)
     np.testing.assert_allclose(
         curoi.onnx_roi_align(x, rois, batch_indices, **attributes),
         _onnxruntime(np.float32, attributes, x, rois, batch_indices), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["half_pixel", "output_half_pixel"])
+def test_mode_max_agrees_with_the_reference_evaluator_in_float64(mode):
+    attributes = dict(mode="max", coordinate_transformation_mode=mode, sampling_ratio=0,
+                      output_height=2, output_width=3, spatial_scale=0.75)
+    x, rois, batch_indices = _random_case(12, np.float64)
+    np.testing.assert_allclose(
+        curoi.onnx_roi_align(x, rois, batch_indices, **attributes),
+        _reference_evaluator(np.float64, attributes, x, rois, batch_indices),
+        rtol=1e-12, atol=1e-12)
+
+
+def test_mode_max_is_the_largest_weighted_corner_term_by_hand():
+    # One bin, one sample at (x, y) = (0.75, 0.25) on a 2x2 map: weights
+    # (1-0.25)(1-0.75), (1-0.25)0.75, 0.25(1-0.75), 0.25*0.75 on pixels
+    # [0,0], [0,1], [1,0], [1,1]. The terms are 0.1875*1, 0.5625*2,
+    # 0.0625*10, 0.1875*4: the largest is 1.125 (the interpolated value,
+    # their sum, would be 2.6875).
+    x = np.array([[[[1.0, 2.0], [10.0, 4.0]]]])
+    rois = np.array([[0.25, -0.25, 1.25, 0.75]])   # centre (0.75, 0.25), 1x1
+    y = curoi.onnx_roi_align(x, rois, np.array([0]), mode="max", sampling_ratio=1,
+                             coordinate_transformation_mode="output_half_pixel")
+    np.testing.assert_allclose(y.ravel(), [1.125], rtol=1e-15)
+
+
+def test_mode_max_with_dense_sampling_agrees_with_the_reference_evaluator():
+    # sampling_ratio 90 on a small map: more than 64 samples per bin side,
+    # packed closer than a quarter pixel, which the kernel visits two per
+    # pixel zone (each term is linear between pixel centres, so its largest
+    # value over a zone's samples is at the first or last of them). Boxes
+    # reach off the map, so some samples count as 0.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 2, 5, 6))
+    rois = np.array([[-1.0, 0.5, 4.0, 3.5], [1.0, -2.0, 7.5, 6.0]])
+    attributes = dict(mode="max", sampling_ratio=90, output_height=2, output_width=2)
+    batch_indices = np.zeros(2, np.int64)
+    np.testing.assert_allclose(
+        curoi.onnx_roi_align(x, rois, batch_indices, **attributes),
+        _reference_evaluator(np.float64, attributes, x, rois, batch_indices),
+        rtol=1e-12, atol=1e-12)
 
 
 def test_torch_in_torch_out():
