@@ -6,6 +6,16 @@ same time: each writes a private temporary file and renames it into place, so
 a reader only ever sees a complete library. The file's name ends with a digest
 of its content, checked before loading, so a file damaged later (a disk
 error, a copy cut short) is rebuilt rather than loaded.
+
+Testing aid: $CUROI_CPU_LOOPS chooses which loops of the kernel sources the
+library is built with. ``cpu`` (the default) is the CPU's own loop structure
+(work items on the thread pool, per-box weight tables); ``gpu`` compiles the
+GPU's loops instead (-DCUROI_GPU_LOOPS: one "thread" per output element and
+scatter adds, exactly the code NVRTC compiles), run serially on the calling
+thread whatever the thread count, so that the GPU's loop code runs in CI on a
+machine without a GPU. The choice is part of the cache key, so the two
+builds never replace each other; backend_info()["cpu"]["loops"] says which
+one is loaded. It is not meant for users: the GPU loops are slow on a CPU.
 """
 
 import atexit
@@ -77,9 +87,33 @@ def _check_sanitizer_runtime(flags):
             "-print-file-name=libasan.so) and ASAN_OPTIONS=detect_leaks=0"
         )
 
+# CUROI_CPU_LOOPS="gpu" builds the GPU's loop structure for the CPU (see the
+# module docstring); part of the cache key like the sanitizer flags.
+_LOOPS_ENV = "CUROI_CPU_LOOPS"
+_LOOPS_FLAGS = {"cpu": (), "gpu": ("-DCUROI_GPU_LOOPS",)}
+
+
+def _requested_loops():
+    """$CUROI_CPU_LOOPS as written, "cpu" when unset or blank."""
+    return os.environ.get(_LOOPS_ENV, "").strip() or "cpu"
+
+
+def loops_flags():
+    """Which loops $CUROI_CPU_LOOPS asks for ("cpu" or "gpu") and the
+    compiler flags that build them."""
+    value = _requested_loops()
+    if value not in _LOOPS_FLAGS:
+        raise ValueError(
+            f"{_LOOPS_ENV} must be 'cpu' (the CPU's own loops, the default) or "
+            f"'gpu' (the GPU's loops run serially, for tests), got {value!r}"
+        )
+    return value, _LOOPS_FLAGS[value]
+
+
 _lock = threading.Lock()
 _library = None
 _library_sanitize = None  # the -fsanitize= list of the loaded library
+_library_loops = None  # "cpu" or "gpu": the loops of the loaded library
 _functions = {}
 
 
@@ -256,11 +290,13 @@ def _build_and_load():
     argv = compiler_command()
     if argv is None:
         raise _missing_compiler_error()
-    global _library_sanitize
+    global _library_sanitize, _library_loops
+    loops, loop_flags = loops_flags()
     sanitize = sanitize_flags()
     _check_sanitizer_runtime(sanitize)
     _library_sanitize = sanitize[0].split("=", 1)[1] if sanitize else None
-    flags = _FLAGS + sanitize
+    _library_loops = loops
+    flags = _FLAGS + loop_flags + sanitize
     stem = _library_stem(argv, flags)
     # A library already in the cache is used even when the folder is read
     # only (a shared, prebuilt cache); building needs a writable one.
@@ -417,6 +453,8 @@ def info():
         # The loaded library's sanitizers; before loading, what it would get.
         "sanitize": _library_sanitize if _library is not None
         else os.environ.get(_SANITIZE_ENV, "").strip() or None,
+        # Likewise the loop structure ("cpu" or "gpu", see the docstring).
+        "loops": _library_loops if _library is not None else _requested_loops(),
         "library": library_path(),
         "threads": get_num_threads(),
     }

@@ -1,5 +1,6 @@
 """The adversarial suite (test_adversarial.py) under AddressSanitizer and
-UndefinedBehaviorSanitizer.
+UndefinedBehaviorSanitizer, with the CPU's loops and again with the GPU's
+(CUROI_CPU_LOOPS=gpu, see test_gpu_loops.py).
 
 CUROI_SANITIZE makes curoi build its CPU library instrumented (under its own
 cache key). Python itself is not instrumented, so the ASan runtime has to be
@@ -95,8 +96,10 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def test_adversarial_suite_passes_under_asan_and_ubsan(sanitized):
-    env, logs = sanitized
+def _adversarial_suite_under_sanitizers(env, logs, loops):
+    """Run test_adversarial.py with the sanitized library built with the
+    CPU's or the GPU's loops (CUROI_CPU_LOOPS); fail on any report."""
+    env = dict(env, CUROI_CPU_LOOPS=loops)
     _clear(logs)
     suite = str(REPO / "tests" / "test_adversarial.py")
     done = subprocess.run([sys.executable, "-c", DRIVER % {"suite": suite}], env=env,
@@ -118,6 +121,18 @@ def test_adversarial_suite_passes_under_asan_and_ubsan(sanitized):
     data = library.read_bytes()
     assert b"__asan_report_store" in data and b"__ubsan_handle_" in data
     assert b"__ubsan_handle_float_cast_overflow" in data
+    assert info["loops"] == loops
+
+
+def test_adversarial_suite_passes_under_asan_and_ubsan(sanitized):
+    _adversarial_suite_under_sanitizers(*sanitized, "cpu")
+
+
+def test_adversarial_suite_passes_under_asan_and_ubsan_with_the_gpu_loops(sanitized):
+    # The GPU's loop code, run serially on the CPU (its own library, under
+    # its own cache key): out-of-bounds indexing in the GPU-only branches
+    # shows up here, not only as wrong values.
+    _adversarial_suite_under_sanitizers(*sanitized, "gpu")
 
 
 OUT_OF_BOUNDS = textwrap.dedent("""

@@ -1,0 +1,183 @@
+"""The correctness suites against the GPU's loop code, run on the CPU.
+
+The kernel sources have two loop structures around shared formulas: the
+GPU's (one thread per output element, grid-stride loops, scatter adds), which
+NVRTC always compiles, and the CPU's (work items on a thread pool, per-box
+weight tables). CUROI_CPU_LOOPS=gpu builds the CPU library with the GPU's
+loops, run serially, so that the code every GPU executes is checked here
+against the independent references without a GPU.
+
+The suites run in a subprocess with that variable and a private cache
+folder. The subprocess reports which library it loaded; a probe then shows
+that the harness can tell the builds apart: with several threads asked for,
+the CPU loops start curoi's worker threads while the GPU loops, serial by
+construction, start none, and the two builds are different files that give
+the same numbers up to rounding.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Forward and backward of both ops, every convention, adaptive, fixed and
+# dense sampling, the plain and the fixed-point (deterministic) backward
+# sums, adversarial boxes, and the property and onnxruntime comparisons.
+# None of them depends on the CPU's loop structure, so none is deselected;
+# the thread-count determinism tests hold trivially when the loops are serial.
+SUITES = (
+    "test_roi_align.py",
+    "test_roi_pool.py",
+    "test_adversarial.py",
+    "test_determinism.py",
+    "test_properties.py",
+    "test_onnxruntime.py",
+)
+
+# Run in both builds: an roi_align forward and backward big enough that the
+# CPU loops hand it to the thread pool, on 4 threads. Reports the library and
+# the number of curoi's worker threads alive afterwards (Linux names them in
+# /proc), and saves the forward's result.
+PROBE = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    import curoi
+
+    def workers():
+        tasks = "/proc/self/task"
+        if not os.path.isdir(tasks):
+            return None
+        names = []
+        for task in os.listdir(tasks):
+            try:
+                with open(os.path.join(tasks, task, "comm")) as f:
+                    names.append(f.read().strip())
+            except OSError:
+                pass  # a thread that ended meanwhile
+        return names.count("curoi-worker")
+
+    def probe(result_path):
+        rng = np.random.default_rng(7)
+        x = rng.standard_normal((2, 8, 24, 24)).astype(np.float32)
+        corners = np.sort(rng.uniform(-2, 26, (64, 2, 2)), axis=1)
+        boxes = np.concatenate([rng.integers(0, 2, (64, 1)),
+                                corners[:, 0], corners[:, 1]], axis=1)
+        boxes = boxes.astype(np.float32)
+        curoi.set_num_threads(4)
+        y = curoi.roi_align(x, boxes, 7, sampling_ratio=2, aligned=True)
+        curoi.roi_align_backward(np.ones_like(y), boxes, x.shape, output_size=7,
+                                 sampling_ratio=2, aligned=True)
+        np.save(result_path, y)
+        return {"workers": workers(), "info": curoi.backend_info()["cpu"],
+                "module": curoi.__file__}
+""")
+
+DRIVER = PROBE + textwrap.dedent("""
+    import pytest
+    from curoi import _cpu
+    _cpu.library()  # load it now, so that the suites all run against it
+    before = curoi.backend_info()["cpu"]
+    rc = pytest.main(["-q", "-p", "no:cacheprovider", "-rfE"] + %(suites)r)
+    report = probe(%(result)r)
+    report.update(rc=int(rc), before=before)
+    print(json.dumps(report))
+    sys.exit(int(rc))
+""")
+
+
+def _environment(loops, cache=None):
+    env = dict(os.environ)
+    env.update(
+        CUROI_CPU_LOOPS=loops,
+        PYTHONPATH=os.pathsep.join(
+            [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    if cache is not None:
+        env["CUROI_CACHE_DIR"] = str(cache)
+    # The probe sets its own thread count; the suites start from the default.
+    env.pop("CUROI_NUM_THREADS", None)
+    return env
+
+
+def _last_json_line(done):
+    output = done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines, output[-4000:]
+    return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def gpu_loops_run(tmp_path_factory):
+    """The suites and the probe in one subprocess built with the GPU loops."""
+    root = tmp_path_factory.mktemp("gpu_loops")
+    suites = [str(REPO / "tests" / name) for name in SUITES]
+    result = root / "gpu_loops_probe.npy"
+    script = DRIVER % {"suites": suites, "result": str(result)}
+    done = subprocess.run([sys.executable, "-c", script], env=_environment("gpu", root / "cache"),
+                          cwd=str(REPO), capture_output=True, text=True, timeout=600)
+    return done, root, result
+
+
+def test_correctness_suites_pass_with_the_gpu_loops(gpu_loops_run):
+    done, root, _ = gpu_loops_run
+    output = done.stdout + done.stderr
+    # A failing case fails here, its summary in the message.
+    assert done.returncode == 0, output[-6000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout, output[-4000:]
+    report = _last_json_line(done)
+    assert Path(report["module"]).resolve().parent == REPO / "curoi"
+    # The suites ran against the GPU-loops build, loaded before them and not
+    # replaced.
+    for info in (report["before"], report["info"]):
+        assert info["loops"] == "gpu"
+        assert Path(info["library"]).parent == root / "cache"
+    assert report["before"]["library"] == report["info"]["library"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"),
+                    reason="counting threads by name needs Linux's /proc")
+def test_the_gpu_loops_build_is_told_apart_from_the_cpu_loops(gpu_loops_run, tmp_path):
+    done, _, gpu_result = gpu_loops_run
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    gpu = _last_json_line(done)
+    # The same probe with the CPU loops, in the cache the rest of the suite uses.
+    cpu_result = tmp_path / "cpu_loops_probe.npy"
+    script = PROBE + f"print(json.dumps(probe({str(cpu_result)!r})))\n"
+    cpu_done = subprocess.run([sys.executable, "-c", script], env=_environment("cpu"),
+                              cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert cpu_done.returncode == 0, cpu_done.stderr[-4000:]
+    cpu = _last_json_line(cpu_done)
+    assert cpu["info"]["loops"] == "cpu"
+    # The CPU loops share the work among worker threads; the GPU loops run
+    # every element on the calling thread (after the whole suites, too).
+    assert cpu["workers"] >= 1
+    assert gpu["workers"] == 0
+    # Two different binaries: the cache key differs and so does the content
+    # digest at the end of the name.
+    cpu_library, gpu_library = Path(cpu["info"]["library"]), Path(gpu["info"]["library"])
+    assert cpu_library != gpu_library
+    assert cpu_library.stem.rsplit("-", 1)[1] != gpu_library.stem.rsplit("-", 1)[1]
+    # Both compute the same thing, in a different order of float operations.
+    np.testing.assert_allclose(np.load(gpu_result), np.load(cpu_result),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_loops_value_is_checked(monkeypatch):
+    from curoi import _cpu
+    monkeypatch.setenv("CUROI_CPU_LOOPS", "cuda")
+    with pytest.raises(ValueError, match="CUROI_CPU_LOOPS.*'cpu'.*'gpu'.*'cuda'"):
+        _cpu.loops_flags()
+    monkeypatch.setenv("CUROI_CPU_LOOPS", "gpu")
+    assert _cpu.loops_flags() == ("gpu", ("-DCUROI_GPU_LOOPS",))
+    monkeypatch.setenv("CUROI_CPU_LOOPS", " ")
+    assert _cpu.loops_flags() == ("cpu", ())
+    monkeypatch.delenv("CUROI_CPU_LOOPS")
+    assert _cpu.loops_flags() == ("cpu", ())
