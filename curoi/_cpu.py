@@ -428,6 +428,22 @@ def _function(name, acc_is_double):
     return fn
 
 
+_kernels_by_key = {}
+
+
+def kernel(family, direction, dtype_name):
+    """The ctypes function of one kernel, for callers that pass pointers as
+    integers themselves (the small-call fast paths): a dict lookup once
+    cached."""
+    key = (family, direction, dtype_name)
+    fn = _kernels_by_key.get(key)
+    if fn is None:
+        fn = _function(_kernels.kernel_name(family, direction, dtype_name),
+                       dtype_name == "float64")
+        _kernels_by_key[key] = fn
+    return fn
+
+
 def launch(family, direction, dtype_name, args):
     """Run one kernel on NumPy arrays (C-contiguous); ctypes releases the
     GIL for the duration of the call."""

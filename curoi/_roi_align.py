@@ -1,6 +1,6 @@
 """RoI Align (average pooling), forward and backward."""
 
-from . import _boxes, _launch, _ops, _validate
+from . import _boxes, _fast, _launch, _ops, _validate
 from ._interop import Caller
 
 _FEATURES = "[N, C, H, W]"
@@ -49,6 +49,13 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
     scale = _validate.spatial_scale(spatial_scale)
     ratio = _validate.sampling_ratio(sampling_ratio)
     aligned = _validate.flag(aligned, "aligned")
+    fast = _fast.numpy_arrays(input, boxes)
+    if fast is not None:
+        _validate.scale_for(scale, fast)
+        out = _fast.roi_align_forward(input, boxes, fast, ph, pw, scale, ratio,
+                                      aligned)
+        if out is not None:
+            return out
     caller = Caller(input, "input")
     with caller.on_device():
         x, storage = _launch.features(caller, input, "input", _FEATURES)

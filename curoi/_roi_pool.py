@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from . import _boxes, _gpu, _kernels, _launch, _ops, _validate
+from . import _boxes, _fast, _gpu, _kernels, _launch, _ops, _validate
 from ._interop import Caller
 
 _FEATURES = "[N, C, H, W]"
@@ -46,6 +46,14 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
     scale = _validate.spatial_scale(spatial_scale)
     convention = _validate.choice(convention, "convention", _CONVENTIONS)
     return_argmax = _validate.flag(return_argmax, "return_argmax")
+    fast = _fast.numpy_arrays(input, boxes)
+    if fast is not None:
+        _validate.scale_for(scale, fast)
+        result = _fast.roi_pool_forward(
+            input, boxes, fast, ph, pw, scale,
+            _kernels.POOL_CONVENTIONS[convention], return_argmax)
+        if result is not None:
+            return result
     caller = Caller(input, "input")
     with caller.on_device():
         x, storage = _launch.features(caller, input, "input", _FEATURES)

@@ -9,14 +9,19 @@ import numpy as np
 from ._interop import FLOAT_DTYPES, dtype_name
 
 _INT32_MAX = 2**31 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _is_int(value):
+    if type(value) is int:  # the usual case, without the ABC check's cost
+        return True
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def output_size(value, name="output_size"):
     """A positive int or a pair of them -> (height, width)."""
+    if type(value) is int and 0 < value <= _INT32_MAX:
+        return value, value
     if _is_int(value):
         pair = (value, value)
     elif isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
@@ -33,6 +38,8 @@ def output_size(value, name="output_size"):
 
 
 def spatial_scale(value, name="spatial_scale"):
+    if type(value) is float and 0 < value < math.inf:
+        return value
     if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     value = float(value)
@@ -109,8 +116,8 @@ def storage_dtype(x, view):
 def scale_for(value, acc_dtype, name="spatial_scale"):
     """``spatial_scale`` must stay positive and finite in the arithmetic type
     (float32 unless the features are float64)."""
-    if acc_dtype == "float32" and not (
-        value <= float(np.finfo(np.float32).max) and np.float32(value) > 0
+    if acc_dtype == "float32" and not (1e-30 <= value <= _FLOAT32_MAX) and not (
+        value <= _FLOAT32_MAX and np.float32(value) > 0
     ):
         raise ValueError(
             f"{name} = {value!r} is not a positive finite float32, the "

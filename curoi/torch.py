@@ -39,7 +39,9 @@ from torch import Tensor, nn
 
 import curoi as _curoi
 
-from . import _torch_onnx, _validate
+from torch.utils import _python_dispatch
+
+from . import _cpu, _kernels, _torch_onnx, _validate
 
 __all__ = ["roi_align", "roi_pool", "RoIAlign", "RoIPool"]
 
@@ -119,6 +121,42 @@ def _to_rois(boxes, input):
         return torch.zeros((0, 5), dtype=dtype, device=input.device)
     ids = [torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)]
     return torch.cat([torch.cat(ids, dim=0), torch.cat(list(boxes), dim=0)], dim=1)
+
+
+# -------------------------------------------------------- direct CPU calls
+# A custom op's dispatch and autograd bookkeeping cost tens of microseconds,
+# the whole cost of a call on a small input. A call that nothing but the
+# kernel needs to see (plain eager CPU tensors of a kernel dtype, already
+# contiguous, that need no gradient, with no tracing, compiling, exporting,
+# functorch transform or dispatch mode that must see the op) runs the CPU
+# kernel directly, with the same arguments and the same numbers; every other
+# call goes through the op.
+_DIRECT_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def _direct_dtype(input, rois):
+    """The kernel dtype name when the call may skip the op, else None."""
+    if type(input) is not Tensor or type(rois) is not Tensor:
+        return None
+    name = _DIRECT_DTYPES.get(input.dtype)
+    if (name is None or rois.dtype != input.dtype or not input.is_cpu
+            or not rois.is_cpu
+            or (input.requires_grad and torch.is_grad_enabled())
+            or not input.is_contiguous() or not rois.is_contiguous()
+            or input.numel() == 0 or rois.shape[0] == 0
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or _python_dispatch._get_current_dispatch_mode() is not None
+            or torch._C._is_torch_function_mode_enabled()
+            or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        return None
+    return name
+
+
+def _direct_output(shape, dtype):
+    try:
+        return torch.empty(shape, dtype=dtype)
+    except RuntimeError:
+        return None  # the op path raises curoi's MemoryError naming it
 
 
 # ---------------------------------------------------------------- roi_align
@@ -224,6 +262,17 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
     if _torch_onnx.dynamo_exporting():
         return _torch_onnx.roi_align_symbolic(input, rois, spatial_scale, ph, pw,
                                               sampling_ratio, aligned)
+    direct = _direct_dtype(input, rois)
+    if direct is not None:
+        n, c, h, w = input.shape
+        k = rois.shape[0]
+        out = _direct_output((k, c, ph, pw), input.dtype)
+        if out is not None:
+            _validate.scale_for(spatial_scale, direct)
+            _cpu.kernel("roi_align", "forward", direct)(
+                input.data_ptr(), rois.data_ptr(), k, n, c, h, w, ph, pw,
+                spatial_scale, sampling_ratio, int(aligned), out.data_ptr())
+            return out
     return _roi_align_op(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
 
 
@@ -319,6 +368,19 @@ def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, *,
     convention = _validate.choice(convention, "convention", _CONVENTIONS)
     if _torch_onnx.dynamo_exporting():
         return _torch_onnx.roi_pool_symbolic(input, rois, spatial_scale, ph, pw, convention)
+    direct = _direct_dtype(input, rois)
+    if direct is not None:
+        n, c, h, w = input.shape
+        k = rois.shape[0]
+        out = _direct_output((k, c, ph, pw), input.dtype)
+        if out is not None:
+            _validate.scale_for(spatial_scale, direct)
+            # No gradient is needed, so no argmax either.
+            _cpu.kernel("roi_pool", "forward", direct)(
+                input.data_ptr(), rois.data_ptr(), k, n, c, h, w, ph, pw,
+                spatial_scale, _kernels.POOL_CONVENTIONS[convention],
+                out.data_ptr(), None)
+            return out
     output, _ = _roi_pool_op(input, rois, spatial_scale, ph, pw, convention)
     return output
 
