@@ -255,6 +255,29 @@ def test_all_minus_inf_bin(convention, dtype):
     np.testing.assert_array_equal(arg[0, 0], [[24, 27], [58, 43]])
 
 
+@pytest.mark.parametrize("channels", [2, 5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_special_values_in_every_channel_position(convention, dtype, channels):
+    """The CPU scans channels in pairs (and a last one alone): NaN, inf,
+    -inf and ties must follow the rules in either position of a pair. Small
+    integers make ties common; special values land in random channels."""
+    rng = np.random.default_rng(channels)
+    x = rng.integers(-3, 4, (2, channels, 9, 11)).astype(dtype)
+    special = rng.random(x.shape)
+    x[special < 0.03] = np.nan
+    x[(special >= 0.03) & (special < 0.06)] = np.inf
+    x[(special >= 0.06) & (special < 0.3)] = -np.inf
+    x[1, 0] = -np.inf     # whole planes of -inf, first of a pair and not
+    x[1, -1] = -np.inf
+    boxes = ref.random_boxes(rng, 2, 9, 11, 1.0, 40).astype(dtype)
+    y, arg = curoi.roi_pool(x, boxes, (3, 2), 1.0, convention=convention,
+                            return_argmax=True)
+    y_ref, arg_ref = ref.roi_pool(x, boxes, (3, 2), 1.0, convention)
+    np.testing.assert_array_equal(arg, arg_ref)
+    np.testing.assert_array_equal(y, y_ref.astype(dtype))
+
+
 # --------------------------------------------------------------------------
 # random cases against the reference
 # --------------------------------------------------------------------------
