@@ -39,6 +39,7 @@ SUITES = (
     "test_determinism.py",
     "test_properties.py",
     "test_onnxruntime.py",
+    "test_onnx_roi_align.py",   # the max modes' kernel (roi_align_max.cu)
 )
 
 # Run in both builds: an roi_align forward and backward big enough that the
