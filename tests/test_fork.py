@@ -318,7 +318,13 @@ def test_beside_torch_threads_neither_hangs_nor_multiplies_threads():
         for t in threads: t.join(timeout=60)
         assert not any(t.is_alive() for t in threads), "hung"
         assert not errors, errors[:3]
-        # curoi ran on its 2 threads (the caller and one worker) throughout.
+        # curoi ran on its 2 threads (the caller and one worker) throughout,
+        # and neither library changed the other's setting.
+        assert torch.get_num_threads() == 2 and curoi.get_num_threads() == 2
+        curoi.set_num_threads(1)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert curoi.get_num_threads() == 1
         print("workers", most[0])
     """)
     assert "workers 1" in out
