@@ -57,7 +57,7 @@ def _finite_max_abs(grad_output, xp):
 
 #: Run the fixed-point sum on the CPU too when asked for determinism. The
 #: CPU's plain sum is already deterministic (each gradient plane is summed by
-#: one thread in a fixed order: CUROI_FOR_EACH_OWNED_CHANNEL), and faster, so
+#: one thread in a fixed order: see curoi_owned_channels), and faster, so
 #: it is the default; the tests turn this on to run the GPU's fixed-point
 #: kernels through the CPU backend.
 FIXED_POINT_ON_CPU = False
