@@ -78,6 +78,20 @@ CUROI_DEVICE int64_t roi_align_first_beyond(const RoiAlignAxis<A>& axis, A v,
   return lo;
 }
 
+// The samples first .. last-1 of an axis whose positions lie in [-1, size].
+template <typename A>
+CUROI_DEVICE void roi_align_samples_on_map(const RoiAlignAxis<A>& axis,
+                                           int64_t size, int64_t* first,
+                                           int64_t* last) {
+  if (axis.bin >= (A)0) {
+    *first = roi_align_first_beyond(axis, (A)-1, false);
+    *last = roi_align_first_beyond(axis, (A)size, true);
+  } else {
+    *first = roi_align_first_beyond(axis, (A)size, false);
+    *last = roi_align_first_beyond(axis, (A)-1, true);
+  }
+}
+
 // Skipping samples that fall outside [-1, size] changes no sum (they add
 // exactly 0), and bounds the work by the map size rather than by the box
 // size.
@@ -98,13 +112,7 @@ CUROI_DEVICE RoiAlignAxis<A> roi_align_axis(A roi_start, A roi_size,
     axis.last = 0;  // positions not finite: no sample can land on the map
     return axis;
   }
-  if (axis.bin >= (A)0) {
-    axis.first = roi_align_first_beyond(axis, (A)-1, false);
-    axis.last = roi_align_first_beyond(axis, (A)size, true);
-  } else {
-    axis.first = roi_align_first_beyond(axis, (A)size, false);
-    axis.last = roi_align_first_beyond(axis, (A)-1, true);
-  }
+  roi_align_samples_on_map(axis, size, &axis.first, &axis.last);
   if (axis.last < axis.first) axis.last = axis.first;
   const A step = axis.bin / axis.grid;
   if (axis.last - axis.first > CUROI_DENSE_SAMPLES &&
@@ -157,19 +165,26 @@ CUROI_DEVICE bool roi_align_sample_tap(const RoiAlignAxis<A>& axis, int64_t i,
 // zones partition [-1, size]; at their inner edges the weights agree, so the
 // values are those of the per-sample sum up to rounding. Which samples lie
 // in a zone is decided by the exact sample rule (binary search).
+// The samples i0 .. i1-1 of a dense axis that lie in zone z (see below).
+template <typename A>
+CUROI_DEVICE void roi_align_zone_samples(const RoiAlignAxis<A>& axis,
+                                         int64_t z, int64_t* i0, int64_t* i1) {
+  const A lo_edge = (A)(z < 0 ? -1 : z);  // inclusive for zone -1 only
+  const A hi_edge = (A)(z < 0 ? 0 : z + 1);
+  if (axis.bin >= (A)0) {
+    *i0 = roi_align_first_beyond(axis, lo_edge, z >= 0);
+    *i1 = roi_align_first_beyond(axis, hi_edge, true);
+  } else {
+    *i0 = roi_align_first_beyond(axis, hi_edge, false);
+    *i1 = roi_align_first_beyond(axis, lo_edge, z < 0);
+  }
+}
+
 template <typename A>
 CUROI_DEVICE bool roi_align_zone_tap(const RoiAlignAxis<A>& axis, int64_t z,
                                      int64_t size, RoiAlignTap<A>* tap) {
-  const A lo_edge = (A)(z < 0 ? -1 : z);  // inclusive for zone -1 only
-  const A hi_edge = (A)(z < 0 ? 0 : z + 1);
   int64_t i0, i1;
-  if (axis.bin >= (A)0) {
-    i0 = roi_align_first_beyond(axis, lo_edge, z >= 0);
-    i1 = roi_align_first_beyond(axis, hi_edge, true);
-  } else {
-    i0 = roi_align_first_beyond(axis, hi_edge, false);
-    i1 = roi_align_first_beyond(axis, lo_edge, z < 0);
-  }
+  roi_align_zone_samples(axis, z, &i0, &i1);
   if (i1 <= i0) return false;
   const A n = (A)(i1 - i0);
   if (z < 0 || z >= size - 1) {

@@ -34,17 +34,8 @@ template <typename A>
 CUROI_DEVICE int64_t roi_align_max_sample(const RoiAlignAxis<A>& axis,
                                           int64_t v, int64_t size) {
   if (!axis.dense) return axis.first + v;
-  const int64_t z = axis.first + v / 2;
-  const A lo_edge = (A)(z < 0 ? -1 : z);
-  const A hi_edge = (A)(z < 0 ? 0 : z + 1);
   int64_t i0, i1;
-  if (axis.bin >= (A)0) {
-    i0 = roi_align_first_beyond(axis, lo_edge, z >= 0);
-    i1 = roi_align_first_beyond(axis, hi_edge, true);
-  } else {
-    i0 = roi_align_first_beyond(axis, hi_edge, false);
-    i1 = roi_align_first_beyond(axis, lo_edge, z < 0);
-  }
+  roi_align_zone_samples(axis, axis.first + v / 2, &i0, &i1);
   if (i1 <= i0) return -1;
   if (v % 2 == 0) return i0;
   return i1 - 1 > i0 ? i1 - 1 : -1;
@@ -64,13 +55,7 @@ CUROI_DEVICE bool roi_align_max_skips(const RoiAlignAxis<A>& axis,
   if (axis.count <= CUROI_SCAN_SAMPLES) return false;
   if (!(curoi_isfinite(axis.base) && curoi_isfinite(axis.bin))) return true;
   int64_t first, last;
-  if (axis.bin >= (A)0) {
-    first = roi_align_first_beyond(axis, (A)-1, false);
-    last = roi_align_first_beyond(axis, (A)size, true);
-  } else {
-    first = roi_align_first_beyond(axis, (A)size, false);
-    last = roi_align_first_beyond(axis, (A)-1, true);
-  }
+  roi_align_samples_on_map(axis, size, &first, &last);
   return first > 0 || last < axis.count;
 }
 

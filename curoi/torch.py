@@ -152,11 +152,25 @@ def _direct_dtype(input, rois):
     return name
 
 
-def _direct_output(shape, dtype):
+def _direct_forward(family, input, rois, ph, pw, spatial_scale, *scalars,
+                    argmax=()):
+    """The forward kernel's result when the call may skip the op, else None.
+    ``scalars`` follow spatial_scale in the kernel's signature; ``argmax``
+    is ``(None,)`` for a kernel that takes an optional argmax."""
+    direct = _direct_dtype(input, rois)
+    if direct is None:
+        return None
+    n, c, h, w = input.shape
+    k = rois.shape[0]
     try:
-        return torch.empty(shape, dtype=dtype)
+        out = torch.empty((k, c, ph, pw), dtype=input.dtype)
     except RuntimeError:
         return None  # the op path raises curoi's MemoryError naming it
+    _validate.scale_for(spatial_scale, direct)
+    _cpu.kernel(family, "forward", direct)(
+        input.data_ptr(), rois.data_ptr(), k, n, c, h, w, ph, pw, spatial_scale,
+        *scalars, out.data_ptr(), *argmax)
+    return out
 
 
 # ---------------------------------------------------------------- roi_align
@@ -262,17 +276,10 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
     if _torch_onnx.dynamo_exporting():
         return _torch_onnx.roi_align_symbolic(input, rois, spatial_scale, ph, pw,
                                               sampling_ratio, aligned)
-    direct = _direct_dtype(input, rois)
-    if direct is not None:
-        n, c, h, w = input.shape
-        k = rois.shape[0]
-        out = _direct_output((k, c, ph, pw), input.dtype)
-        if out is not None:
-            _validate.scale_for(spatial_scale, direct)
-            _cpu.kernel("roi_align", "forward", direct)(
-                input.data_ptr(), rois.data_ptr(), k, n, c, h, w, ph, pw,
-                spatial_scale, sampling_ratio, int(aligned), out.data_ptr())
-            return out
+    out = _direct_forward("roi_align", input, rois, ph, pw, spatial_scale,
+                          sampling_ratio, int(aligned))
+    if out is not None:
+        return out
     return _roi_align_op(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
 
 
@@ -368,19 +375,11 @@ def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, *,
     convention = _validate.choice(convention, "convention", _CONVENTIONS)
     if _torch_onnx.dynamo_exporting():
         return _torch_onnx.roi_pool_symbolic(input, rois, spatial_scale, ph, pw, convention)
-    direct = _direct_dtype(input, rois)
-    if direct is not None:
-        n, c, h, w = input.shape
-        k = rois.shape[0]
-        out = _direct_output((k, c, ph, pw), input.dtype)
-        if out is not None:
-            _validate.scale_for(spatial_scale, direct)
-            # No gradient is needed, so no argmax either.
-            _cpu.kernel("roi_pool", "forward", direct)(
-                input.data_ptr(), rois.data_ptr(), k, n, c, h, w, ph, pw,
-                spatial_scale, _kernels.POOL_CONVENTIONS[convention],
-                out.data_ptr(), None)
-            return out
+    # No gradient is needed on this path, so no argmax either.
+    out = _direct_forward("roi_pool", input, rois, ph, pw, spatial_scale,
+                          _kernels.POOL_CONVENTIONS[convention], argmax=(None,))
+    if out is not None:
+        return out
     output, _ = _roi_pool_op(input, rois, spatial_scale, ph, pw, convention)
     return output
 
