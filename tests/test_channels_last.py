@@ -1,0 +1,266 @@
+"""Channels-last (NHWC): data_format="NHWC" runs kernels of its own on
+[N, H, W, C] features, and their results are the NCHW results transposed,
+bit for bit in float32 and float64, for every op and direction, on every
+thread count and with both deterministic sums (the CPU's own and the GPU's
+fixed-point sum run through the CPU backend). The NCHW path is itself
+checked against tests/reference.py elsewhere; here NHWC is also compared
+with the reference directly.
+
+Also: the kernels read the caller's NHWC buffer in place, bad data_format
+and mismatched shapes raise errors that name them, a torch.channels_last
+tensor runs the NHWC kernels and stays channels-last through autograd, and
+curoi.jax's data_format works under jit, grad and vmap."""
+
+import numpy as np
+import pytest
+
+import curoi
+import reference
+from curoi import _ops
+
+# Every kind of box a caller sends (batch index, x1, y1, x2, y2) on a map of
+# H x W = 11 x 13 with N = 2 images: inside, on the edges, beyond them,
+# reversed, empty, huge, unusable.
+ADVERSARIAL_BOXES = [
+    [0, 1.2, 0.7, 5.3, 3.9],
+    [1, 0, 0, 13, 11],
+    [0, -3, -2, 4, 9],
+    [1, -1.4, -1.3, 0.55, 0.6],
+    [0, 11.5, 9.5, 14, 12],
+    [0, 5, 4, 1, 1],
+    [1, 2, 1, 2, 4],
+    [1, 3, 3, 3, 3],
+    [0, 1e9, 1, 1e9 + 5, 3],
+    [1, -1e20, -1e20, 1e20, 1e20],
+    [0, 0, 0, 1e20, 3],
+    [2, 1, 1, 4, 4],
+    [-1, 1, 1, 4, 4],
+    [np.nan, 1, 1, 4, 4],
+    [0, np.nan, 1, 4, 4],
+    [1, 1, np.inf, 4, 4],
+]
+DTYPES = [np.float32, np.float64]
+
+
+def nhwc(a):
+    return np.ascontiguousarray(np.asarray(a).transpose(0, 2, 3, 1))
+
+
+def bits(a):
+    a = np.ascontiguousarray(a)
+    return a.view({4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def assert_same_bits(got_nhwc, expected_nchw):
+    expected = nhwc(expected_nchw)
+    assert got_nhwc.shape == expected.shape
+    assert got_nhwc.dtype == expected.dtype
+    assert np.array_equal(bits(got_nhwc), bits(expected))
+
+
+def case(dtype, seed=0, n=2, c=6, h=11, w=13, k=48, adversarial=True):
+    """Features [N, C, H, W] and boxes: random ones of every kind (many
+    overlaps, so that gradient pixels receive many terms), plus the
+    adversarial set. C = 6 gives the NCHW CPU loops a 4-channel pass and
+    single channels."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    boxes = reference.random_boxes(rng, n, h, w, 1.0, k)
+    if adversarial:
+        boxes = np.concatenate([boxes, np.array(ADVERSARIAL_BOXES)])
+    return x, boxes.astype(dtype if dtype == np.float64 else np.float32)
+
+
+@pytest.fixture(params=[1, 3], ids=lambda t: f"threads={t}")
+def threads(request):
+    before = curoi.get_num_threads()
+    curoi.set_num_threads(request.param)
+    yield request.param
+    curoi.set_num_threads(before)
+
+
+@pytest.fixture(params=["plain", "deterministic", "fixed-point"])
+def summation(request, monkeypatch):
+    """The backward's sums: the CPU's plain one, deterministic=True (on the
+    CPU the same sum), and the GPU's int64 fixed-point sum run through the
+    CPU backend."""
+    monkeypatch.setattr(_ops, "FIXED_POINT_ON_CPU", request.param == "fixed-point")
+    return request.param != "plain"
+
+
+# ------------------------------------------------------------ roi_align
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+def test_roi_align_forward_is_nchw_transposed_bitwise(dtype, aligned,
+                                                      sampling_ratio, threads):
+    x, boxes = case(dtype)
+    kw = dict(output_size=(3, 4), spatial_scale=1.0,
+              sampling_ratio=sampling_ratio, aligned=aligned)
+    expected = curoi.roi_align(x, boxes, **kw)
+    got = curoi.roi_align(nhwc(x), boxes, data_format="NHWC", **kw)
+    assert_same_bits(got, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_roi_align_dense_sampling_is_nchw_transposed_bitwise(dtype, threads):
+    # sampling_ratio 100 on a 6 x 7 map: more than 64 samples per bin side,
+    # packed closer than a quarter pixel, summed per pixel in closed form.
+    x, boxes = case(dtype, n=1, c=5, h=6, w=7, k=12, adversarial=False)
+    boxes = np.concatenate([boxes, [[0, 0.3, 0.2, 6.1, 5.4]]]).astype(boxes.dtype)
+    kw = dict(output_size=2, sampling_ratio=100, aligned=True)
+    assert_same_bits(curoi.roi_align(nhwc(x), boxes, data_format="NHWC", **kw),
+                     curoi.roi_align(x, boxes, **kw))
+    g = np.random.default_rng(1).standard_normal(
+        (len(boxes), 2, 2, x.shape[1])).astype(dtype)
+    got = curoi.roi_align_backward(g, boxes, nhwc(x).shape, data_format="NHWC", **kw)
+    expected = curoi.roi_align_backward(np.ascontiguousarray(g.transpose(0, 3, 1, 2)),
+                                        boxes, x.shape, **kw)
+    assert_same_bits(got, expected)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+def test_roi_align_nhwc_matches_the_reference(aligned, sampling_ratio):
+    x, boxes = case(np.float64, k=24, adversarial=False)
+    kw = dict(output_size=(3, 4), spatial_scale=1.0,
+              sampling_ratio=sampling_ratio, aligned=aligned)
+    expected = reference.roi_align(x, boxes, **kw)
+    got = curoi.roi_align(nhwc(x), boxes, data_format="NHWC", **kw)
+    np.testing.assert_allclose(got, nhwc(expected), rtol=1e-12, atol=1e-12)
+    g = np.random.default_rng(2).standard_normal(expected.shape)
+    expected_grad = reference.roi_align_backward(g, boxes, x.shape, **kw)
+    got_grad = curoi.roi_align_backward(nhwc(g), boxes, nhwc(x).shape,
+                                        data_format="NHWC", **kw)
+    np.testing.assert_allclose(got_grad, nhwc(expected_grad), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("aligned,sampling_ratio", [(True, 2), (False, 0)])
+def test_roi_align_backward_is_nchw_transposed_bitwise(dtype, aligned,
+                                                       sampling_ratio, threads,
+                                                       summation):
+    x, boxes = case(dtype)
+    kw = dict(output_size=(3, 4), spatial_scale=1.0,
+              sampling_ratio=sampling_ratio, aligned=aligned,
+              deterministic=summation)
+    g = np.random.default_rng(3).standard_normal(
+        (len(boxes), x.shape[1], 3, 4)).astype(dtype)
+    expected = curoi.roi_align_backward(g, boxes, x.shape, **kw)
+    got = curoi.roi_align_backward(nhwc(g), boxes, nhwc(x).shape,
+                                   data_format="NHWC", **kw)
+    assert_same_bits(got, expected)
+
+
+# ------------------------------------------------------------- roi_pool
+def pool_case(dtype, seed=0):
+    """Ties, NaN, +-inf and an all -inf plane, which roi_pool handles by
+    rules of its own (first maximum, first NaN, the first pixel of a bin of
+    -inf)."""
+    x, boxes = case(dtype, seed=seed)
+    x = np.round(x * 2) / 2  # ties
+    x[0, 1, 2, 3] = np.nan
+    x[1, 2, 5, 5] = np.inf
+    x[1, 3, 0, :4] = -np.inf
+    x[0, 4] = -np.inf
+    return x, boxes
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("convention", ["torchvision", "mmcv"])
+def test_roi_pool_forward_is_nchw_transposed_bitwise(dtype, convention, threads):
+    x, boxes = pool_case(dtype)
+    kw = dict(output_size=(3, 2), spatial_scale=1.0, convention=convention)
+    y, argmax = curoi.roi_pool(x, boxes, return_argmax=True, **kw)
+    y_nhwc, argmax_nhwc = curoi.roi_pool(nhwc(x), boxes, return_argmax=True,
+                                         data_format="NHWC", **kw)
+    assert_same_bits(y_nhwc, y)
+    assert np.array_equal(argmax_nhwc, nhwc(argmax))
+    # Without argmax the kernel takes another branch: the same maxima.
+    assert_same_bits(curoi.roi_pool(nhwc(x), boxes, data_format="NHWC", **kw), y)
+
+
+@pytest.mark.parametrize("convention", ["torchvision", "mmcv"])
+def test_roi_pool_nhwc_matches_the_reference(convention):
+    x, boxes = case(np.float64, k=24, adversarial=False)
+    kw = dict(output_size=(3, 2), spatial_scale=1.0, convention=convention)
+    expected, expected_argmax = reference.roi_pool(x, boxes, **kw)
+    got, argmax = curoi.roi_pool(nhwc(x), boxes, return_argmax=True,
+                                 data_format="NHWC", **kw)
+    np.testing.assert_array_equal(got, nhwc(expected))
+    np.testing.assert_array_equal(argmax, nhwc(expected_argmax))
+    g = np.random.default_rng(4).standard_normal(expected.shape)
+    expected_grad = reference.roi_pool_backward(g, expected_argmax, boxes, x.shape)
+    got_grad = curoi.roi_pool_backward(nhwc(g), argmax, boxes, nhwc(x).shape,
+                                       data_format="NHWC")
+    np.testing.assert_allclose(got_grad, nhwc(expected_grad), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("convention", ["torchvision", "mmcv"])
+def test_roi_pool_backward_is_nchw_transposed_bitwise(dtype, convention,
+                                                      threads, summation):
+    # A small map under many boxes: argmaxes collide, so pixels sum many terms.
+    x, boxes = pool_case(dtype, seed=5)
+    _, argmax = curoi.roi_pool(x, boxes, (3, 2), convention=convention,
+                               return_argmax=True)
+    g = np.random.default_rng(6).standard_normal(argmax.shape).astype(dtype)
+    expected = curoi.roi_pool_backward(g, argmax, boxes, x.shape,
+                                       deterministic=summation)
+    got = curoi.roi_pool_backward(nhwc(g), nhwc(argmax), boxes, nhwc(x).shape,
+                                  deterministic=summation, data_format="NHWC")
+    assert_same_bits(got, expected)
+
+
+# ----------------------------------------------------- in place, errors
+def test_kernels_read_the_callers_nhwc_buffer_in_place(monkeypatch):
+    seen = []
+    for name in ("roi_align_forward", "roi_pool_forward"):
+        original = getattr(_ops, name)
+
+        def spy(x, *args, _original=original, **kwargs):
+            seen.append((x.ctypes.data, x.shape))
+            return _original(x, *args, **kwargs)
+
+        monkeypatch.setattr(_ops, name, spy)
+    x, boxes = case(np.float32, k=4, adversarial=False)
+    features = nhwc(x)
+    curoi.roi_align(features, boxes, 2, data_format="NHWC")
+    curoi.roi_pool(features, boxes, 2, data_format="NHWC")
+    assert seen == [(features.ctypes.data, features.shape)] * 2
+
+
+@pytest.mark.parametrize("value,error", [("nhwc", ValueError), ("NDHWC", ValueError),
+                                         (None, TypeError), (1, TypeError)])
+def test_bad_data_format_names_it(value, error):
+    x, boxes = case(np.float32, k=2, adversarial=False)
+    g = np.zeros((2, 2, 2, 6), np.float32)
+    calls = [
+        lambda: curoi.roi_align(x, boxes, 2, data_format=value),
+        lambda: curoi.roi_pool(x, boxes, 2, data_format=value),
+        lambda: curoi.roi_align_backward(g, boxes, x.shape, 2, data_format=value),
+        lambda: curoi.roi_pool_backward(g, g.astype(np.int64), boxes, x.shape,
+                                        data_format=value),
+    ]
+    for call in calls:
+        with pytest.raises(error, match="data_format.*'NCHW', 'NHWC'"):
+            call()
+
+
+def test_nhwc_backward_checks_shapes_in_its_layout():
+    x, boxes = case(np.float32, k=3, adversarial=False)  # [2, 6, 11, 13]
+    shape = nhwc(x).shape  # (2, 11, 13, 6)
+    # An NCHW grad_output for an NHWC call: named, with the expected shape.
+    g_nchw = np.zeros((3, 6, 2, 2), np.float32)
+    with pytest.raises(ValueError, match=r"grad_output must have shape "
+                       r"\(K, PH, PW, C\) = \(3, 2, 2, 6\)"):
+        curoi.roi_align_backward(g_nchw, boxes, shape, 2, data_format="NHWC")
+    with pytest.raises(ValueError, match=r"\(K, PH, PW, C\) with K = 3 boxes and C = 6"):
+        curoi.roi_pool_backward(g_nchw, g_nchw.astype(np.int64), boxes, shape,
+                                data_format="NHWC")
+    with pytest.raises(TypeError, match=r"input_shape must be a sequence of 4 ints "
+                       r"\(N, H, W, C\)"):
+        curoi.roi_align_backward(np.zeros((3, 2, 2, 6), np.float32), boxes,
+                                 (2, 11, 13), 2, data_format="NHWC")
+    with pytest.raises(ValueError, match=r"input must be a 4-D array \[N, H, W, C\]"):
+        curoi.roi_align(x[0], boxes, 2, data_format="NHWC")
