@@ -264,3 +264,130 @@ def test_nhwc_backward_checks_shapes_in_its_layout():
                                  (2, 11, 13), 2, data_format="NHWC")
     with pytest.raises(ValueError, match=r"input must be a 4-D array \[N, H, W, C\]"):
         curoi.roi_align(x[0], boxes, 2, data_format="NHWC")
+
+
+# ---------------------------------------------------------------- torch
+def _torch_case(dtype, k=12):
+    torch = pytest.importorskip("torch")
+    x, boxes = case(np.float64, k=k)
+    return (torch.tensor(x, dtype=dtype),
+            torch.tensor(boxes, dtype=dtype if dtype == torch.float64 else torch.float32))
+
+
+def _torch_bits(t):
+    return bits(t.detach().contiguous().numpy())
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "deterministic"])
+def torch_deterministic(request):
+    torch = pytest.importorskip("torch")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(request.param)
+    yield request.param
+    torch.use_deterministic_algorithms(before)
+
+
+def _head(op):
+    import curoi.torch as ct
+    if op == "roi_align":
+        return lambda x, rois: ct.roi_align(x, rois, (3, 4), 1.0, 0, True)
+    return lambda x, rois: ct.roi_pool(x, rois, (3, 4), 1.0)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@pytest.mark.parametrize("op", ["roi_align", "roi_pool"])
+def test_torch_channels_last_equals_contiguous_and_stays_channels_last(
+        dtype_name, op, torch_deterministic):
+    torch = pytest.importorskip("torch")
+    x, rois = _torch_case(getattr(torch, dtype_name))
+    head = _head(op)
+
+    def run(features):
+        features = features.detach().requires_grad_(True)
+        y = head(features, rois)
+        weights = torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape).sin()
+        (y * weights).sum().backward()
+        return y, features.grad
+
+    y, grad = run(x)
+    assert y.is_contiguous() and grad.is_contiguous()  # as before
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert not x_cl.is_contiguous()
+    y_cl, grad_cl = run(x_cl)
+    for got, expected in ((y_cl, y), (grad_cl, grad)):
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert not got.is_contiguous()
+        assert np.array_equal(_torch_bits(got), _torch_bits(expected))
+
+
+def test_torch_channels_last_input_is_read_in_place(monkeypatch):
+    torch = pytest.importorskip("torch")
+    import curoi.torch as ct
+    seen = []
+    original = _ops.roi_align_forward
+    monkeypatch.setattr(_ops, "roi_align_forward", lambda x, *a, **k: (
+        seen.append((x.ctypes.data, x.shape)), original(x, *a, **k))[1])
+    x, rois = _torch_case(torch.float32, k=4)
+    x = x.contiguous(memory_format=torch.channels_last)
+    ct.roi_align(x, rois, 2, 1.0, 2, True)
+    n, c, h, w = x.shape
+    assert seen == [(x.data_ptr(), (n, h, w, c))]
+
+
+def test_torch_opcheck_channels_last():
+    torch = pytest.importorskip("torch")
+    import curoi.torch  # noqa: F401  (registers the ops)
+    from torch.library import opcheck
+    x, rois = _torch_case(torch.float64, k=5)
+    x = x[:, :3, :7, :9].contiguous(memory_format=torch.channels_last)
+    n, c, h, w = x.shape
+    ops = torch.ops.curoi
+    opcheck(ops.roi_align.default, (x, rois, 0.5, 2, 3, 2, True))
+    opcheck(ops.roi_pool.default, (x, rois, 0.5, 2, 3, "torchvision"))
+    grad = torch.randn(rois.shape[0], c, 2, 3, dtype=x.dtype).contiguous(
+        memory_format=torch.channels_last)
+    opcheck(ops.roi_align_backward.default,
+            (grad, rois, 0.5, 2, 3, n, c, h, w, 2, True, False, True))
+    _, argmax = ops.roi_pool.default(x, rois, 0.5, 2, 3, "torchvision")
+    assert argmax.is_contiguous(memory_format=torch.channels_last)
+    opcheck(ops.roi_pool_backward.default,
+            (grad, rois, argmax, n, c, h, w, True, True))
+
+
+def test_torch_compile_fullgraph_channels_last_head():
+    torch = pytest.importorskip("torch")
+    import curoi.torch as ct
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.pool = ct.RoIAlign((2, 2), 0.5, 2, aligned=True)
+            self.fc = torch.nn.Linear(16, 5)
+
+        def forward(self, x, boxes):
+            features = torch.relu(self.conv(x))
+            pooled = self.pool(features, boxes)
+            return self.fc(pooled.flatten(1)), pooled
+
+    torch.manual_seed(0)
+    model = Head().to(memory_format=torch.channels_last).double()
+    x = torch.randn(2, 3, 12, 14, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    boxes = torch.tensor([[0, 1, 2, 15, 18], [1, 0, 0, 27, 23], [1, 4, 3, 9, 8]],
+                         dtype=torch.float64)
+
+    def run(fn):
+        model.zero_grad()
+        out, pooled = fn(x, boxes)
+        out.sum().backward()
+        return out.detach(), pooled, model.conv.weight.grad.clone()
+
+    eager = run(model)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(model, backend="aot_eager", fullgraph=True))
+    torch._dynamo.reset()
+    assert eager[1].is_contiguous(memory_format=torch.channels_last)
+    assert compiled[1].is_contiguous(memory_format=torch.channels_last)
+    for got, expected in zip(compiled, eager):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
