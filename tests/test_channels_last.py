@@ -266,6 +266,65 @@ def test_nhwc_backward_checks_shapes_in_its_layout():
         curoi.roi_align(x[0], boxes, 2, data_format="NHWC")
 
 
+# ------------------------------------------------- the GPU loops' index
+_INDEX_HARNESS = r"""
+#include "curoi_common.cuh"
+
+extern "C" void locate(const int64_t* index, int64_t count, int64_t total,
+                       int64_t channels, int64_t pooled_h, int64_t pooled_w,
+                       int64_t* out) {
+  for (int64_t i = 0; i < count; ++i) {
+    const CuroiOutputIndex at = curoi_output_index_nhwc(
+        index[i], total, channels, pooled_h, pooled_w);
+    out[4 * i] = at.k;
+    out[4 * i + 1] = at.ph;
+    out[4 * i + 2] = at.pw;
+    out[4 * i + 3] = at.c;
+  }
+}
+"""
+
+
+@pytest.mark.parametrize("shape", [
+    (3, 7, 7, 5),                  # the 32-bit branch
+    (512, 7, 7, 256),              # a detection batch
+    (4, 31, 33, 2**20),            # just under 2^32 elements
+    (3, 33, 65, 2**20),            # past 2^32 elements: the 64-bit branch
+    (1, 2**31 - 1, 2**31 - 1, 1),  # the largest output_size, past 2^61
+])
+def test_nhwc_output_index_matches_integer_arithmetic(tmp_path, shape):
+    # The GPU loops' position of an element of [K, PH, PW, C], compiled here
+    # by the host compiler, against Python's integers.
+    import ctypes
+    import subprocess
+    from curoi import _cpu, _sources
+    argv = _cpu.compiler_command()
+    if argv is None:
+        pytest.skip("no C++ compiler")
+    (tmp_path / "harness.cpp").write_text(_INDEX_HARNESS)
+    done = subprocess.run(
+        argv + ["-std=c++17", "-O2", "-fPIC", "-shared", "-I", str(_sources.kernel_dir()),
+                str(tmp_path / "harness.cpp"), "-o", str(tmp_path / "harness.so")],
+        capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    locate = ctypes.CDLL(str(tmp_path / "harness.so")).locate
+    locate.restype = None
+    locate.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
+    k, ph, pw, c = shape
+    total = k * ph * pw * c
+    rng = np.random.default_rng(0)
+    index = np.concatenate([np.arange(min(total, 300)),
+                            total - 1 - np.arange(min(total, 300)),
+                            rng.integers(0, total, 500, dtype=np.int64),
+                            [2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 1]])
+    index = np.ascontiguousarray(index[(index >= 0) & (index < total)], np.int64)
+    out = np.empty((len(index), 4), np.int64)
+    locate(index.ctypes.data, len(index), total, c, ph, pw, out.ctypes.data)
+    expected = [(i // (ph * pw * c), i // (pw * c) % ph, i // c % pw, i % c)
+                for i in map(int, index)]
+    np.testing.assert_array_equal(out, np.array(expected, np.int64))
+
+
 # ---------------------------------------------------------------- torch
 def _torch_case(dtype, k=12):
     torch = pytest.importorskip("torch")
