@@ -410,6 +410,66 @@ CUROI_DEVICE CuroiOutputIndex curoi_output_index(int64_t index, int64_t total,
   return at;
 }
 
+// The position (k, ph, pw, c) of output element `index` in channels-last
+// [K, PH, PW, C]: the channel moves fastest, so adjacent threads read
+// adjacent channels of one pixel (coalesced). Divisions as above.
+CUROI_DEVICE CuroiOutputIndex curoi_output_index_nhwc(int64_t index,
+                                                      int64_t total,
+                                                      int64_t channels,
+                                                      int64_t pooled_height,
+                                                      int64_t pooled_width) {
+  CuroiOutputIndex at;
+  if (total <= (int64_t)0xffffffff) {
+    const uint32_t i = (uint32_t)index, w = (uint32_t)pooled_width;
+    const uint32_t h = (uint32_t)pooled_height, ch = (uint32_t)channels;
+    const uint32_t pixel = i / ch, row = pixel / w, box = row / h;
+    at.c = i - pixel * ch;
+    at.pw = pixel - row * w;
+    at.ph = row - box * h;
+    at.k = box;
+  } else {
+    const int64_t pixel = index / channels, row = pixel / pooled_width;
+    at.k = row / pooled_height;
+    at.c = index - pixel * channels;
+    at.pw = pixel - row * pooled_width;
+    at.ph = row - at.k * pooled_height;
+  }
+  return at;
+}
+
+// Where the GPU loops find channel c of image b: pixel (h, w) lies at
+// at + (h * width + w) * step, in [N, C, H, W] (step 1) or channels-last
+// [N, H, W, C] (step C). A template argument, so that the NCHW loops compile
+// to what they were without the layout.
+struct CuroiPlane {
+  int64_t at, step;
+};
+
+template <bool ChannelsLast>
+CUROI_DEVICE CuroiPlane curoi_plane(int64_t b, int64_t c, int64_t channels,
+                                    int64_t plane_size) {
+  CuroiPlane plane;
+  if (ChannelsLast) {
+    plane.at = b * plane_size * channels + c;
+    plane.step = channels;
+  } else {
+    plane.at = (b * channels + c) * plane_size;
+    plane.step = 1;
+  }
+  return plane;
+}
+
+template <bool ChannelsLast>
+CUROI_DEVICE CuroiOutputIndex curoi_output_at(int64_t index, int64_t total,
+                                              int64_t channels,
+                                              int64_t pooled_height,
+                                              int64_t pooled_width) {
+  return ChannelsLast ? curoi_output_index_nhwc(index, total, channels,
+                                                pooled_height, pooled_width)
+                      : curoi_output_index(index, total, channels,
+                                           pooled_height, pooled_width);
+}
+
 // A box row is (batch index, x1, y1, x2, y2). Its batch index is usable only
 // when it is finite and lies in [0, batch); otherwise the box reads nothing and
 // writes no gradient. Returns -1 for an unusable box.

@@ -7,9 +7,12 @@
 #if defined(CUROI_GPU_LOOPS)
 // ------------------------------------------------------------- GPU loops
 // One thread per output element, each sample read through its four taps.
+// The layout only moves the addresses (curoi_plane): a channels-last element
+// runs the very operations of its NCHW twin, so the results are the same
+// bits, transposed.
 
-template <typename T>
-CUROI_DEVICE void roi_align_forward(
+template <bool ChannelsLast, typename T>
+CUROI_DEVICE void roi_align_forward_loop(
     const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
@@ -18,7 +21,7 @@ CUROI_DEVICE void roi_align_forward(
   typedef typename AccType<T>::type A;
   const int64_t total = num_rois * channels * pooled_height * pooled_width;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_index(
+    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
         index, total, channels, pooled_height, pooled_width);
     const RoiAlignBox<A> g =
         roi_align_box(rois + at.k * 5, batch, pooled_height, pooled_width,
@@ -29,19 +32,22 @@ CUROI_DEVICE void roi_align_forward(
           g.start_h, g.roi_h, at.ph, pooled_height, sampling_ratio, height);
       const RoiAlignAxis<A> ax = roi_align_axis(
           g.start_w, g.roi_w, at.pw, pooled_width, sampling_ratio, width);
-      const T* plane = input + (g.batch_index * channels + at.c) * height * width;
+      const CuroiPlane p = curoi_plane<ChannelsLast>(
+          g.batch_index, at.c, channels, height * width);
+      const T* plane = input + p.at;
       for (int64_t ey = ay.first; ey < ay.last; ++ey) {
         RoiAlignTap<A> ty;
         if (!roi_align_tap(ay, ey, height, &ty)) continue;
-        const T* row_lo = plane + ty.lo * width;
-        const T* row_hi = plane + ty.hi * width;
+        const T* row_lo = plane + ty.lo * width * p.step;
+        const T* row_hi = plane + ty.hi * width * p.step;
         for (int64_t ex = ax.first; ex < ax.last; ++ex) {
           RoiAlignTap<A> tx;
           if (!roi_align_tap(ax, ex, width, &tx)) continue;
-          sum += ty.w_lo * tx.w_lo * curoi_load<A>(row_lo[tx.lo]) +
-                 ty.w_lo * tx.w_hi * curoi_load<A>(row_lo[tx.hi]) +
-                 ty.w_hi * tx.w_lo * curoi_load<A>(row_hi[tx.lo]) +
-                 ty.w_hi * tx.w_hi * curoi_load<A>(row_hi[tx.hi]);
+          const int64_t lo = tx.lo * p.step, hi = tx.hi * p.step;
+          sum += ty.w_lo * tx.w_lo * curoi_load<A>(row_lo[lo]) +
+                 ty.w_lo * tx.w_hi * curoi_load<A>(row_lo[hi]) +
+                 ty.w_hi * tx.w_lo * curoi_load<A>(row_hi[lo]) +
+                 ty.w_hi * tx.w_hi * curoi_load<A>(row_hi[hi]);
         }
       }
     }
@@ -49,11 +55,30 @@ CUROI_DEVICE void roi_align_forward(
   }
 }
 
+template <typename T>
+CUROI_DEVICE void roi_align_forward(
+    const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
+    int64_t batch, int64_t channels, int64_t height, int64_t width,
+    int64_t pooled_height, int64_t pooled_width,
+    typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
+    int channels_last, T* output) {
+  if (channels_last)
+    roi_align_forward_loop<true>(input, rois, num_rois, batch, channels,
+                                 height, width, pooled_height, pooled_width,
+                                 spatial_scale, sampling_ratio, aligned,
+                                 output);
+  else
+    roi_align_forward_loop<false>(input, rois, num_rois, batch, channels,
+                                  height, width, pooled_height, pooled_width,
+                                  spatial_scale, sampling_ratio, aligned,
+                                  output);
+}
+
 // Each output gradient spreads over the four neighbours of every sample of
 // its bin; bins of one box and different boxes overlap, so the adds go
 // through Sum (CuroiFloatSum or the deterministic CuroiFixedSum), atomically.
-template <typename T, typename Sum>
-CUROI_DEVICE void roi_align_backward(
+template <bool ChannelsLast, typename T, typename Sum>
+CUROI_DEVICE void roi_align_backward_loop(
     const T* grad_output, const typename AccType<T>::type* rois,
     int64_t num_rois, int64_t batch, int64_t channels, int64_t height,
     int64_t width, int64_t pooled_height, int64_t pooled_width,
@@ -62,7 +87,7 @@ CUROI_DEVICE void roi_align_backward(
   typedef typename AccType<T>::type A;
   const int64_t total = num_rois * channels * pooled_height * pooled_width;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_index(
+    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
         index, total, channels, pooled_height, pooled_width);
     const RoiAlignBox<A> g =
         roi_align_box(rois + at.k * 5, batch, pooled_height, pooled_width,
@@ -73,22 +98,43 @@ CUROI_DEVICE void roi_align_backward(
     const RoiAlignAxis<A> ax = roi_align_axis(
         g.start_w, g.roi_w, at.pw, pooled_width, sampling_ratio, width);
     const A grad = curoi_load<A>(grad_output[index]) / g.count;
-    const int64_t plane = (g.batch_index * channels + at.c) * height * width;
+    const CuroiPlane p = curoi_plane<ChannelsLast>(g.batch_index, at.c,
+                                                   channels, height * width);
     for (int64_t ey = ay.first; ey < ay.last; ++ey) {
       RoiAlignTap<A> ty;
       if (!roi_align_tap(ay, ey, height, &ty)) continue;
-      const int64_t row_lo = plane + ty.lo * width;
-      const int64_t row_hi = plane + ty.hi * width;
+      const int64_t row_lo = p.at + ty.lo * width * p.step;
+      const int64_t row_hi = p.at + ty.hi * width * p.step;
       for (int64_t ex = ax.first; ex < ax.last; ++ex) {
         RoiAlignTap<A> tx;
         if (!roi_align_tap(ax, ex, width, &tx)) continue;
-        curoi_sum_add(grad_input, row_lo + tx.lo, grad * ty.w_lo * tx.w_lo);
-        curoi_sum_add(grad_input, row_lo + tx.hi, grad * ty.w_lo * tx.w_hi);
-        curoi_sum_add(grad_input, row_hi + tx.lo, grad * ty.w_hi * tx.w_lo);
-        curoi_sum_add(grad_input, row_hi + tx.hi, grad * ty.w_hi * tx.w_hi);
+        const int64_t lo = tx.lo * p.step, hi = tx.hi * p.step;
+        curoi_sum_add(grad_input, row_lo + lo, grad * ty.w_lo * tx.w_lo);
+        curoi_sum_add(grad_input, row_lo + hi, grad * ty.w_lo * tx.w_hi);
+        curoi_sum_add(grad_input, row_hi + lo, grad * ty.w_hi * tx.w_lo);
+        curoi_sum_add(grad_input, row_hi + hi, grad * ty.w_hi * tx.w_hi);
       }
     }
   }
+}
+
+template <typename T, typename Sum>
+CUROI_DEVICE void roi_align_backward(
+    const T* grad_output, const typename AccType<T>::type* rois,
+    int64_t num_rois, int64_t batch, int64_t channels, int64_t height,
+    int64_t width, int64_t pooled_height, int64_t pooled_width,
+    typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
+    int channels_last, const Sum& grad_input) {
+  if (channels_last)
+    roi_align_backward_loop<true>(grad_output, rois, num_rois, batch,
+                                  channels, height, width, pooled_height,
+                                  pooled_width, spatial_scale, sampling_ratio,
+                                  aligned, grad_input);
+  else
+    roi_align_backward_loop<false>(grad_output, rois, num_rois, batch,
+                                   channels, height, width, pooled_height,
+                                   pooled_width, spatial_scale,
+                                   sampling_ratio, aligned, grad_input);
 }
 
 #else
@@ -220,13 +266,68 @@ static void roi_align_forward_channels(const T* input,
   }
 }
 
+// Channels-last: every bin of boxes k0 .. k1-1 in channels c0 .. c1-1, the
+// channel innermost and contiguous (one vectorisable loop per weight). Each
+// channel's sum runs the operations of roi_align_forward_channels in the
+// same order (rows of column sums), so the results are its bits.
+template <typename T, typename A>
+static void roi_align_forward_nhwc(const T* input,
+                                   const RoiAlignGroup<A>& group, int64_t k0,
+                                   int64_t k1, int64_t c0, int64_t c1,
+                                   int64_t channels, int64_t height,
+                                   int64_t width, int64_t pooled_height,
+                                   int64_t pooled_width, T* output,
+                                   A* __restrict__ sum, A* __restrict__ part) {
+  const int64_t bins = pooled_height * pooled_width;
+  const int64_t n = c1 - c0;
+  const int64_t row_stride = width * channels;
+  for (int64_t k = k0; k < k1; ++k) {
+    const RoiAlignBox<A>& g = group.box[k - k0];
+    const RoiAlignWeights<A>& wy = group.y[k - k0];
+    const RoiAlignWeights<A>& wx = group.x[k - k0];
+    T* out_box = output + k * bins * channels + c0;
+    if (g.batch_index < 0) {
+      for (int64_t bin = 0; bin < bins; ++bin)
+        for (int64_t c = 0; c < n; ++c)
+          out_box[bin * channels + c] = curoi_store<T>((A)0);
+      continue;
+    }
+    const T* image = input + g.batch_index * height * row_stride + c0;
+    for (int64_t ph = 0; ph < pooled_height; ++ph) {
+      const int64_t rows = wy.length[ph];
+      const T* row0 = image + wy.begin[ph] * row_stride;
+      const A* w_row = wy.weight.data() + wy.offset[ph];
+      for (int64_t pw = 0; pw < pooled_width; ++pw) {
+        const int64_t cols = wx.length[pw];
+        const T* col0 = row0 + wx.begin[pw] * channels;
+        const A* w_col = wx.weight.data() + wx.offset[pw];
+        for (int64_t c = 0; c < n; ++c) sum[c] = (A)0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* row = col0 + r * row_stride;
+          for (int64_t c = 0; c < n; ++c) part[c] = (A)0;
+          for (int64_t j = 0; j < cols; ++j) {
+            const A w = w_col[j];
+            const T* __restrict__ pixel = row + j * channels;
+            for (int64_t c = 0; c < n; ++c)
+              part[c] += w * curoi_load<A>(pixel[c]);
+          }
+          const A wr = w_row[r];
+          for (int64_t c = 0; c < n; ++c) sum[c] += wr * part[c];
+        }
+        T* out = out_box + (ph * pooled_width + pw) * channels;
+        for (int64_t c = 0; c < n; ++c) out[c] = curoi_store<T>(sum[c] / g.count);
+      }
+    }
+  }
+}
+
 template <typename T>
 static void roi_align_forward(
     const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
     typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
-    T* output) {
+    int channels_last, T* output) {
   typedef typename AccType<T>::type A;
   const CuroiItems items = curoi_items(num_rois, channels);
   const int64_t bins = pooled_height * pooled_width;
@@ -238,6 +339,15 @@ static void roi_align_forward(
                 pooled_width, spatial_scale, sampling_ratio, aligned);
     const int64_t c1 = items.end_channel(item);
     int64_t c = items.first_channel(item);
+    if (channels_last) {
+      static thread_local std::vector<A> sum, part;
+      sum.resize((size_t)(c1 - c));
+      part.resize((size_t)(c1 - c));
+      roi_align_forward_nhwc<T, A>(input, group, k0, k1, c, c1, channels,
+                                   height, width, pooled_height, pooled_width,
+                                   output, sum.data(), part.data());
+      return;
+    }
     for (; c + CUROI_LANES <= c1; c += CUROI_LANES)
       roi_align_forward_channels<CUROI_LANES, T, A>(
           input, group, k0, k1, c, channels, height, width, pooled_height,
@@ -296,6 +406,56 @@ static void roi_align_backward_channels(const T* grad_output,
   }
 }
 
+// Channels-last: the gradient of every bin of boxes k0 .. k1-1 in the
+// owned channels c0 .. c1-1, the channel innermost. Each gradient pixel gets
+// the terms of roi_align_backward_channels, computed alike, in the same
+// (box, bin, row, column) order, so the sums are its bits.
+template <typename T, typename A, typename Sum>
+static void roi_align_backward_nhwc(const T* grad_output,
+                                    const RoiAlignGroup<A>& group, int64_t k0,
+                                    int64_t k1, int64_t c0, int64_t c1,
+                                    int64_t channels, int64_t height,
+                                    int64_t width, int64_t pooled_height,
+                                    int64_t pooled_width,
+                                    const Sum& grad_input,
+                                    A* __restrict__ grad,
+                                    A* __restrict__ grad_row) {
+  const int64_t bins = pooled_height * pooled_width;
+  const int64_t n = c1 - c0;
+  const int64_t row_stride = width * channels;
+  for (int64_t k = k0; k < k1; ++k) {
+    const RoiAlignBox<A>& g = group.box[k - k0];
+    if (g.batch_index < 0) continue;
+    const RoiAlignWeights<A>& wy = group.y[k - k0];
+    const RoiAlignWeights<A>& wx = group.x[k - k0];
+    const int64_t image = g.batch_index * height * row_stride + c0;
+    const T* grad_box = grad_output + k * bins * channels + c0;
+    for (int64_t ph = 0; ph < pooled_height; ++ph) {
+      const int64_t rows = wy.length[ph];
+      const int64_t row0 = image + wy.begin[ph] * row_stride;
+      const A* w_row = wy.weight.data() + wy.offset[ph];
+      for (int64_t pw = 0; pw < pooled_width; ++pw) {
+        const T* grad_bin = grad_box + (ph * pooled_width + pw) * channels;
+        for (int64_t c = 0; c < n; ++c)
+          grad[c] = curoi_load<A>(grad_bin[c]) / g.count;
+        const int64_t cols = wx.length[pw];
+        const int64_t col0 = row0 + wx.begin[pw] * channels;
+        const A* w_col = wx.weight.data() + wx.offset[pw];
+        for (int64_t r = 0; r < rows; ++r) {
+          const A wr = w_row[r];
+          for (int64_t c = 0; c < n; ++c) grad_row[c] = grad[c] * wr;
+          for (int64_t j = 0; j < cols; ++j) {
+            const A w = w_col[j];
+            const int64_t pixel = col0 + r * row_stride + j * channels;
+            for (int64_t c = 0; c < n; ++c)
+              curoi_sum_add(grad_input, pixel + c, grad_row[c] * w);
+          }
+        }
+      }
+    }
+  }
+}
+
 // Each thread owns a share of the channels and runs over every box for
 // them, so every gradient plane is summed by one thread, box after box, bin
 // after bin: no atomics, and the same bits whatever the number of threads.
@@ -305,18 +465,30 @@ static void roi_align_backward(
     int64_t num_rois, int64_t batch, int64_t channels, int64_t height,
     int64_t width, int64_t pooled_height, int64_t pooled_width,
     typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
-    const Sum& grad_input) {
+    int channels_last, const Sum& grad_input) {
   typedef typename AccType<T>::type A;
   const int64_t bins = pooled_height * pooled_width;
   const int64_t work = num_rois * channels * bins * 4;
   curoi_parallel_shares(channels, work, [&](int part, int parts) {
     static thread_local RoiAlignGroup<A> group;
+    static thread_local std::vector<A> grad, grad_row;
     const CuroiChannelRange owned = curoi_owned_channels(channels, part, parts);
     if (owned.end <= owned.begin) return;
+    if (channels_last) {
+      grad.resize((size_t)(owned.end - owned.begin));
+      grad_row.resize((size_t)(owned.end - owned.begin));
+    }
     for (int64_t k0 = 0; k0 < num_rois; k0 += CUROI_BOX_GROUP) {
       const int64_t k1 = curoi_min(k0 + (int64_t)CUROI_BOX_GROUP, num_rois);
       group.build(rois, k0, k1, batch, height, width, pooled_height,
                   pooled_width, spatial_scale, sampling_ratio, aligned);
+      if (channels_last) {
+        roi_align_backward_nhwc<T, A>(grad_output, group, k0, k1, owned.begin,
+                                      owned.end, channels, height, width,
+                                      pooled_height, pooled_width, grad_input,
+                                      grad.data(), grad_row.data());
+        continue;
+      }
       int64_t c = owned.begin;
       for (; c + CUROI_LANES <= owned.end; c += CUROI_LANES)
         roi_align_backward_channels<CUROI_LANES, T, A>(
@@ -338,32 +510,35 @@ static void roi_align_backward(
       int64_t batch, int64_t channels, int64_t height, int64_t width,          \
       int64_t pooled_height, int64_t pooled_width,                             \
       AccType<T>::type spatial_scale, int sampling_ratio, int aligned,         \
-      T* output) {                                                             \
+      int channels_last, T* output) {                                          \
     roi_align_forward<T>(input, rois, num_rois, batch, channels, height,       \
                          width, pooled_height, pooled_width, spatial_scale,    \
-                         sampling_ratio, aligned, output);                     \
+                         sampling_ratio, aligned, channels_last, output);      \
   }                                                                            \
   CUROI_KERNEL void roi_align_backward_##suffix(                               \
       const T* grad_output, const AccType<T>::type* rois, int64_t num_rois,    \
       int64_t batch, int64_t channels, int64_t height, int64_t width,          \
       int64_t pooled_height, int64_t pooled_width,                             \
       AccType<T>::type spatial_scale, int sampling_ratio, int aligned,         \
-      AccType<T>::type* grad_input) {                                          \
+      int channels_last, AccType<T>::type* grad_input) {                       \
     CuroiFloatSum<AccType<T>::type> sum;                                       \
     sum.grad = grad_input;                                                     \
     roi_align_backward<T>(grad_output, rois, num_rois, batch, channels,        \
                           height, width, pooled_height, pooled_width,          \
-                          spatial_scale, sampling_ratio, aligned, sum);        \
+                          spatial_scale, sampling_ratio, aligned,              \
+                          channels_last, sum);                                 \
   }                                                                            \
   CUROI_KERNEL void roi_align_backward_fixed_##suffix(                         \
       const T* grad_output, const AccType<T>::type* rois, int64_t num_rois,    \
       int64_t batch, int64_t channels, int64_t height, int64_t width,          \
       int64_t pooled_height, int64_t pooled_width,                             \
       AccType<T>::type spatial_scale, int sampling_ratio, int aligned,         \
-      const double* max_abs, int64_t* fixed, AccType<T>::type* grad_input) {   \
+      int channels_last, const double* max_abs, int64_t* fixed,                \
+      AccType<T>::type* grad_input) {                                          \
     roi_align_backward<T>(                                                     \
         grad_output, rois, num_rois, batch, channels, height, width,           \
         pooled_height, pooled_width, spatial_scale, sampling_ratio, aligned,   \
+        channels_last,                                                         \
         curoi_fixed_sum(grad_input, fixed, max_abs,                            \
                         num_rois * pooled_height * pooled_width));             \
   }                                                                            \

@@ -60,33 +60,35 @@ CUROI_DEVICE int64_t roi_pool_box(const A* box, int64_t batch, A spatial_scale,
   return b;
 }
 
-// The maximum of rows [hstart, hend) x columns [wstart, wend) of a plane, and
-// its flat index (-1 and 0 for an empty bin). The first maximum in
-// row-major order wins; a NaN beats any number and the first NaN wins.
+// The maximum of rows [hstart, hend) x columns [wstart, wend) of a plane
+// whose pixel (h, w) is plane[(h * width + w) * step] (step 1 in NCHW, C
+// channels-last), and its flat index h * width + w (-1 and 0 for an empty
+// bin). The first maximum in row-major order wins; a NaN beats any number
+// and the first NaN wins.
 template <typename T, typename A>
-CUROI_DEVICE A roi_pool_max(const T* plane, int64_t width, int64_t hstart,
-                            int64_t hend, int64_t wstart, int64_t wend,
-                            int64_t* best_index) {
+CUROI_DEVICE A roi_pool_max(const T* plane, int64_t width, int64_t step,
+                            int64_t hstart, int64_t hend, int64_t wstart,
+                            int64_t wend, int64_t* best_index) {
   if (!(hend > hstart && wend > wstart)) {
     *best_index = -1;
     return (A)0;
   }
   // First the maximum, without branches that depend on the data (a NaN is
   // only noted); then the first position that holds it.
-  A best = curoi_load<A>(plane[hstart * width + wstart]);
+  A best = curoi_load<A>(plane[(hstart * width + wstart) * step]);
   bool nan = false;
   for (int64_t h = hstart; h < hend; ++h) {
-    const T* row = plane + h * width;
+    const T* row = plane + h * width * step;
     for (int64_t w = wstart; w < wend; ++w) {
-      const A v = curoi_load<A>(row[w]);
+      const A v = curoi_load<A>(row[w * step]);
       nan |= v != v;
       best = v > best ? v : best;
     }
   }
   for (int64_t h = hstart; h < hend; ++h) {
-    const T* row = plane + h * width;
+    const T* row = plane + h * width * step;
     for (int64_t w = wstart; w < wend; ++w) {
-      const A v = curoi_load<A>(row[w]);
+      const A v = curoi_load<A>(row[w * step]);
       // The first NaN, if there is one, else the first maximum.
       if (nan ? v != v : v == best) {
         *best_index = h * width + w;
@@ -100,9 +102,10 @@ CUROI_DEVICE A roi_pool_max(const T* plane, int64_t width, int64_t hstart,
 
 #if defined(CUROI_GPU_LOOPS)
 // ------------------------------------------------------------- GPU loops
-// One thread per output element.
-template <typename T>
-CUROI_DEVICE void roi_pool_forward(
+// One thread per output element; the layout only moves the addresses
+// (curoi_plane), so channels-last runs the NCHW operations.
+template <bool ChannelsLast, typename T>
+CUROI_DEVICE void roi_pool_forward_loop(
     const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
@@ -111,7 +114,7 @@ CUROI_DEVICE void roi_pool_forward(
   typedef typename AccType<T>::type A;
   const int64_t total = num_rois * channels * pooled_height * pooled_width;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_index(
+    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
         index, total, channels, pooled_height, pooled_width);
     const A* box = rois + at.k * 5;
     const int64_t b = roi_pool_box(box, batch, spatial_scale, convention);
@@ -125,19 +128,38 @@ CUROI_DEVICE void roi_pool_forward(
     int64_t best_index = -1;
     A best = (A)0;
     if (b >= 0) {
-      best = roi_pool_max<T, A>(input + (b * channels + at.c) * height * width,
-                                width, hstart, hend, wstart, wend, &best_index);
+      const CuroiPlane p =
+          curoi_plane<ChannelsLast>(b, at.c, channels, height * width);
+      best = roi_pool_max<T, A>(input + p.at, width, p.step, hstart, hend,
+                                wstart, wend, &best_index);
     }
     output[index] = curoi_store<T>(best);
     if (argmax) argmax[index] = best_index;
   }
 }
 
+template <typename T>
+CUROI_DEVICE void roi_pool_forward(
+    const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
+    int64_t batch, int64_t channels, int64_t height, int64_t width,
+    int64_t pooled_height, int64_t pooled_width,
+    typename AccType<T>::type spatial_scale, int convention,
+    int channels_last, T* output, int64_t* argmax) {
+  if (channels_last)
+    roi_pool_forward_loop<true>(input, rois, num_rois, batch, channels,
+                                height, width, pooled_height, pooled_width,
+                                spatial_scale, convention, output, argmax);
+  else
+    roi_pool_forward_loop<false>(input, rois, num_rois, batch, channels,
+                                 height, width, pooled_height, pooled_width,
+                                 spatial_scale, convention, output, argmax);
+}
+
 // The gradient flows to the argmax of each bin; several bins (and boxes) may
 // share one, so the adds go through Sum (CuroiFloatSum or the deterministic
 // CuroiFixedSum), atomically. The gradient has the accumulation type.
-template <typename T, typename Sum>
-CUROI_DEVICE void roi_pool_backward(
+template <bool ChannelsLast, typename T, typename Sum>
+CUROI_DEVICE void roi_pool_backward_loop(
     const T* grad_output, const int64_t* argmax,
     const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
@@ -145,16 +167,34 @@ CUROI_DEVICE void roi_pool_backward(
   typedef typename AccType<T>::type A;
   const int64_t total = num_rois * channels * pooled_height * pooled_width;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_index(
+    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
         index, total, channels, pooled_height, pooled_width);
     const int64_t b = curoi_box_batch(rois + at.k * 5, batch);
     const int64_t where = argmax[index];
     // argmax comes from the caller: never trust it to lie in the plane.
     if (b >= 0 && where >= 0 && where < height * width) {
-      curoi_sum_add(grad_input, (b * channels + at.c) * height * width + where,
+      const CuroiPlane p =
+          curoi_plane<ChannelsLast>(b, at.c, channels, height * width);
+      curoi_sum_add(grad_input, p.at + where * p.step,
                     curoi_load<A>(grad_output[index]));
     }
   }
+}
+
+template <typename T, typename Sum>
+CUROI_DEVICE void roi_pool_backward(
+    const T* grad_output, const int64_t* argmax,
+    const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
+    int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
+    int64_t pooled_width, int channels_last, const Sum& grad_input) {
+  if (channels_last)
+    roi_pool_backward_loop<true>(grad_output, argmax, rois, num_rois, batch,
+                                 channels, height, width, pooled_height,
+                                 pooled_width, grad_input);
+  else
+    roi_pool_backward_loop<false>(grad_output, argmax, rois, num_rois, batch,
+                                  channels, height, width, pooled_height,
+                                  pooled_width, grad_input);
 }
 
 #else
@@ -297,6 +337,93 @@ static void roi_pool_forward_channels(
   }
 }
 
+// Channels-last: every bin of boxes k0 .. k1-1 in channels c0 .. c1-1, the
+// channel innermost (branch-free selects over contiguous channels). Per
+// channel it follows roi_pool_max_cpu step by step: the same scan order,
+// the same strict comparison, the same NaN and empty-bin rules, so the same
+// maxima and positions.
+template <typename T, typename A>
+static void roi_pool_forward_nhwc(
+    const T* input, int64_t k0, int64_t k1, int64_t c0, int64_t c1,
+    int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
+    int64_t pooled_width, const int64_t* image, const int64_t* rows,
+    const int64_t* cols, T* output, int64_t* argmax, A* __restrict__ best,
+    int64_t* __restrict__ where, A* __restrict__ poison) {
+  const int64_t bins = pooled_height * pooled_width;
+  const int64_t n = c1 - c0;
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t i = k - k0;
+    T* out_box = output + k * bins * channels + c0;
+    int64_t* index_box = argmax ? argmax + k * bins * channels + c0 : nullptr;
+    if (image[i] < 0) {
+      for (int64_t bin = 0; bin < bins; ++bin) {
+        for (int64_t c = 0; c < n; ++c)
+          out_box[bin * channels + c] = curoi_store<T>((A)0);
+        if (index_box)
+          for (int64_t c = 0; c < n; ++c) index_box[bin * channels + c] = -1;
+      }
+      continue;
+    }
+    const T* pixels = input + image[i] * height * width * channels + c0;
+    const int64_t* r = rows + i * 2 * pooled_height;
+    const int64_t* q = cols + i * 2 * pooled_width;
+    for (int64_t ph = 0; ph < pooled_height; ++ph) {
+      const int64_t hstart = r[2 * ph], hend = r[2 * ph + 1];
+      for (int64_t pw = 0; pw < pooled_width; ++pw) {
+        const int64_t wstart = q[2 * pw], wend = q[2 * pw + 1];
+        for (int64_t c = 0; c < n; ++c) {
+          best[c] = -(A)INFINITY;
+          where[c] = -1;
+          poison[c] = (A)0;
+        }
+        for (int64_t h = hstart; h < hend; ++h) {
+          for (int64_t w = wstart; w < wend; ++w) {
+            const int64_t at = h * width + w;
+            const T* __restrict__ pixel = pixels + at * channels;
+            for (int64_t c = 0; c < n; ++c) {
+              const A v = curoi_load<A>(pixel[c]);
+              poison[c] += v * (A)0;
+              const bool larger = v > best[c];
+              best[c] = larger ? v : best[c];
+              where[c] = larger ? at : where[c];
+            }
+          }
+        }
+        const int64_t bin = ph * pooled_width + pw;
+        T* out = out_box + bin * channels;
+        int64_t* out_index = index_box ? index_box + bin * channels : nullptr;
+        for (int64_t c = 0; c < n; ++c) {
+          A value = best[c];
+          int64_t position = where[c];
+          bool found = false;  // a NaN, which wins
+          if (poison[c] != poison[c]) {
+            for (int64_t h = hstart; h < hend && !found; ++h)
+              for (int64_t w = wstart; w < wend; ++w) {
+                const A v = curoi_load<A>(pixels[(h * width + w) * channels + c]);
+                if (v != v) {
+                  value = v;
+                  position = h * width + w;
+                  found = true;
+                  break;
+                }
+              }
+          }
+          if (!found && position < 0) {
+            if (!(hend > hstart && wend > wstart)) {
+              value = (A)0;
+            } else {
+              position = hstart * width + wstart;
+              value = curoi_load<A>(pixels[position * channels + c]);
+            }
+          }
+          out[c] = curoi_store<T>(value);
+          if (out_index) out_index[c] = position;
+        }
+      }
+    }
+  }
+}
+
 // Work items of box groups and channel blocks (CuroiItems); a box's bins
 // are found once per item and shared by its channels.
 template <typename T>
@@ -304,8 +431,8 @@ static void roi_pool_forward(
     const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
-    typename AccType<T>::type spatial_scale, int convention, T* output,
-    int64_t* argmax) {
+    typename AccType<T>::type spatial_scale, int convention,
+    int channels_last, T* output, int64_t* argmax) {
   typedef typename AccType<T>::type A;
   const CuroiItems items = curoi_items(num_rois, channels);
   const int64_t bins = pooled_height * pooled_width;
@@ -332,6 +459,20 @@ static void roi_pool_forward(
         roi_pool_bin(box[1], box[3], spatial_scale, pw, pooled_width, width,
                      convention, &q[2 * pw], &q[2 * pw + 1]);
     }
+    if (channels_last) {
+      static thread_local std::vector<A> best, poison;
+      static thread_local std::vector<int64_t> where;
+      const int64_t c0 = items.first_channel(item), c1 = items.end_channel(item);
+      best.resize((size_t)(c1 - c0));
+      poison.resize((size_t)(c1 - c0));
+      where.resize((size_t)(c1 - c0));
+      roi_pool_forward_nhwc<T, A>(input, k0, k1, c0, c1, channels, height,
+                                  width, pooled_height, pooled_width,
+                                  image.data(), rows.data(), cols.data(),
+                                  output, argmax, best.data(), where.data(),
+                                  poison.data());
+      return;
+    }
     const int64_t c1 = items.end_channel(item);
     int64_t c = items.first_channel(item);
     for (; c + 1 < c1; c += 2)
@@ -346,13 +487,14 @@ static void roi_pool_forward(
 }
 
 // Each thread owns a share of the channels and runs over every box for them:
-// every gradient plane is summed by one thread, in box and bin order.
+// every gradient plane is summed by one thread, in box and bin order (in
+// both layouts, so channels-last sums the same terms in the same order).
 template <typename T, typename Sum>
 static void roi_pool_backward(
     const T* grad_output, const int64_t* argmax,
     const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
-    int64_t pooled_width, const Sum& grad_input) {
+    int64_t pooled_width, int channels_last, const Sum& grad_input) {
   typedef typename AccType<T>::type A;
   const int64_t bins = pooled_height * pooled_width;
   const int64_t plane_size = height * width;
@@ -362,6 +504,19 @@ static void roi_pool_backward(
     for (int64_t k = 0; k < num_rois; ++k) {
       const int64_t b = curoi_box_batch(rois + k * 5, batch);
       if (b < 0) continue;
+      if (channels_last) {
+        const int64_t image = b * plane_size * channels;
+        for (int64_t bin = 0; bin < bins; ++bin) {
+          const int64_t first = (k * bins + bin) * channels;
+          for (int64_t c = owned.begin; c < owned.end; ++c) {
+            const int64_t where = argmax[first + c];
+            if (where >= 0 && where < plane_size)
+              curoi_sum_add(grad_input, image + where * channels + c,
+                            curoi_load<A>(grad_output[first + c]));
+          }
+        }
+        continue;
+      }
       for (int64_t c = owned.begin; c < owned.end; ++c) {
         const int64_t plane = (b * channels + c) * plane_size;
         const int64_t first = (k * channels + c) * bins;
@@ -382,32 +537,33 @@ static void roi_pool_backward(
       const T* input, const AccType<T>::type* rois, int64_t num_rois,          \
       int64_t batch, int64_t channels, int64_t height, int64_t width,          \
       int64_t pooled_height, int64_t pooled_width,                             \
-      AccType<T>::type spatial_scale, int convention, T* output,               \
-      int64_t* argmax) {                                                       \
+      AccType<T>::type spatial_scale, int convention, int channels_last,       \
+      T* output, int64_t* argmax) {                                            \
     roi_pool_forward<T>(input, rois, num_rois, batch, channels, height, width, \
                         pooled_height, pooled_width, spatial_scale,            \
-                        convention, output, argmax);                           \
+                        convention, channels_last, output, argmax);            \
   }                                                                            \
   CUROI_KERNEL void roi_pool_backward_##suffix(                                \
       const T* grad_output, const int64_t* argmax,                             \
       const AccType<T>::type* rois, int64_t num_rois, int64_t batch,           \
       int64_t channels, int64_t height, int64_t width, int64_t pooled_height,  \
-      int64_t pooled_width, AccType<T>::type* grad_input) {                    \
+      int64_t pooled_width, int channels_last,                                 \
+      AccType<T>::type* grad_input) {                                          \
     CuroiFloatSum<AccType<T>::type> sum;                                       \
     sum.grad = grad_input;                                                     \
     roi_pool_backward<T>(grad_output, argmax, rois, num_rois, batch,           \
                          channels, height, width, pooled_height, pooled_width, \
-                         sum);                                                 \
+                         channels_last, sum);                                  \
   }                                                                            \
   CUROI_KERNEL void roi_pool_backward_fixed_##suffix(                          \
       const T* grad_output, const int64_t* argmax,                             \
       const AccType<T>::type* rois, int64_t num_rois, int64_t batch,           \
       int64_t channels, int64_t height, int64_t width, int64_t pooled_height,  \
-      int64_t pooled_width, const double* max_abs, int64_t* fixed,             \
-      AccType<T>::type* grad_input) {                                          \
+      int64_t pooled_width, int channels_last, const double* max_abs,          \
+      int64_t* fixed, AccType<T>::type* grad_input) {                          \
     roi_pool_backward<T>(                                                      \
         grad_output, argmax, rois, num_rois, batch, channels, height, width,   \
-        pooled_height, pooled_width,                                           \
+        pooled_height, pooled_width, channels_last,                            \
         curoi_fixed_sum(grad_input, fixed, max_abs,                            \
                         num_rois * pooled_height * pooled_width));             \
   }                                                                            \

@@ -10,6 +10,9 @@ Workloads (``--workload``, comma-separated):
   boxes in a 1088x800 image (width and height log-uniform in [32, 800] px,
   centres uniform, clipped to the image, batch index 0 or 1),
   spatial_scale 1/16, 7x7 output, aligned, sampling_ratio 2 and adaptive;
+  roi_align forward and backward (sampling_ratio 2) and roi_pool forward
+  also channels-last (``data_format="NHWC"``, rows marked NHWC) next to
+  their NCHW rows;
 - ``W2``, a Mask R-CNN mask head: [2, 256, 100, 136], 256 boxes,
   spatial_scale 1/8, 14x14, sampling_ratio 2 and adaptive, aligned;
 - ``tiny``: one box on [1, 4, 16, 16], 2x2, the cost of a call in
@@ -289,16 +292,29 @@ def box_operations(work, dtype, threads, quick, xp=np):
         return {"torchvision": lambda: tv._roi_align_backward(
             tgy, tboxes, scale, size, size, n, c, h, w, sampling, True)}
 
+    # The same features and gradients channels-last, for the NHWC rows.
+    x_nhwc = xp.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    gy_nhwc = xp.ascontiguousarray(gy.transpose(0, 2, 3, 1))
+
     rows = []
     for sampling, name in ((ratio, f"sampling_ratio {ratio}"), (0, "adaptive")):
         rows.append(Operation(f"roi_align forward, {name}", {
             "curoi": lambda s=sampling: curoi.roi_align(x, boxes, size, scale, s, True),
             **peers_align_forward(sampling)}))
+        if sampling == ratio:
+            rows.append(Operation(f"roi_align forward, {name}, NHWC", {
+                "curoi": lambda: curoi.roi_align(x_nhwc, boxes, size, scale, ratio,
+                                                 True, data_format="NHWC")}))
     for sampling, name in ((ratio, f"sampling_ratio {ratio}"), (0, "adaptive")):
         rows.append(Operation(f"roi_align backward, {name}", {
             "curoi": lambda s=sampling: curoi.roi_align_backward(
                 gy, boxes, x.shape, size, scale, s, True),
             **peers_align_backward(sampling)}))
+        if sampling == ratio:
+            rows.append(Operation(f"roi_align backward, {name}, NHWC", {
+                "curoi": lambda: curoi.roi_align_backward(
+                    gy_nhwc, boxes, x_nhwc.shape, size, scale, ratio, True,
+                    data_format="NHWC")}))
     rows.append(Operation(f"roi_align backward, deterministic, sampling_ratio {ratio}", {
         "curoi": lambda: curoi.roi_align_backward(
             gy, boxes, x.shape, size, scale, ratio, True, deterministic=True)}))
@@ -308,6 +324,8 @@ def box_operations(work, dtype, threads, quick, xp=np):
     if torch is not None:
         pool_forward["torchvision"] = lambda: tv.roi_pool(tx, tboxes, scale, size, size)
     rows.append(Operation("roi_pool forward", pool_forward))
+    rows.append(Operation("roi_pool forward, NHWC", {
+        "curoi": lambda: curoi.roi_pool(x_nhwc, boxes, size, scale, data_format="NHWC")}))
     pool_backward = {"curoi": lambda: curoi.roi_pool_backward(gy, argmax, boxes, x.shape)}
     if torch is not None:
         pool_backward["torchvision"] = lambda: tv._roi_pool_backward(

@@ -20,7 +20,7 @@ _NAMES = {_F32: "float32", _F64: "float64"}
 
 
 def numpy_arrays(x, boxes):
-    """The dtype name when ``x`` is a NumPy ``[N, C, H, W]`` float32 or
+    """The dtype name when ``x`` is a NumPy 4-D (NCHW or NHWC) float32 or
     float64 array and ``boxes`` a NumPy ``[K, 5]`` array of the same dtype,
     both C-contiguous, aligned and native-endian, with something to
     compute (N, C, H, W and K not 0); else None."""
@@ -49,28 +49,36 @@ def empty(shape, dtype):
         return None
 
 
-def roi_align_forward(x, boxes, dtype_name, ph, pw, scale, ratio, aligned):
+def _shapes(x, boxes, ph, pw, channels_last):
+    """(N, C, H, W), K and the output's shape in the caller's layout."""
+    if channels_last:
+        n, h, w, c = x.shape
+        return (n, c, h, w), boxes.shape[0], (boxes.shape[0], ph, pw, c)
     n, c, h, w = x.shape
-    k = boxes.shape[0]
-    out = empty((k, c, ph, pw), x.dtype)
+    return (n, c, h, w), boxes.shape[0], (boxes.shape[0], c, ph, pw)
+
+
+def roi_align_forward(x, boxes, dtype_name, ph, pw, scale, ratio, aligned,
+                      channels_last):
+    (n, c, h, w), k, shape = _shapes(x, boxes, ph, pw, channels_last)
+    out = empty(shape, x.dtype)
     if out is None:
         return None
     _cpu.kernel("roi_align", "forward", dtype_name)(
         x.ctypes.data, boxes.ctypes.data, k, n, c, h, w, ph, pw, scale, ratio,
-        int(aligned), out.ctypes.data)
+        int(aligned), int(channels_last), out.ctypes.data)
     return out
 
 
 def roi_pool_forward(x, boxes, dtype_name, ph, pw, scale, convention_code,
-                     return_argmax):
-    n, c, h, w = x.shape
-    k = boxes.shape[0]
-    out = empty((k, c, ph, pw), x.dtype)
-    argmax = empty((k, c, ph, pw), np.int64) if return_argmax else False
+                     return_argmax, channels_last):
+    (n, c, h, w), k, shape = _shapes(x, boxes, ph, pw, channels_last)
+    out = empty(shape, x.dtype)
+    argmax = empty(shape, np.int64) if return_argmax else False
     if out is None or argmax is None:
         return None
     _cpu.kernel("roi_pool", "forward", dtype_name)(
         x.ctypes.data, boxes.ctypes.data, k, n, c, h, w, ph, pw, scale,
-        convention_code, out.ctypes.data,
+        convention_code, int(channels_last), out.ctypes.data,
         argmax.ctypes.data if return_argmax else None)
     return (out, argmax) if return_argmax else out

@@ -10,7 +10,10 @@ CuPy arrays (GPU backend, run on the current CuPy device and stream):
   dtype (float64 for float64 features, else float32);
 - outputs are written entirely: forward outputs ``[K, C, PH, PW]`` in the
   features' dtype (``argmax`` int64), gradients of the features
-  ``[N, C, H, W]`` in the accumulation dtype.
+  ``[N, C, H, W]`` in the accumulation dtype;
+- with ``channels_last=True`` every feature-like array is channels-last
+  instead: features and their gradients ``[N, H, W, C]``, outputs and
+  ``argmax`` ``[K, PH, PW, C]`` (argmax still the flat ``h * W + w``).
 
 The public functions (curoi.roi_align, ...), curoi.torch and curoi.jax all
 end here, so every front end gets the same numbers.
@@ -63,8 +66,15 @@ def _finite_max_abs(grad_output, xp):
 FIXED_POINT_ON_CPU = False
 
 
+def _nchw(shape, channels_last):
+    """A 4-D shape in [N, C, H, W] order, whichever layout it has."""
+    if channels_last:
+        return shape[0], shape[3], shape[1], shape[2]
+    return tuple(shape)
+
+
 def _backward(family, args_before_sum, grad_output, grad_input, deterministic,
-              zeroed):
+              zeroed, terms):
     """Launch ``family``'s backward. On the GPU the deterministic flavour
     sums in int64 fixed point and then adds the sums into grad_input (see
     CuroiFixedSum in curoi_common.cuh); the plain one adds atomically."""
@@ -81,39 +91,41 @@ def _backward(family, args_before_sum, grad_output, grad_input, deterministic,
     xp = _xp(grad_output)
     max_abs = _finite_max_abs(grad_output, xp)
     fixed = xp.zeros(grad_input.shape, dtype=np.int64)
-    k, _, ph, pw = grad_output.shape
     _run(family, "backward_fixed", dtype,
          args_before_sum + (max_abs, fixed, grad_input), grad_output.size, cuda)
     _run(family, "fixed_finish", dtype,
-         (fixed, max_abs, k * ph * pw, grad_input.size, grad_input),
+         (fixed, max_abs, terms, grad_input.size, grad_input),
          grad_input.size, cuda)
 
 
-def roi_align_forward(x, rois, out, spatial_scale, sampling_ratio, aligned):
-    """``out[K, C, PH, PW]`` = RoI Align of ``x[N, C, H, W]``."""
-    n, c, h, w = x.shape
-    k, _, ph, pw = out.shape
+def roi_align_forward(x, rois, out, spatial_scale, sampling_ratio, aligned,
+                      channels_last=False):
+    """``out[K, C, PH, PW]`` = RoI Align of ``x[N, C, H, W]`` (channels-last:
+    ``out[K, PH, PW, C]`` of ``x[N, H, W, C]``)."""
+    n, c, h, w = _nchw(x.shape, channels_last)
+    k, _, ph, pw = _nchw(out.shape, channels_last)
     if h * w == 0:
         out.fill(0)
         return
     _run("roi_align", "forward", x.dtype.name,
          (x, rois, k, n, c, h, w, ph, pw, spatial_scale, sampling_ratio,
-          int(aligned), out),
+          int(aligned), int(channels_last), out),
          out.size, _is_cuda(x))
 
 
 def roi_align_backward(grad_output, rois, grad_input, spatial_scale,
                        sampling_ratio, aligned, deterministic=False,
-                       zeroed=False):
+                       zeroed=False, channels_last=False):
     """``grad_input[N, C, H, W]`` = gradient of RoI Align for
-    ``grad_output[K, C, PH, PW]``. ``zeroed`` says grad_input holds zeros
-    already (as a fresh numpy.zeros does without touching its memory)."""
-    n, c, h, w = grad_input.shape
-    k, _, ph, pw = grad_output.shape
+    ``grad_output[K, C, PH, PW]`` (both channels-last with
+    ``channels_last``). ``zeroed`` says grad_input holds zeros already (as a
+    fresh numpy.zeros does without touching its memory)."""
+    n, c, h, w = _nchw(grad_input.shape, channels_last)
+    k, _, ph, pw = _nchw(grad_output.shape, channels_last)
     _backward("roi_align",
               (grad_output, rois, k, n, c, h, w, ph, pw, spatial_scale,
-               sampling_ratio, int(aligned)),
-              grad_output, grad_input, deterministic, zeroed)
+               sampling_ratio, int(aligned), int(channels_last)),
+              grad_output, grad_input, deterministic, zeroed, k * ph * pw)
 
 
 def roi_align_max_forward(x, rois, out, argmax, spatial_scale, sampling_ratio,
@@ -134,12 +146,13 @@ def roi_align_max_forward(x, rois, out, argmax, spatial_scale, sampling_ratio,
          out.size, _is_cuda(x))
 
 
-def roi_pool_forward(x, rois, out, argmax, spatial_scale, convention):
-    """``out`` and ``argmax`` ``[K, C, PH, PW]`` = RoI Pool of ``x``;
-    ``convention`` is "torchvision" or "mmcv"; ``argmax`` None computes the
-    maxima alone."""
-    n, c, h, w = x.shape
-    k, _, ph, pw = out.shape
+def roi_pool_forward(x, rois, out, argmax, spatial_scale, convention,
+                     channels_last=False):
+    """``out`` and ``argmax`` ``[K, C, PH, PW]`` (channels-last:
+    ``[K, PH, PW, C]``) = RoI Pool of ``x``; ``convention`` is "torchvision"
+    or "mmcv"; ``argmax`` None computes the maxima alone."""
+    n, c, h, w = _nchw(x.shape, channels_last)
+    k, _, ph, pw = _nchw(out.shape, channels_last)
     if h * w == 0:
         out.fill(0)
         if argmax is not None:
@@ -147,17 +160,19 @@ def roi_pool_forward(x, rois, out, argmax, spatial_scale, convention):
         return
     _run("roi_pool", "forward", x.dtype.name,
          (x, rois, k, n, c, h, w, ph, pw, spatial_scale,
-          _kernels.POOL_CONVENTIONS[convention], out, argmax),
+          _kernels.POOL_CONVENTIONS[convention], int(channels_last), out,
+          argmax),
          out.size, _is_cuda(x))
 
 
 def roi_pool_backward(grad_output, argmax, rois, grad_input,
-                      deterministic=False, zeroed=False):
+                      deterministic=False, zeroed=False, channels_last=False):
     """``grad_input[N, C, H, W]`` = gradient of RoI Pool for
-    ``grad_output`` and the forward's ``argmax`` (int64); ``zeroed`` as in
-    :func:`roi_align_backward`."""
-    n, c, h, w = grad_input.shape
-    k, _, ph, pw = grad_output.shape
+    ``grad_output`` and the forward's ``argmax`` (int64), all channels-last
+    with ``channels_last``; ``zeroed`` as in :func:`roi_align_backward`."""
+    n, c, h, w = _nchw(grad_input.shape, channels_last)
+    k, _, ph, pw = _nchw(grad_output.shape, channels_last)
     _backward("roi_pool",
-              (grad_output, argmax, rois, k, n, c, h, w, ph, pw),
-              grad_output, grad_input, deterministic, zeroed)
+              (grad_output, argmax, rois, k, n, c, h, w, ph, pw,
+               int(channels_last)),
+              grad_output, grad_input, deterministic, zeroed, k * ph * pw)

@@ -3,14 +3,27 @@
 from . import _boxes, _fast, _launch, _ops, _validate
 from ._interop import Caller
 
-_FEATURES = "[N, C, H, W]"
-_GRAD = "[K, C, PH, PW]"
-_OUTPUT = "the output [K, C, PH, PW] (boxes, channels, output_size)"
-_GRAD_INPUT = "the gradient [N, C, H, W] (input_shape)"
+# Layout descriptions for messages, by channels_last.
+_FEATURES = {False: "[N, C, H, W]", True: "[N, H, W, C]"}
+_GRAD = {False: "[K, C, PH, PW]", True: "[K, PH, PW, C]"}
+_SHAPE = {False: "(N, C, H, W)", True: "(N, H, W, C)"}
+_OUTPUT = {False: "the output [K, C, PH, PW] (boxes, channels, output_size)",
+           True: "the output [K, PH, PW, C] (boxes, output_size, channels)"}
+_GRAD_INPUT = {False: "the gradient [N, C, H, W] (input_shape)",
+               True: "the gradient [N, H, W, C] (input_shape)"}
+
+
+def _nchw(shape, channels_last):
+    return (shape[0], shape[3], shape[1], shape[2]) if channels_last else tuple(shape)
+
+
+def _layout(n, c, h, w, channels_last):
+    """The shape (N, C, H, W) in the caller's layout."""
+    return (n, h, w, c) if channels_last else (n, c, h, w)
 
 
 def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
-              aligned=False):
+              aligned=False, *, data_format="NCHW"):
     """RoI Align: average of bilinearly interpolated samples in each bin.
 
     The numbers are those of torchvision's ``roi_align``, detectron2's
@@ -34,10 +47,14 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
         aligned: shift the box by -0.5 pixel (``True``, pixel centres at
             half-integers, detectron2's and ONNX ``half_pixel``), or use the
             legacy convention with boxes of at least one pixel (``False``).
+        data_format: ``"NCHW"`` (features ``[N, C, H, W]``) or ``"NHWC"``
+            (channels-last features ``[N, H, W, C]``, read in place by
+            kernels of their own, and a ``[K, PH, PW, C]`` result whose
+            numbers are the NCHW result's, transposed, to the bit).
 
     Returns:
-        ``[K, C, PH, PW]`` of the input's dtype, the caller's kind of array
-        on the input's device.
+        ``[K, C, PH, PW]`` (NHWC: ``[K, PH, PW, C]``) of the input's dtype,
+        the caller's kind of array on the input's device.
 
     A sample outside ``[-1, H] x [-1, W]`` contributes 0 but counts in the
     bin's divisor; samples in that band are clamped to the map's edge.
@@ -49,44 +66,51 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
     scale = _validate.spatial_scale(spatial_scale)
     ratio = _validate.sampling_ratio(sampling_ratio)
     aligned = _validate.flag(aligned, "aligned")
+    channels_last = _validate.data_format(data_format)
     fast = _fast.numpy_arrays(input, boxes)
     if fast is not None:
         _validate.scale_for(scale, fast)
         out = _fast.roi_align_forward(input, boxes, fast, ph, pw, scale, ratio,
-                                      aligned)
+                                      aligned, channels_last)
         if out is not None:
             return out
     caller = Caller(input, "input")
     with caller.on_device():
-        x, storage = _launch.features(caller, input, "input", _FEATURES)
+        x, storage = _launch.features(caller, input, "input",
+                                      _FEATURES[channels_last])
         _validate.scale_for(scale, _launch.accumulation_dtype(storage))
-        n, c, h, w = x.shape
+        n, c, h, w = _nchw(x.shape, channels_last)
         rois = _boxes.to_rois(boxes, caller, n, _launch.accumulation_dtype(storage))
         k = rois.shape[0]
         dtype = _launch.kernel_dtype(caller, storage)
         cast = _launch.cast_back(caller, storage, dtype)
-        out, native = caller.new((k, c, ph, pw), dtype, native=cast is None,
-                                 zeroed=False, what=_OUTPUT)
+        out, native = caller.new(_layout(k, c, ph, pw, channels_last), dtype,
+                                 native=cast is None, zeroed=False,
+                                 what=_OUTPUT[channels_last])
         _ops.roi_align_forward(_launch.as_kernel_input(x, dtype), rois, out,
-                               scale, ratio, aligned)
+                               scale, ratio, aligned, channels_last)
         return caller.result(out, native, cast)
 
 
 def roi_align_backward(grad_output, boxes, input_shape, output_size,
                        spatial_scale=1.0, sampling_ratio=-1, aligned=False, *,
-                       deterministic=False):
+                       deterministic=False, data_format="NCHW"):
     """Gradient of :func:`roi_align` with respect to its input.
 
     Args:
-        grad_output: ``[K, C, PH, PW]``, the gradient of the pooled output.
+        grad_output: ``[K, C, PH, PW]`` (NHWC: ``[K, PH, PW, C]``), the
+            gradient of the pooled output.
         boxes: as given to :func:`roi_align` (``[K, 5]`` or a list).
-        input_shape: ``(N, C, H, W)`` of the forward input.
+        input_shape: ``(N, C, H, W)`` of the forward input (NHWC:
+            ``(N, H, W, C)``).
         output_size, spatial_scale, sampling_ratio, aligned: as in the forward.
         deterministic: make the result bitwise the same in every run, on
             every thread count and launch configuration (see below).
+        data_format: ``"NCHW"`` or ``"NHWC"``, as in the forward; NHWC
+            gradients are the NCHW ones transposed, to the bit.
 
     Returns:
-        ``[N, C, H, W]`` of grad_output's dtype. Gradients accumulate in
+        ``[N, C, H, W]`` (NHWC: ``[N, H, W, C]``) of grad_output's dtype. Gradients accumulate in
         float32 (float64 for float64) and are rounded to half precision once
         at the end. Boxes that the forward ignores get no gradient.
 
@@ -104,17 +128,22 @@ def roi_align_backward(grad_output, boxes, input_shape, output_size,
     ratio = _validate.sampling_ratio(sampling_ratio)
     aligned = _validate.flag(aligned, "aligned")
     deterministic = _validate.flag(deterministic, "deterministic")
-    n, c, h, w = _validate.input_shape(input_shape)
+    channels_last = _validate.data_format(data_format)
+    n, c, h, w = _nchw(_validate.input_shape(input_shape,
+                                             layout=_SHAPE[channels_last]),
+                       channels_last)
     caller = Caller(grad_output, "grad_output")
     with caller.on_device():
-        g, storage = _launch.features(caller, grad_output, "grad_output", _GRAD)
+        g, storage = _launch.features(caller, grad_output, "grad_output",
+                                      _GRAD[channels_last])
         _validate.scale_for(scale, _launch.accumulation_dtype(storage))
         rois = _boxes.to_rois(boxes, caller, n, _launch.accumulation_dtype(storage))
         k = rois.shape[0]
-        expected = (k, c, ph, pw)
+        expected = _layout(k, c, ph, pw, channels_last)
         if tuple(g.shape) != expected:
+            order = "(K, PH, PW, C)" if channels_last else "(K, C, PH, PW)"
             raise ValueError(
-                f"grad_output must have shape (K, C, PH, PW) = {expected} from "
+                f"grad_output must have shape {order} = {expected} from "
                 f"boxes, input_shape and output_size, got {tuple(g.shape)}"
             )
         dtype = _launch.kernel_dtype(caller, storage)
@@ -122,9 +151,10 @@ def roi_align_backward(grad_output, boxes, input_shape, output_size,
         cast = _launch.cast_back(caller, storage, acc)
         # Allocated zeroed: the OS hands out zero pages lazily, so a huge,
         # sparsely hit gradient costs only the pages the kernel writes.
-        grad_input, native = caller.new((n, c, h, w), acc, native=cast is None,
-                                        what=_GRAD_INPUT)
+        grad_input, native = caller.new(_layout(n, c, h, w, channels_last), acc,
+                                        native=cast is None,
+                                        what=_GRAD_INPUT[channels_last])
         _ops.roi_align_backward(_launch.as_kernel_input(g, dtype), rois,
                                 grad_input, scale, ratio, aligned, deterministic,
-                                zeroed=True)
+                                zeroed=True, channels_last=channels_last)
         return caller.result(grad_input, native, cast)

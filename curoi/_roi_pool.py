@@ -4,16 +4,12 @@ import numpy as np
 
 from . import _boxes, _fast, _gpu, _kernels, _launch, _ops, _validate
 from ._interop import Caller
-
-_FEATURES = "[N, C, H, W]"
-_GRAD = "[K, C, PH, PW]"
-_OUTPUT = "the output [K, C, PH, PW] (boxes, channels, output_size)"
-_GRAD_INPUT = "the gradient [N, C, H, W] (input_shape)"
+from ._roi_align import _FEATURES, _GRAD, _GRAD_INPUT, _OUTPUT, _SHAPE, _layout, _nchw
 _CONVENTIONS = tuple(_kernels.POOL_CONVENTIONS)
 
 
 def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
-             convention="torchvision", return_argmax=False):
+             convention="torchvision", return_argmax=False, data_format="NCHW"):
     """RoI Pool: the maximum of each bin of each box.
 
     Args:
@@ -33,10 +29,13 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
             ``ceil((p+1)*bin + x1*s)``; a box of no positive extent gives zeros.
             Bins are clipped to the map in both.
         return_argmax: also return where each maximum was.
+        data_format: ``"NCHW"`` (features ``[N, C, H, W]``) or ``"NHWC"``
+            (channels-last ``[N, H, W, C]`` read in place, results
+            ``[K, PH, PW, C]``: the NCHW numbers transposed, to the bit).
 
     Returns:
-        ``[K, C, PH, PW]`` of the input's dtype, and with ``return_argmax``
-        an int64 array of the same shape holding the flat index ``h * W + w``
+        ``[K, C, PH, PW]`` (NHWC: ``[K, PH, PW, C]``) of the input's dtype,
+        and with ``return_argmax`` an int64 array of the same shape holding the flat index ``h * W + w``
         of each maximum in its feature plane: the first one in row-major
         order on ties, -1 for an empty bin (whose output is 0) and for boxes
         that read nothing (batch index not finite or not in ``[0, N)``, or a
@@ -46,31 +45,35 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
     scale = _validate.spatial_scale(spatial_scale)
     convention = _validate.choice(convention, "convention", _CONVENTIONS)
     return_argmax = _validate.flag(return_argmax, "return_argmax")
+    channels_last = _validate.data_format(data_format)
     fast = _fast.numpy_arrays(input, boxes)
     if fast is not None:
         _validate.scale_for(scale, fast)
         result = _fast.roi_pool_forward(
             input, boxes, fast, ph, pw, scale,
-            _kernels.POOL_CONVENTIONS[convention], return_argmax)
+            _kernels.POOL_CONVENTIONS[convention], return_argmax, channels_last)
         if result is not None:
             return result
     caller = Caller(input, "input")
     with caller.on_device():
-        x, storage = _launch.features(caller, input, "input", _FEATURES)
+        x, storage = _launch.features(caller, input, "input",
+                                      _FEATURES[channels_last])
         _validate.scale_for(scale, _launch.accumulation_dtype(storage))
-        n, c, h, w = x.shape
+        n, c, h, w = _nchw(x.shape, channels_last)
         rois = _boxes.to_rois(boxes, caller, n, _launch.accumulation_dtype(storage))
         k = rois.shape[0]
         dtype = _launch.kernel_dtype(caller, storage)
         cast = _launch.cast_back(caller, storage, dtype)
-        out, native = caller.new((k, c, ph, pw), dtype, native=cast is None,
-                                 zeroed=False, what=_OUTPUT)
+        shape = _layout(k, c, ph, pw, channels_last)
+        out, native = caller.new(shape, dtype, native=cast is None,
+                                 zeroed=False, what=_OUTPUT[channels_last])
         argmax = native_argmax = None
         if return_argmax:
-            argmax, native_argmax = caller.new((k, c, ph, pw), "int64", zeroed=False,
-                                               what="the argmax " + _OUTPUT[11:])
+            argmax, native_argmax = caller.new(
+                shape, "int64", zeroed=False,
+                what="the argmax " + _OUTPUT[channels_last][11:])
         _ops.roi_pool_forward(_launch.as_kernel_input(x, dtype), rois, out,
-                              argmax, scale, convention)
+                              argmax, scale, convention, channels_last)
         y = caller.result(out, native, cast)
         if return_argmax:
             return y, caller.result(argmax, native_argmax)
@@ -78,27 +81,34 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
 
 
 def roi_pool_backward(grad_output, argmax, boxes, input_shape, *,
-                      deterministic=False):
+                      deterministic=False, data_format="NCHW"):
     """Gradient of :func:`roi_pool` with respect to its input.
 
     Args:
-        grad_output: ``[K, C, PH, PW]``, the gradient of the pooled output.
+        grad_output: ``[K, C, PH, PW]`` (NHWC: ``[K, PH, PW, C]``), the
+            gradient of the pooled output.
         argmax: the argmax that :func:`roi_pool` returned (integer, same
             shape). Entries outside ``[0, H*W)`` pass no gradient.
         boxes: as given to :func:`roi_pool` (for the batch index of each box).
-        input_shape: ``(N, C, H, W)`` of the forward input.
+        input_shape: ``(N, C, H, W)`` of the forward input (NHWC:
+            ``(N, H, W, C)``).
         deterministic: bitwise reproducible sums, as in
             :func:`curoi.roi_align_backward`.
+        data_format: ``"NCHW"`` or ``"NHWC"``, as in the forward.
 
     Returns:
-        ``[N, C, H, W]`` of grad_output's dtype; accumulated in float32
+        ``[N, C, H, W]`` (NHWC: ``[N, H, W, C]``) of grad_output's dtype; accumulated in float32
         (float64 for float64) and rounded to half precision once at the end.
     """
     deterministic = _validate.flag(deterministic, "deterministic")
-    n, c, h, w = _validate.input_shape(input_shape)
+    channels_last = _validate.data_format(data_format)
+    n, c, h, w = _nchw(_validate.input_shape(input_shape,
+                                             layout=_SHAPE[channels_last]),
+                       channels_last)
     caller = Caller(grad_output, "grad_output")
     with caller.on_device():
-        g, storage = _launch.features(caller, grad_output, "grad_output", _GRAD)
+        g, storage = _launch.features(caller, grad_output, "grad_output",
+                                      _GRAD[channels_last])
         idx = caller.view(argmax, "argmax")
         if idx.dtype.kind not in "iu":
             raise TypeError(f"argmax must have an integer dtype, got {idx.dtype}")
@@ -111,19 +121,22 @@ def roi_pool_backward(grad_output, argmax, boxes, input_shape, *,
         idx = xp.ascontiguousarray(idx, dtype=np.int64)
         rois = _boxes.to_rois(boxes, caller, n, _launch.accumulation_dtype(storage))
         k = rois.shape[0]
-        if g.shape[0] != k or g.shape[1] != c:
+        _, g_channels, ph, pw = _nchw(g.shape, channels_last)
+        if g.shape[0] != k or g_channels != c:
+            order = "(K, PH, PW, C)" if channels_last else "(K, C, PH, PW)"
             raise ValueError(
-                f"grad_output must have shape (K, C, PH, PW) with K = {k} boxes "
+                f"grad_output must have shape {order} with K = {k} boxes "
                 f"and C = {c} from input_shape, got {tuple(g.shape)}"
             )
-        ph, pw = g.shape[2], g.shape[3]
         dtype = _launch.kernel_dtype(caller, storage)
         acc = _launch.accumulation_dtype(storage)
         cast = _launch.cast_back(caller, storage, acc)
         # Allocated zeroed: the OS hands out zero pages lazily, so a huge,
         # sparsely hit gradient costs only the pages the kernel writes.
-        grad_input, native = caller.new((n, c, h, w), acc, native=cast is None,
-                                        what=_GRAD_INPUT)
+        grad_input, native = caller.new(_layout(n, c, h, w, channels_last), acc,
+                                        native=cast is None,
+                                        what=_GRAD_INPUT[channels_last])
         _ops.roi_pool_backward(_launch.as_kernel_input(g, dtype), idx, rois,
-                               grad_input, deterministic, zeroed=True)
+                               grad_input, deterministic, zeroed=True,
+                               channels_last=channels_last)
         return caller.result(grad_input, native, cast)

@@ -90,13 +90,21 @@ def float_array(array, name, storage_dtype, ndim, layout):
         raise ValueError(f"{name} must be a {ndim}-D array {layout}, got shape {tuple(array.shape)}")
 
 
-def input_shape(value, name="input_shape"):
+DATA_FORMATS = ("NCHW", "NHWC")
+
+
+def data_format(value, name="data_format"):
+    """"NCHW" or "NHWC" -> True for channels-last."""
+    return choice(value, name, DATA_FORMATS) == "NHWC"
+
+
+def input_shape(value, name="input_shape", layout="(N, C, H, W)"):
     try:
         shape = tuple(value)
     except TypeError:
         shape = None
     if shape is None or len(shape) != 4 or not all(_is_int(v) for v in shape):
-        raise TypeError(f"{name} must be a sequence of 4 ints (N, C, H, W), got {value!r}")
+        raise TypeError(f"{name} must be a sequence of 4 ints {layout}, got {value!r}")
     if any(v < 0 for v in shape):
         raise ValueError(f"{name} must not have negative sizes, got {shape}")
     return tuple(int(v) for v in shape)

@@ -119,7 +119,7 @@ def _load_buffer_callback(import_module=importlib.import_module,
 
 _buffer_callback = _load_buffer_callback()
 
-_FEATURES = "[N, C, H, W]"
+_FEATURES = {False: "[N, C, H, W]", True: "[N, H, W, C]"}
 _POOL_CONVENTIONS = tuple(_kernels.POOL_CONVENTIONS)
 _DLPACK_CPU = 1
 _DLPACK_CUDA = 2
@@ -142,16 +142,25 @@ def _dtype_name(dtype):
     return np.dtype(dtype).name
 
 
-def _features(x, name="input"):
+def _features(x, channels_last, name="input"):
+    layout = _FEATURES[channels_last]
     if isinstance(x, np.ndarray):
         x = jnp.asarray(x)
     if not isinstance(x, jax.Array):
         raise TypeError(
-            f"{name} must be a jax.Array (or a NumPy array) {_FEATURES}, got "
+            f"{name} must be a jax.Array (or a NumPy array) {layout}, got "
             f"{type(x).__module__}.{type(x).__qualname__}"
         )
-    _validate.float_array(x, name, _dtype_name(x.dtype), 4, _FEATURES)
+    _validate.float_array(x, name, _dtype_name(x.dtype), 4, layout)
     return x
+
+
+def _channels(x, channels_last):
+    return x.shape[3] if channels_last else x.shape[1]
+
+
+def _output_shape(k, c, ph, pw, channels_last):
+    return (k, ph, pw, c) if channels_last else (k, c, ph, pw)
 
 
 def _box_array(array, name, columns):
@@ -391,17 +400,18 @@ def _unfold(value, axis_size):
 
 
 @functools.lru_cache(maxsize=None)
-def _align_forward_op(ph, pw, scale, ratio, aligned):
-    """``x [N, C, H, W]`` (a kernel dtype), ``rois [K, 5]`` -> ``[K, C, PH, PW]``."""
+def _align_forward_op(ph, pw, scale, ratio, aligned, channels_last):
+    """``x [N, C, H, W]`` (a kernel dtype), ``rois [K, 5]`` -> ``[K, C, PH, PW]``
+    (channels-last: ``[N, H, W, C]`` -> ``[K, PH, PW, C]``)."""
 
     def run(x, rois, out):
-        _ops.roi_align_forward(x, rois, out, scale, ratio, aligned)
+        _ops.roi_align_forward(x, rois, out, scale, ratio, aligned, channels_last)
 
     @custom_vmap
     def op(x, rois):
-        n, c = x.shape[:2]
-        shape = (rois.shape[0], c, ph, pw)
-        if x.size == 0 or rois.shape[0] * c == 0:
+        shape = _output_shape(rois.shape[0], _channels(x, channels_last), ph, pw,
+                              channels_last)
+        if x.size == 0 or int(np.prod(shape)) == 0:
             y = jnp.zeros(shape, x.dtype)  # nothing to read: no launch
         else:
             y = _call(run, [jax.ShapeDtypeStruct(shape, x.dtype)], x, rois)[0]
@@ -416,13 +426,16 @@ def _align_forward_op(ph, pw, scale, ratio, aligned):
 
 
 @functools.lru_cache(maxsize=None)
-def _align_backward_op(input_shape, scale, ratio, aligned, deterministic):
+def _align_backward_op(input_shape, scale, ratio, aligned, deterministic,
+                       channels_last):
     """``grad_output [K, C, PH, PW]``, ``rois`` -> ``[N, C, H, W]`` in the
-    accumulation dtype."""
+    accumulation dtype (channels-last: ``[K, PH, PW, C]`` -> ``[N, H, W, C]``;
+    ``input_shape`` is in the layout of the features)."""
 
     def run(g, rois, grad_input):
         _ops.roi_align_backward(g, rois, grad_input, scale, ratio, aligned,
-                                deterministic=deterministic)
+                                deterministic=deterministic,
+                                channels_last=channels_last)
 
     @custom_vmap
     def op(g, rois):
@@ -440,24 +453,27 @@ def _align_backward_op(input_shape, scale, ratio, aligned, deterministic):
         g = _broadcast(g, g_batched, axis_size).reshape((-1,) + g.shape[-3:])
         rois = _fold_rois(rois, rois_batched, axis_size, input_shape[0])
         folded = (axis_size * input_shape[0],) + tuple(input_shape[1:])
-        inner = _align_backward_op(folded, scale, ratio, aligned, deterministic)
+        inner = _align_backward_op(folded, scale, ratio, aligned, deterministic,
+                                   channels_last)
         return _unfold(inner(g, rois), axis_size), True
 
     return op
 
 
 @functools.lru_cache(maxsize=None)
-def _pool_forward_op(ph, pw, scale, convention):
-    """``x``, ``rois`` -> (``[K, C, PH, PW]``, argmax as int32 pairs)."""
+def _pool_forward_op(ph, pw, scale, convention, channels_last):
+    """``x``, ``rois`` -> (``[K, C, PH, PW]``, argmax as int32 pairs), or
+    ``[K, PH, PW, C]`` channels-last."""
 
     def run(x, rois, out, argmax):
-        _ops.roi_pool_forward(x, rois, out, argmax, scale, convention)
+        _ops.roi_pool_forward(x, rois, out, argmax, scale, convention,
+                              channels_last)
 
     @custom_vmap
     def op(x, rois):
-        c = x.shape[1]
-        shape = (rois.shape[0], c, ph, pw)
-        if rois.shape[0] * c == 0:
+        shape = _output_shape(rois.shape[0], _channels(x, channels_last), ph, pw,
+                              channels_last)
+        if int(np.prod(shape)) == 0:
             results = (jnp.zeros(shape, x.dtype),
                        jnp.zeros(shape + (2,), jnp.int32))
         elif x.size == 0:
@@ -482,13 +498,14 @@ def _pool_forward_op(ph, pw, scale, convention):
 
 
 @functools.lru_cache(maxsize=None)
-def _pool_backward_op(input_shape, deterministic):
+def _pool_backward_op(input_shape, deterministic, channels_last):
     """``grad_output``, argmax (int32 pairs), ``rois`` -> ``[N, C, H, W]``
-    in the accumulation dtype."""
+    in the accumulation dtype (all channels-last with ``channels_last``)."""
 
     def run(g, argmax, rois, grad_input):
         _ops.roi_pool_backward(g, argmax.view(np.int64)[..., 0], rois,
-                               grad_input, deterministic=deterministic)
+                               grad_input, deterministic=deterministic,
+                               channels_last=channels_last)
 
     @custom_vmap
     def op(g, argmax, rois):
@@ -508,7 +525,7 @@ def _pool_backward_op(input_shape, deterministic):
         argmax = argmax.reshape((-1,) + argmax.shape[-4:])
         rois = _fold_rois(rois, rois_batched, axis_size, input_shape[0])
         folded = (axis_size * input_shape[0],) + tuple(input_shape[1:])
-        inner = _pool_backward_op(folded, deterministic)
+        inner = _pool_backward_op(folded, deterministic, channels_last)
         return _unfold(inner(g, argmax, rois), axis_size), True
 
     return op
@@ -529,8 +546,8 @@ def _per_platform(half, on_cpu, on_gpu, *args):
 
 
 def _align_forward(config, x, rois):
-    ph, pw, scale, ratio, aligned, _, _, _ = config
-    op = _align_forward_op(ph, pw, scale, ratio, aligned)
+    ph, pw, scale, ratio, aligned, _, _, _, channels_last = config
+    op = _align_forward_op(ph, pw, scale, ratio, aligned, channels_last)
     dtype = x.dtype
 
     def on_cpu(x, rois):
@@ -549,8 +566,10 @@ def _roi_align_fwd(config, x, rois):
 
 
 def _roi_align_bwd(config, rois, g):
-    _, _, scale, ratio, aligned, deterministic, input_shape, input_axes = config
-    op = _align_backward_op(input_shape, scale, ratio, aligned, deterministic)
+    (_, _, scale, ratio, aligned, deterministic, input_shape, input_axes,
+     channels_last) = config
+    op = _align_backward_op(input_shape, scale, ratio, aligned, deterministic,
+                            channels_last)
     dtype = g.dtype
 
     def on_cpu(g, rois):
@@ -568,8 +587,8 @@ _roi_align.defvjp(_roi_align_fwd, _roi_align_bwd)
 
 
 def _pool_forward(config, x, rois):
-    ph, pw, scale, convention, _, _, _ = config
-    op = _pool_forward_op(ph, pw, scale, convention)
+    ph, pw, scale, convention, _, _, _, channels_last = config
+    op = _pool_forward_op(ph, pw, scale, convention, channels_last)
     dtype = x.dtype
 
     def on_cpu(x, rois):
@@ -591,8 +610,8 @@ def _roi_pool_fwd(config, x, rois):
 
 def _roi_pool_bwd(config, residuals, g):
     argmax, rois = residuals
-    _, _, _, _, deterministic, input_shape, input_axes = config
-    op = _pool_backward_op(input_shape, deterministic)
+    _, _, _, _, deterministic, input_shape, input_axes, channels_last = config
+    op = _pool_backward_op(input_shape, deterministic, channels_last)
     dtype = g.dtype
 
     def on_cpu(g, argmax, rois):
@@ -633,7 +652,7 @@ def _acc_of(x):
 
 
 def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
-              aligned=False, *, deterministic=False):
+              aligned=False, *, deterministic=False, data_format="NCHW"):
     """RoI Align of JAX arrays: :func:`curoi.roi_align` for ``jax.jit``,
     ``jax.grad`` and ``jax.vmap``.
 
@@ -652,11 +671,16 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
         aligned: shift boxes by -0.5 pixel (detectron2, ONNX ``half_pixel``).
         deterministic: make the backward pass bitwise reproducible (see
             :func:`curoi.roi_align_backward`); the forward is always so.
+        data_format: ``"NCHW"`` or ``"NHWC"``: channels-last features
+            ``[N, H, W, C]`` (JAX's own convolution layout) run kernels of
+            their own in place, give ``[K, PH, PW, C]`` and an
+            ``[N, H, W, C]`` gradient, the NCHW numbers transposed to the bit.
 
     Returns:
-        ``[K, C, PH, PW]`` of the input's dtype. Under ``jax.vmap`` the input
-        is ``[B, N, C, H, W]`` and the boxes ``[B, K, 5]`` (either may be
-        unbatched), the result ``[B, K, C, PH, PW]``.
+        ``[K, C, PH, PW]`` (NHWC: ``[K, PH, PW, C]``) of the input's dtype.
+        Under ``jax.vmap`` the input is ``[B, N, C, H, W]`` and the boxes
+        ``[B, K, 5]`` (either may be unbatched), the result
+        ``[B, K, C, PH, PW]``.
 
     Gradients flow to ``input`` (accumulated in float32, float64 for
     float64, and rounded once to the input's dtype); the boxes get zero.
@@ -666,16 +690,17 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
     ratio = _validate.sampling_ratio(sampling_ratio)
     aligned = _validate.flag(aligned, "aligned")
     deterministic = _validate.flag(deterministic, "deterministic")
-    x = _features(input)
+    channels_last = _validate.data_format(data_format)
+    x = _features(input, channels_last)
     _validate.scale_for(scale, _accumulation_dtype(_dtype_name(x.dtype)))
     boxes = _checked_boxes(boxes, x.shape[0])
     config = (ph, pw, scale, ratio, aligned, deterministic,
-              tuple(int(v) for v in x.shape), _varying_axes(x))
+              tuple(int(v) for v in x.shape), _varying_axes(x), channels_last)
     return _align_program(config, x, boxes)
 
 
 def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
-             convention="torchvision", deterministic=False):
+             convention="torchvision", deterministic=False, data_format="NCHW"):
     """RoI Pool of JAX arrays: :func:`curoi.roi_pool` for ``jax.jit``,
     ``jax.grad`` and ``jax.vmap``.
 
@@ -687,19 +712,21 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
         convention: ``"torchvision"`` (torchvision, Caffe, ONNX MaxRoiPool)
             or ``"mmcv"``; see :func:`curoi.roi_pool`.
         deterministic: make the backward pass bitwise reproducible.
+        data_format: ``"NCHW"`` or ``"NHWC"`` (see :func:`roi_align`).
 
     Returns:
-        ``[K, C, PH, PW]`` of the input's dtype (``[B, K, C, PH, PW]`` under
-        ``jax.vmap``). The gradient goes to the first maximum of each bin;
+        ``[K, C, PH, PW]`` (NHWC: ``[K, PH, PW, C]``) of the input's dtype
+        (with a leading ``B`` under ``jax.vmap``). The gradient goes to the first maximum of each bin;
         empty bins and the boxes get none.
     """
     ph, pw = _validate.output_size(output_size)
     scale = _validate.spatial_scale(spatial_scale)
     convention = _validate.choice(convention, "convention", _POOL_CONVENTIONS)
     deterministic = _validate.flag(deterministic, "deterministic")
-    x = _features(input)
+    channels_last = _validate.data_format(data_format)
+    x = _features(input, channels_last)
     _validate.scale_for(scale, _accumulation_dtype(_dtype_name(x.dtype)))
     boxes = _checked_boxes(boxes, x.shape[0])
     config = (ph, pw, scale, convention, deterministic,
-              tuple(int(v) for v in x.shape), _varying_axes(x))
+              tuple(int(v) for v in x.shape), _varying_axes(x), channels_last)
     return _pool_program(config, x, boxes)

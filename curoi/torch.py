@@ -74,6 +74,34 @@ def _check_boxes(input, boxes, name, columns):
             "move them to the same device")
 
 
+def _channels_last(input):
+    """Whether ``input`` runs the channels-last kernels: laid out as
+    ``torch.channels_last`` and not also plain contiguous (a tensor with
+    C = 1 or H = W = 1 is both, and stays NCHW). The real ops and their
+    fakes decide alike, so both give the same strides."""
+    return (not input.is_contiguous()
+            and input.is_contiguous(memory_format=torch.channels_last))
+
+
+def _empty(like, shape, channels_last, dtype=None):
+    """A new [a, b, c, d] tensor, allocated as [a, c, d, b] and viewed in
+    NCHW order when ``channels_last`` (torch.channels_last strides)."""
+    if not channels_last:
+        return like.new_empty(shape, dtype=dtype)
+    a, b, c, d = shape
+    return like.new_empty((a, c, d, b), dtype=dtype).permute(0, 3, 1, 2)
+
+
+def _nhwc(tensor):
+    """A [N, C, H, W] tensor as its [N, H, W, C] view: no copy for a
+    channels-last tensor."""
+    return tensor.permute(0, 2, 3, 1)
+
+
+def _nchw(tensor):
+    return tensor.permute(0, 3, 1, 2)
+
+
 def _check_tensors(input, rois, name):
     """Checks shared by the public functions (run eagerly, and while
     torch.compile traces them) and the fake implementations, so that a
@@ -169,7 +197,7 @@ def _direct_forward(family, input, rois, ph, pw, spatial_scale, *scalars,
     _validate.scale_for(spatial_scale, direct)
     _cpu.kernel(family, "forward", direct)(
         input.data_ptr(), rois.data_ptr(), k, n, c, h, w, ph, pw, spatial_scale,
-        *scalars, out.data_ptr(), *argmax)
+        *scalars, 0, out.data_ptr(), *argmax)  # 0: NCHW (contiguous input)
     return out
 
 
@@ -178,41 +206,55 @@ def _direct_forward(family, input, rois, ph, pw, spatial_scale, *scalars,
 def _roi_align_op(input: Tensor, rois: Tensor, spatial_scale: float,
                   pooled_height: int, pooled_width: int, sampling_ratio: int,
                   aligned: bool) -> Tensor:
-    return _curoi.roi_align(input, rois, (pooled_height, pooled_width),
-                            spatial_scale=spatial_scale,
-                            sampling_ratio=sampling_ratio, aligned=aligned)
+    kw = dict(spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+              aligned=aligned)
+    if _channels_last(input):
+        return _nchw(_curoi.roi_align(_nhwc(input), rois, (pooled_height, pooled_width),
+                                      data_format="NHWC", **kw))
+    return _curoi.roi_align(input, rois, (pooled_height, pooled_width), **kw)
 
 
 @_roi_align_op.register_fake
 def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio,
       aligned):
     _check_tensors(input, rois, "rois")
-    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+    return _empty(input, (rois.shape[0], input.shape[1], pooled_height, pooled_width),
+                  _channels_last(input))
 
 
+# The backward ops' channels_last defaults to False: a graph that
+# torch.compile cached before the argument existed (its cache key does not
+# cover autograd formulas) still calls them as before.
 @torch.library.custom_op("curoi::roi_align_backward", mutates_args=())
 def _roi_align_backward_op(grad: Tensor, rois: Tensor, spatial_scale: float,
                            pooled_height: int, pooled_width: int,
                            batch_size: int, channels: int, height: int,
                            width: int, sampling_ratio: int, aligned: bool,
-                           deterministic: bool) -> Tensor:
+                           deterministic: bool,
+                           channels_last: bool = False) -> Tensor:
+    kw = dict(spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+              aligned=aligned, deterministic=deterministic)
+    if channels_last:
+        return _nchw(_curoi.roi_align_backward(
+            _nhwc(grad), rois, (batch_size, height, width, channels),
+            (pooled_height, pooled_width), data_format="NHWC", **kw))
     return _curoi.roi_align_backward(
         grad, rois, (batch_size, channels, height, width),
-        (pooled_height, pooled_width), spatial_scale=spatial_scale,
-        sampling_ratio=sampling_ratio, aligned=aligned,
-        deterministic=deterministic)
+        (pooled_height, pooled_width), **kw)
 
 
 @_roi_align_backward_op.register_fake
 def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size,
-      channels, height, width, sampling_ratio, aligned, deterministic):
-    return grad.new_empty((batch_size, channels, height, width))
+      channels, height, width, sampling_ratio, aligned, deterministic,
+      channels_last=False):
+    return _empty(grad, (batch_size, channels, height, width), channels_last)
 
 
 def _roi_align_setup_context(ctx, inputs, output):
     input, rois, spatial_scale, ph, pw, sampling_ratio, aligned = inputs
     ctx.save_for_backward(rois)
     ctx.input_shape = tuple(input.shape)
+    ctx.channels_last = _channels_last(input)
     ctx.params = (spatial_scale, ph, pw, sampling_ratio, aligned)
 
 
@@ -224,7 +266,8 @@ def _roi_align_backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         grad_input = _roi_align_backward_op(
             grad, rois, spatial_scale, ph, pw, n, c, h, w, sampling_ratio,
-            aligned, torch.are_deterministic_algorithms_enabled())
+            aligned, torch.are_deterministic_algorithms_enabled(),
+            ctx.channels_last)
     return grad_input, None, None, None, None, None, None
 
 
@@ -266,7 +309,10 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
         ``Tensor[K, C, PH, PW]`` of ``input``'s dtype and device. Its gradient
         flows to ``input`` only (None for ``boxes``); under
         ``torch.use_deterministic_algorithms(True)`` it is bitwise
-        reproducible.
+        reproducible. A ``torch.channels_last`` input runs the channels-last
+        kernels in place, and the result and the gradient are
+        ``torch.channels_last`` too, with the numbers of a contiguous input
+        to the bit.
     """
     _check_input(input)
     rois = _to_rois(boxes, input)
@@ -288,30 +334,42 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
 def _roi_pool_op(input: Tensor, rois: Tensor, spatial_scale: float,
                  pooled_height: int, pooled_width: int,
                  convention: str) -> tuple[Tensor, Tensor]:
-    return _curoi.roi_pool(input, rois, (pooled_height, pooled_width),
-                           spatial_scale=spatial_scale, convention=convention,
-                           return_argmax=True)
+    kw = dict(spatial_scale=spatial_scale, convention=convention,
+              return_argmax=True)
+    if _channels_last(input):
+        y, argmax = _curoi.roi_pool(_nhwc(input), rois, (pooled_height, pooled_width),
+                                    data_format="NHWC", **kw)
+        return _nchw(y), _nchw(argmax)
+    return _curoi.roi_pool(input, rois, (pooled_height, pooled_width), **kw)
 
 
 @_roi_pool_op.register_fake
 def _(input, rois, spatial_scale, pooled_height, pooled_width, convention):
     _check_tensors(input, rois, "rois")
     shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
-    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int64)
+    channels_last = _channels_last(input)
+    return (_empty(input, shape, channels_last),
+            _empty(input, shape, channels_last, dtype=torch.int64))
 
 
 @torch.library.custom_op("curoi::roi_pool_backward", mutates_args=())
 def _roi_pool_backward_op(grad: Tensor, rois: Tensor, argmax: Tensor,
                           batch_size: int, channels: int, height: int,
-                          width: int, deterministic: bool) -> Tensor:
+                          width: int, deterministic: bool,
+                          channels_last: bool = False) -> Tensor:
+    if channels_last:
+        return _nchw(_curoi.roi_pool_backward(
+            _nhwc(grad), _nhwc(argmax), rois, (batch_size, height, width, channels),
+            deterministic=deterministic, data_format="NHWC"))
     return _curoi.roi_pool_backward(grad, argmax, rois,
                                     (batch_size, channels, height, width),
                                     deterministic=deterministic)
 
 
 @_roi_pool_backward_op.register_fake
-def _(grad, rois, argmax, batch_size, channels, height, width, deterministic):
-    return grad.new_empty((batch_size, channels, height, width))
+def _(grad, rois, argmax, batch_size, channels, height, width, deterministic,
+      channels_last=False):
+    return _empty(grad, (batch_size, channels, height, width), channels_last)
 
 
 def _roi_pool_setup_context(ctx, inputs, output):
@@ -320,6 +378,7 @@ def _roi_pool_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(argmax)
     ctx.save_for_backward(rois, argmax)
     ctx.input_shape = tuple(input.shape)
+    ctx.channels_last = _channels_last(input)
 
 
 def _roi_pool_backward(ctx, grad, grad_argmax):
@@ -329,7 +388,7 @@ def _roi_pool_backward(ctx, grad, grad_argmax):
     if ctx.needs_input_grad[0]:
         grad_input = _roi_pool_backward_op(
             grad, rois, argmax, n, c, h, w,
-            torch.are_deterministic_algorithms_enabled())
+            torch.are_deterministic_algorithms_enabled(), ctx.channels_last)
     return grad_input, None, None, None, None, None
 
 
@@ -365,7 +424,8 @@ def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, *,
         bin gives 0. The gradient goes to the first maximum of each bin in
         row-major order (None for ``boxes``); under
         ``torch.use_deterministic_algorithms(True)`` it is bitwise
-        reproducible.
+        reproducible. A ``torch.channels_last`` input gives a
+        ``torch.channels_last`` result and gradient, as in :func:`roi_align`.
     """
     _check_input(input)
     rois = _to_rois(boxes, input)

@@ -500,9 +500,9 @@ BIG_SCRIPT = textwrap.dedent("""
     gx = np.memmap(path + ".gx", np.float32, "w+", shape=x.shape)
     gp = np.memmap(path + ".gp", np.float32, "w+", shape=x.shape)
     _cpu.launch("roi_align", "backward", "float32",
-                (g, boxes, 1, n, c, h, w, 2, 2, 1.0, 2, 0, gx))
+                (g, boxes, 1, n, c, h, w, 2, 2, 1.0, 2, 0, 0, gx))
     _cpu.launch("roi_pool", "backward", "float32",
-                (g, np.ascontiguousarray(argmax, np.int64), boxes, 1, n, c, h, w, 2, 2, gp))
+                (g, np.ascontiguousarray(argmax, np.int64), boxes, 1, n, c, h, w, 2, 2, 0, gp))
     plane = h * w
     for name, grad in (("align_grad", gx), ("pool_grad", gp)):
         flat = grad.reshape(-1)

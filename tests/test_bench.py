@@ -14,11 +14,14 @@ from curoi import _bench
 
 BOX_ROWS = [
     "roi_align forward, sampling_ratio 2",
+    "roi_align forward, sampling_ratio 2, NHWC",
     "roi_align forward, adaptive",
     "roi_align backward, sampling_ratio 2",
+    "roi_align backward, sampling_ratio 2, NHWC",
     "roi_align backward, adaptive",
     "roi_align backward, deterministic, sampling_ratio 2",
     "roi_pool forward",
+    "roi_pool forward, NHWC",
     "roi_pool backward",
 ]
 

@@ -40,6 +40,7 @@ SUITES = (
     "test_properties.py",
     "test_onnxruntime.py",
     "test_onnx_roi_align.py",   # the max modes' kernel (roi_align_max.cu)
+    "test_channels_last.py",    # NHWC == NCHW transposed, bit for bit
 )
 
 # Run in both builds: an roi_align forward and backward big enough that the

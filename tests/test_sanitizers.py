@@ -145,7 +145,7 @@ OUT_OF_BOUNDS = textwrap.dedent("""
     # watches, not from its small-block cache.
     out = np.empty(4096 - 64, np.float32)
     _cpu.launch("roi_align", "forward", "float32",
-                (x, rois, 1, 1, 1, 8, 8, 64, 64, 1.0, 2, 1, out))
+                (x, rois, 1, 1, 1, 8, 8, 64, 64, 1.0, 2, 1, 0, out))
     print("no report")
 """)
 
