@@ -456,9 +456,9 @@ static void roi_align_backward_nhwc(const T* grad_output,
   }
 }
 
-// Each thread owns a share of the channels and runs over every box for
-// them, so every gradient plane is summed by one thread, box after box, bin
-// after bin: no atomics, and the same bits whatever the number of threads.
+// Box group after box group, each block of channels is summed by one thread,
+// so every gradient plane receives its terms box after box, bin after bin:
+// no atomics, and the same bits whatever the number of threads.
 template <typename T, typename Sum>
 static void roi_align_backward(
     const T* grad_output, const typename AccType<T>::type* rois,
@@ -468,39 +468,44 @@ static void roi_align_backward(
     int channels_last, const Sum& grad_input) {
   typedef typename AccType<T>::type A;
   const int64_t bins = pooled_height * pooled_width;
-  const int64_t work = num_rois * channels * bins * 4;
-  curoi_parallel_shares(channels, work, [&](int part, int parts) {
-    static thread_local RoiAlignGroup<A> group;
-    static thread_local std::vector<A> grad, grad_row;
-    const CuroiChannelRange owned = curoi_owned_channels(channels, part, parts);
-    if (owned.end <= owned.begin) return;
-    if (channels_last) {
-      grad.resize((size_t)(owned.end - owned.begin));
-      grad_row.resize((size_t)(owned.end - owned.begin));
-    }
-    for (int64_t k0 = 0; k0 < num_rois; k0 += CUROI_BOX_GROUP) {
-      const int64_t k1 = curoi_min(k0 + (int64_t)CUROI_BOX_GROUP, num_rois);
-      group.build(rois, k0, k1, batch, height, width, pooled_height,
-                  pooled_width, spatial_scale, sampling_ratio, aligned);
+  // Blocks of channels, handed out dynamically within each group of boxes:
+  // a busy core does not hold the others back, as a fixed share would.
+  int64_t block = (channels + 4 * curoi_threads() - 1) / (4 * curoi_threads());
+  block = (block + CUROI_LANES - 1) / CUROI_LANES * CUROI_LANES;
+  const int64_t blocks = (channels + block - 1) / block;
+  const int64_t cost = CUROI_BOX_GROUP * block * bins * 4;
+  // Built by the calling thread, read by the workers: through a reference,
+  // since in a worker the name of a thread_local means the worker's own.
+  static thread_local RoiAlignGroup<A> callers_group;
+  RoiAlignGroup<A>& group = callers_group;
+  for (int64_t k0 = 0; k0 < num_rois; k0 += CUROI_BOX_GROUP) {
+    const int64_t k1 = curoi_min(k0 + (int64_t)CUROI_BOX_GROUP, num_rois);
+    group.build(rois, k0, k1, batch, height, width, pooled_height,
+                pooled_width, spatial_scale, sampling_ratio, aligned);
+    curoi_parallel_for(blocks, 1, cost, [&](int64_t i) {
+      const int64_t c0 = i * block, c1 = curoi_min(c0 + block, channels);
       if (channels_last) {
-        roi_align_backward_nhwc<T, A>(grad_output, group, k0, k1, owned.begin,
-                                      owned.end, channels, height, width,
-                                      pooled_height, pooled_width, grad_input,
-                                      grad.data(), grad_row.data());
-        continue;
+        static thread_local std::vector<A> grad, grad_row;
+        grad.resize((size_t)(c1 - c0));
+        grad_row.resize((size_t)(c1 - c0));
+        roi_align_backward_nhwc<T, A>(grad_output, group, k0, k1, c0, c1,
+                                      channels, height, width, pooled_height,
+                                      pooled_width, grad_input, grad.data(),
+                                      grad_row.data());
+        return;
       }
-      int64_t c = owned.begin;
-      for (; c + CUROI_LANES <= owned.end; c += CUROI_LANES)
+      int64_t c = c0;
+      for (; c + CUROI_LANES <= c1; c += CUROI_LANES)
         roi_align_backward_channels<CUROI_LANES, T, A>(
             grad_output, group, k0, k1, c, channels, height, width,
             pooled_height, pooled_width, grad_input);
-      for (; c < owned.end; ++c)
+      for (; c < c1; ++c)
         roi_align_backward_channels<1, T, A>(grad_output, group, k0, k1, c,
                                              channels, height, width,
                                              pooled_height, pooled_width,
                                              grad_input);
-    }
-  });
+    });
+  }
 }
 #endif
 

@@ -207,10 +207,10 @@ def _cuda_timer(cupy):
     return timed
 
 
-def measure(operation, repeat, timed):
-    """Warm every contender once (compiles, caches), then ``repeat`` rounds,
-    each timing every contender once in turn. A peer that fails is dropped
-    and its error kept; curoi failing is an error."""
+def warm(operation):
+    """Run every contender once (compiles, caches) and keep those that work:
+    a peer that fails is dropped and its error kept; curoi failing is an
+    error. Returns the contenders to time."""
     live = {}
     for name, run in operation.contenders.items():
         try:
@@ -222,9 +222,20 @@ def measure(operation, repeat, timed):
             continue
         live[name] = run
     operation.samples = {name: [] for name in live}
+    return live
+
+
+def time_round(operation, live, timed):
+    """One round: every contender timed once, in turn."""
+    for name, run in live.items():
+        operation.samples[name].append(timed(run))
+
+
+def measure(operation, repeat, timed):
+    """Warm, then ``repeat`` rounds of :func:`time_round`."""
+    live = warm(operation)
     for _ in range(repeat):
-        for name, run in live.items():
-            operation.samples[name].append(timed(run))
+        time_round(operation, live, timed)
     return operation
 
 
@@ -610,17 +621,31 @@ def main(argv=None, stdout=None, stderr=None):
                     ops = box_operations(work, dtype, count, args.quick, xp)
                 plan.append((work, dtype, count, ops))
 
-    progress = Progress(sum(len(ops) for *_, ops in plan), stream=stderr)
+    # Every operation of a workload, at every thread count, is timed once
+    # per round, round after round: the ratios to the peers and the speedup
+    # over one thread then compare times taken side by side, which a noisy
+    # machine would otherwise skew.
+    progress = Progress(sum(len(ops) for *_, ops in plan) * (args.repeat + 1),
+                        stream=stderr)
     results = []
-    for work, dtype, count, ops in plan:
-        _set_threads(count)
-        timed = (_wall_timer(1e6, tiny_calls) if work.name == "tiny" else timed_boxes)
-        for operation in ops:
-            measure(operation, args.repeat, timed)
-            progress.step(f"{work.name} {dtype} {operation.label}"
-                          + ("" if count is None else
-                             f", {count} thread{'s' if count > 1 else ''}"))
-            results.append(_result(work, dtype, count, operation))
+    for name in dict.fromkeys(work.name for work, *_ in plan):
+        entries = [entry for entry in plan if entry[0].name == name]
+        timed = (_wall_timer(1e6, tiny_calls) if name == "tiny" else timed_boxes)
+        live = {}
+        for round_ in range(args.repeat + 1):
+            for work, dtype, count, ops in entries:
+                _set_threads(count)
+                for operation in ops:
+                    if round_ == 0:
+                        live[id(operation)] = warm(operation)
+                    else:
+                        time_round(operation, live[id(operation)], timed)
+                    progress.step(f"{work.name} {dtype} {operation.label}"
+                                  + ("" if count is None else
+                                     f", {count} thread{'s' if count > 1 else ''}"))
+        for work, dtype, count, ops in entries:
+            for operation in ops:
+                results.append(_result(work, dtype, count, operation))
 
     print(f"curoi {curoi.__version__}, {device}, {platform.machine()} with "
           f"{_cpu_count()} cores; median of {args.repeat} interleaved repeats\n",
