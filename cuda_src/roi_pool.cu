@@ -486,9 +486,12 @@ static void roi_pool_forward(
   });
 }
 
-// Each thread owns a share of the channels and runs over every box for them:
+// Blocks of channels handed out dynamically; within a block, box after box:
 // every gradient plane is summed by one thread, in box and bin order (in
-// both layouts, so channels-last sums the same terms in the same order).
+// both layouts, so channels-last sums the same terms in the same order). A
+// block's gradient planes stay in the cache while the boxes add into them,
+// and each box's argmax and gradient rows for the block are read in one
+// stretch.
 template <typename T, typename Sum>
 static void roi_pool_backward(
     const T* grad_output, const int64_t* argmax,
@@ -498,33 +501,44 @@ static void roi_pool_backward(
   typedef typename AccType<T>::type A;
   const int64_t bins = pooled_height * pooled_width;
   const int64_t plane_size = height * width;
-  curoi_parallel_shares(channels, num_rois * channels * bins,
-                        [&](int part, int parts) {
-    const CuroiChannelRange owned = curoi_owned_channels(channels, part, parts);
-    for (int64_t k = 0; k < num_rois; ++k) {
-      const int64_t b = curoi_box_batch(rois + k * 5, batch);
-      if (b < 0) continue;
-      if (channels_last) {
-        const int64_t image = b * plane_size * channels;
+  // Each box's image (-1: reads nothing), found once by the calling thread;
+  // a reference, since in a worker a thread_local's name means its own.
+  static thread_local std::vector<int64_t> callers_images;
+  std::vector<int64_t>& image = callers_images;
+  image.resize((size_t)num_rois);
+  for (int64_t k = 0; k < num_rois; ++k)
+    image[k] = curoi_box_batch(rois + k * 5, batch);
+  const int64_t block =
+      (channels + 4 * curoi_threads() - 1) / (4 * curoi_threads());
+  const int64_t blocks = (channels + block - 1) / block;
+  curoi_parallel_for(blocks, 1, block * num_rois * bins, [&](int64_t i) {
+    const int64_t c0 = i * block, c1 = curoi_min(c0 + block, channels);
+    if (channels_last) {
+      for (int64_t k = 0; k < num_rois; ++k) {
+        if (image[k] < 0) continue;
+        const int64_t origin = image[k] * plane_size * channels;
         for (int64_t bin = 0; bin < bins; ++bin) {
           const int64_t first = (k * bins + bin) * channels;
-          for (int64_t c = owned.begin; c < owned.end; ++c) {
+          for (int64_t c = c0; c < c1; ++c) {
             const int64_t where = argmax[first + c];
             if (where >= 0 && where < plane_size)
-              curoi_sum_add(grad_input, image + where * channels + c,
+              curoi_sum_add(grad_input, origin + where * channels + c,
                             curoi_load<A>(grad_output[first + c]));
           }
         }
-        continue;
       }
-      for (int64_t c = owned.begin; c < owned.end; ++c) {
-        const int64_t plane = (b * channels + c) * plane_size;
+      return;
+    }
+    for (int64_t k = 0; k < num_rois; ++k) {
+      if (image[k] < 0) continue;
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t plane = (image[k] * channels + c) * plane_size;
         const int64_t first = (k * channels + c) * bins;
-        for (int64_t i = first; i < first + bins; ++i) {
-          const int64_t where = argmax[i];
+        for (int64_t j = first; j < first + bins; ++j) {
+          const int64_t where = argmax[j];
           // argmax comes from the caller: never trust it to lie in the plane.
           if (where >= 0 && where < plane_size)
-            curoi_sum_add(grad_input, plane + where, curoi_load<A>(grad_output[i]));
+            curoi_sum_add(grad_input, plane + where, curoi_load<A>(grad_output[j]));
         }
       }
     }
