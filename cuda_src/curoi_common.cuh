@@ -289,7 +289,7 @@ static inline CuroiItems curoi_items(int64_t boxes, int64_t channels) {
   items.groups = (boxes + CUROI_BOX_GROUP - 1) / CUROI_BOX_GROUP;
   const int64_t wanted = 8 * (int64_t)curoi_threads();
   int64_t blocks = 1;
-  if (items.groups < wanted && channels > 1) {
+  if (items.groups > 0 && items.groups < wanted && channels > 1) {
     blocks = (wanted + items.groups - 1) / items.groups;
     if (blocks > channels) blocks = channels;
   }

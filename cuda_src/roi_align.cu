@@ -472,6 +472,7 @@ static void roi_align_backward(
   // a busy core does not hold the others back, as a fixed share would.
   int64_t block = (channels + 4 * curoi_threads() - 1) / (4 * curoi_threads());
   block = (block + CUROI_LANES - 1) / CUROI_LANES * CUROI_LANES;
+  if (block < 1) block = 1;  // no channels: no blocks, and no division by 0
   const int64_t blocks = (channels + block - 1) / block;
   const int64_t cost = CUROI_BOX_GROUP * block * bins * 4;
   // Built by the calling thread, read by the workers: through a reference,

@@ -508,8 +508,8 @@ static void roi_pool_backward(
   image.resize((size_t)num_rois);
   for (int64_t k = 0; k < num_rois; ++k)
     image[k] = curoi_box_batch(rois + k * 5, batch);
-  const int64_t block =
-      (channels + 4 * curoi_threads() - 1) / (4 * curoi_threads());
+  int64_t block = (channels + 4 * curoi_threads() - 1) / (4 * curoi_threads());
+  if (block < 1) block = 1;  // no channels: no blocks, and no division by 0
   const int64_t blocks = (channels + block - 1) / block;
   curoi_parallel_for(blocks, 1, block * num_rois * bins, [&](int64_t i) {
     const int64_t c0 = i * block, c1 = curoi_min(c0 + block, channels);

@@ -429,6 +429,7 @@ def _function(name, acc_is_double):
 
 
 _kernels_by_key = {}
+_launchers = {}  # (family, direction, dtype) -> (function, which args are arrays)
 
 
 def kernel(family, direction, dtype_name):
@@ -447,16 +448,17 @@ def kernel(family, direction, dtype_name):
 def launch(family, direction, dtype_name, args):
     """Run one kernel on NumPy arrays (C-contiguous); ctypes releases the
     GIL for the duration of the call."""
-    if dtype_name not in _kernels.CPU_DTYPES:
-        raise AssertionError(f"no CPU kernel for {dtype_name}")
-    name = _kernels.kernel_name(family, direction, dtype_name)
-    fn = _function(name, dtype_name == "float64")
-    kinds = _kernels.SIGNATURES[f"{family}_{direction}"]
-    values = [
-        (None if arg is None else arg.ctypes.data) if kind == _kernels.PTR else arg
-        for kind, arg in zip(kinds, args)
-    ]
-    fn(*values)
+    key = (family, direction, dtype_name)
+    found = _launchers.get(key)
+    if found is None:
+        if dtype_name not in _kernels.CPU_DTYPES:
+            raise AssertionError(f"no CPU kernel for {dtype_name}")
+        pointers = tuple(kind == _kernels.PTR
+                         for kind in _kernels.SIGNATURES[f"{family}_{direction}"])
+        found = _launchers[key] = (kernel(family, direction, dtype_name), pointers)
+    fn, pointers = found
+    fn(*[(None if arg is None else arg.ctypes.data) if pointer else arg
+         for pointer, arg in zip(pointers, args)])
 
 
 def info():

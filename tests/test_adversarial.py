@@ -27,6 +27,7 @@ import pytest
 
 import curoi
 import reference
+from curoi import _cpu
 
 N, C, H, W = 2, 2, 5, 7
 OUT = (2, 3)
@@ -496,7 +497,6 @@ BIG_SCRIPT = textwrap.dedent("""
     # The backward's grad_input would be 17.7 GB of real memory once zeroed:
     # run the kernels themselves on sparse, memory-mapped outputs instead
     # (a fresh file reads as zeros, as the kernels expect).
-    from curoi import _cpu
     gx = np.memmap(path + ".gx", np.float32, "w+", shape=x.shape)
     gp = np.memmap(path + ".gp", np.float32, "w+", shape=x.shape)
     _cpu.launch("roi_align", "backward", "float32",
@@ -561,3 +561,24 @@ def test_flat_index_beyond_2_to_the_32(tmp_path):
                                reference.roi_pool_backward(g, want_argmax, local, p.shape)[0, 0])
     assert np.sum(r["pool_grad"]) == 10 and abs(np.sum(r["align_grad"]) - 10) < 1e-4
     assert r["align_grad_wrapped"] == [0, 0, 0] and r["pool_grad_wrapped"] == [0, 0, 0]
+
+
+def test_kernels_called_with_nothing_to_do_return_cleanly():
+    # The public functions never launch a kernel on empty work, but the
+    # kernels themselves must not divide by an empty count either (a direct
+    # ctypes call with K = 0 or C = 0 used to raise SIGFPE).
+    x = np.zeros((1, 4, 6, 6), np.float32)
+    boxes = np.array([[0, 1, 1, 4, 4]], np.float32)
+    out = np.zeros((1, 4, 2, 2), np.float32)
+    argmax = np.zeros((1, 4, 2, 2), np.int64)
+    grad = np.zeros(x.shape, np.float32)
+    for k, c in ((0, 4), (1, 0), (0, 0)):
+        _cpu.launch("roi_align", "forward", "float32",
+                    (x, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 2, 0, 0, out))
+        _cpu.launch("roi_align", "backward", "float32",
+                    (out, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 2, 0, 0, grad))
+        _cpu.launch("roi_pool", "forward", "float32",
+                    (x, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 0, 0, out, argmax))
+        _cpu.launch("roi_pool", "backward", "float32",
+                    (out, argmax, boxes, k, 1, c, 6, 6, 2, 2, 0, grad))
+    assert not grad.any()
