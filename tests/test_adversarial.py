@@ -497,6 +497,7 @@ BIG_SCRIPT = textwrap.dedent("""
     # The backward's grad_input would be 17.7 GB of real memory once zeroed:
     # run the kernels themselves on sparse, memory-mapped outputs instead
     # (a fresh file reads as zeros, as the kernels expect).
+    from curoi import _cpu
     gx = np.memmap(path + ".gx", np.float32, "w+", shape=x.shape)
     gp = np.memmap(path + ".gp", np.float32, "w+", shape=x.shape)
     _cpu.launch("roi_align", "backward", "float32",
