@@ -65,8 +65,8 @@ def roi_align_forward(x, boxes, dtype_name, ph, pw, scale, ratio, aligned,
     if out is None:
         return None
     _cpu.kernel("roi_align", "forward", dtype_name)(
-        x.ctypes.data, boxes.ctypes.data, k, n, c, h, w, ph, pw, scale, ratio,
-        int(aligned), int(channels_last), out.ctypes.data)
+        _cpu.address(x), _cpu.address(boxes), k, n, c, h, w, ph, pw, scale, ratio,
+        int(aligned), int(channels_last), _cpu.address(out))
     return out
 
 
@@ -78,7 +78,7 @@ def roi_pool_forward(x, boxes, dtype_name, ph, pw, scale, convention_code,
     if out is None or argmax is None:
         return None
     _cpu.kernel("roi_pool", "forward", dtype_name)(
-        x.ctypes.data, boxes.ctypes.data, k, n, c, h, w, ph, pw, scale,
-        convention_code, int(channels_last), out.ctypes.data,
-        argmax.ctypes.data if return_argmax else None)
+        _cpu.address(x), _cpu.address(boxes), k, n, c, h, w, ph, pw, scale,
+        convention_code, int(channels_last), _cpu.address(out),
+        _cpu.address(argmax) if return_argmax else None)
     return (out, argmax) if return_argmax else out

@@ -89,6 +89,16 @@ def test_other_inputs_take_the_general_path_with_the_same_numbers(name, monkeypa
     assert len(calls) == 2
 
 
+def test_read_only_arrays_give_the_same_numbers(no_general_path):
+    # Writable buffers hand their address to ctypes directly, read-only ones
+    # (JAX's, a frozen array) through numpy: the kernel must read the same.
+    x, boxes = _case()
+    want = curoi.roi_align(x, boxes, (3, 4), SCALE, 2, True)
+    x.setflags(write=False)
+    boxes.setflags(write=False)
+    np.testing.assert_array_equal(curoi.roi_align(x, boxes, (3, 4), SCALE, 2, True), want)
+
+
 def test_empty_inputs_take_the_general_path(no_general_path):
     x, boxes = _case()
     with pytest.raises(_GeneralPathTaken):
