@@ -337,18 +337,18 @@ static void roi_pool_forward_channels(
   }
 }
 
-// Channels-last: every bin of boxes k0 .. k1-1 in channels c0 .. c1-1, the
-// channel innermost (branch-free selects over contiguous channels). Per
-// channel it follows roi_pool_max_cpu step by step: the same scan order,
-// the same strict comparison, the same NaN and empty-bin rules, so the same
-// maxima and positions.
+// Channels-last: every bin of boxes k0 .. k1-1 in channels c0 .. c1-1. The
+// maxima come first, the channel innermost (selects over contiguous
+// channels); then, per channel, the first position that holds its maximum
+// (or its first NaN), in the scan order of roi_pool_max_cpu: the same rules,
+// so the same maxima and positions.
 template <typename T, typename A>
 static void roi_pool_forward_nhwc(
     const T* input, int64_t k0, int64_t k1, int64_t c0, int64_t c1,
     int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
     int64_t pooled_width, const int64_t* image, const int64_t* rows,
     const int64_t* cols, T* output, int64_t* argmax, A* __restrict__ best,
-    int64_t* __restrict__ where, A* __restrict__ poison) {
+    A* __restrict__ poison) {
   const int64_t bins = pooled_height * pooled_width;
   const int64_t n = c1 - c0;
   for (int64_t k = k0; k < k1; ++k) {
@@ -371,21 +371,20 @@ static void roi_pool_forward_nhwc(
       const int64_t hstart = r[2 * ph], hend = r[2 * ph + 1];
       for (int64_t pw = 0; pw < pooled_width; ++pw) {
         const int64_t wstart = q[2 * pw], wend = q[2 * pw + 1];
+        // First the maxima and a NaN detector, over contiguous channels
+        // (selects the compiler vectorises), then each channel's first
+        // position holding its maximum.
         for (int64_t c = 0; c < n; ++c) {
           best[c] = -(A)INFINITY;
-          where[c] = -1;
           poison[c] = (A)0;
         }
         for (int64_t h = hstart; h < hend; ++h) {
           for (int64_t w = wstart; w < wend; ++w) {
-            const int64_t at = h * width + w;
-            const T* __restrict__ pixel = pixels + at * channels;
+            const T* __restrict__ pixel = pixels + (h * width + w) * channels;
             for (int64_t c = 0; c < n; ++c) {
               const A v = curoi_load<A>(pixel[c]);
               poison[c] += v * (A)0;
-              const bool larger = v > best[c];
-              best[c] = larger ? v : best[c];
-              where[c] = larger ? at : where[c];
+              best[c] = v > best[c] ? v : best[c];
             }
           }
         }
@@ -393,27 +392,23 @@ static void roi_pool_forward_nhwc(
         T* out = out_box + bin * channels;
         int64_t* out_index = index_box ? index_box + bin * channels : nullptr;
         for (int64_t c = 0; c < n; ++c) {
-          A value = best[c];
-          int64_t position = where[c];
-          bool found = false;  // a NaN, which wins
-          if (poison[c] != poison[c]) {
-            for (int64_t h = hstart; h < hend && !found; ++h)
+          // The first NaN if there is one (the detector also fires on
+          // infinities: then there is none), else the first maximum (an all
+          // -inf bin holds it at its first pixel); an empty bin gives 0.
+          A value = (A)0;
+          int64_t position = -1;
+          for (int pass = poison[c] != poison[c] ? 0 : 1; pass < 2 && position < 0;
+               ++pass) {
+            for (int64_t h = hstart; h < hend && position < 0; ++h) {
               for (int64_t w = wstart; w < wend; ++w) {
-                const A v = curoi_load<A>(pixels[(h * width + w) * channels + c]);
-                if (v != v) {
+                const A v =
+                    curoi_load<A>(pixels[(h * width + w) * channels + c]);
+                if (pass == 0 ? v != v : v == best[c]) {
                   value = v;
                   position = h * width + w;
-                  found = true;
                   break;
                 }
               }
-          }
-          if (!found && position < 0) {
-            if (!(hend > hstart && wend > wstart)) {
-              value = (A)0;
-            } else {
-              position = hstart * width + wstart;
-              value = curoi_load<A>(pixels[position * channels + c]);
             }
           }
           out[c] = curoi_store<T>(value);
@@ -461,15 +456,13 @@ static void roi_pool_forward(
     }
     if (channels_last) {
       static thread_local std::vector<A> best, poison;
-      static thread_local std::vector<int64_t> where;
       const int64_t c0 = items.first_channel(item), c1 = items.end_channel(item);
       best.resize((size_t)(c1 - c0));
       poison.resize((size_t)(c1 - c0));
-      where.resize((size_t)(c1 - c0));
       roi_pool_forward_nhwc<T, A>(input, k0, k1, c0, c1, channels, height,
                                   width, pooled_height, pooled_width,
                                   image.data(), rows.data(), cols.data(),
-                                  output, argmax, best.data(), where.data(),
+                                  output, argmax, best.data(),
                                   poison.data());
       return;
     }
