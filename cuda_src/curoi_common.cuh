@@ -387,53 +387,58 @@ struct CuroiOutputIndex {
   int64_t k, c, ph, pw;
 };
 
+// The digits of `index` in the mixed radix (r0, r1, r2, rest), innermost
+// first: d[0] = index % r0, d[1] = index / r0 % r1, and so on. Three
+// divisions, in 32 bits whenever the whole range `total` fits (GPUs have no
+// 64-bit integer division and emulate it in software).
+CUROI_DEVICE void curoi_unflatten(int64_t index, int64_t total, int64_t r0,
+                                  int64_t r1, int64_t r2, int64_t* d) {
+  if (total <= (int64_t)0xffffffff) {
+    const uint32_t i = (uint32_t)index, a = (uint32_t)r0, b = (uint32_t)r1,
+                   c = (uint32_t)r2;
+    const uint32_t q0 = i / a, q1 = q0 / b, q2 = q1 / c;
+    d[0] = i - q0 * a;
+    d[1] = q0 - q1 * b;
+    d[2] = q1 - q2 * c;
+    d[3] = q2;
+  } else {
+    const int64_t q0 = index / r0, q1 = q0 / r1, q2 = q1 / r2;
+    d[0] = index - q0 * r0;
+    d[1] = q0 - q1 * r1;
+    d[2] = q1 - q2 * r2;
+    d[3] = q2;
+  }
+}
+
 CUROI_DEVICE CuroiOutputIndex curoi_output_index(int64_t index, int64_t total,
                                                  int64_t channels,
                                                  int64_t pooled_height,
                                                  int64_t pooled_width) {
+  int64_t d[4];
+  curoi_unflatten(index, total, pooled_width, pooled_height, channels, d);
   CuroiOutputIndex at;
-  if (total <= (int64_t)0xffffffff) {
-    const uint32_t i = (uint32_t)index, w = (uint32_t)pooled_width;
-    const uint32_t h = (uint32_t)pooled_height, ch = (uint32_t)channels;
-    const uint32_t row = i / w, plane = row / h, box = plane / ch;
-    at.pw = i - row * w;
-    at.ph = row - plane * h;
-    at.c = plane - box * ch;
-    at.k = box;
-  } else {
-    const int64_t row = index / pooled_width, plane = row / pooled_height;
-    at.k = plane / channels;
-    at.pw = index - row * pooled_width;
-    at.ph = row - plane * pooled_height;
-    at.c = plane - at.k * channels;
-  }
+  at.pw = d[0];
+  at.ph = d[1];
+  at.c = d[2];
+  at.k = d[3];
   return at;
 }
 
 // The position (k, ph, pw, c) of output element `index` in channels-last
 // [K, PH, PW, C]: the channel moves fastest, so adjacent threads read
-// adjacent channels of one pixel (coalesced). Divisions as above.
+// adjacent channels of one pixel (coalesced).
 CUROI_DEVICE CuroiOutputIndex curoi_output_index_nhwc(int64_t index,
                                                       int64_t total,
                                                       int64_t channels,
                                                       int64_t pooled_height,
                                                       int64_t pooled_width) {
+  int64_t d[4];
+  curoi_unflatten(index, total, channels, pooled_width, pooled_height, d);
   CuroiOutputIndex at;
-  if (total <= (int64_t)0xffffffff) {
-    const uint32_t i = (uint32_t)index, w = (uint32_t)pooled_width;
-    const uint32_t h = (uint32_t)pooled_height, ch = (uint32_t)channels;
-    const uint32_t pixel = i / ch, row = pixel / w, box = row / h;
-    at.c = i - pixel * ch;
-    at.pw = pixel - row * w;
-    at.ph = row - box * h;
-    at.k = box;
-  } else {
-    const int64_t pixel = index / channels, row = pixel / pooled_width;
-    at.k = row / pooled_height;
-    at.c = index - pixel * channels;
-    at.pw = pixel - row * pooled_width;
-    at.ph = row - at.k * pooled_height;
-  }
+  at.c = d[0];
+  at.pw = d[1];
+  at.ph = d[2];
+  at.k = d[3];
   return at;
 }
 

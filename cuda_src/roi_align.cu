@@ -23,15 +23,14 @@ CUROI_DEVICE void roi_align_forward_loop(
   CUDA_1D_KERNEL_LOOP(index, total) {
     const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
         index, total, channels, pooled_height, pooled_width);
-    const RoiAlignBox<A> g =
-        roi_align_box(rois + at.k * 5, batch, pooled_height, pooled_width,
-                      spatial_scale, sampling_ratio, aligned);
+    const RoiAlignElement<A> e =
+        roi_align_element(rois, at, batch, height, width, pooled_height,
+                          pooled_width, spatial_scale, sampling_ratio, aligned);
+    const RoiAlignBox<A>& g = e.box;
+    const RoiAlignAxis<A>& ay = e.y;
+    const RoiAlignAxis<A>& ax = e.x;
     A sum = (A)0;
     if (g.batch_index >= 0) {
-      const RoiAlignAxis<A> ay = roi_align_axis(
-          g.start_h, g.roi_h, at.ph, pooled_height, sampling_ratio, height);
-      const RoiAlignAxis<A> ax = roi_align_axis(
-          g.start_w, g.roi_w, at.pw, pooled_width, sampling_ratio, width);
       const CuroiPlane p = curoi_plane<ChannelsLast>(
           g.batch_index, at.c, channels, height * width);
       const T* plane = input + p.at;
@@ -89,14 +88,13 @@ CUROI_DEVICE void roi_align_backward_loop(
   CUDA_1D_KERNEL_LOOP(index, total) {
     const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
         index, total, channels, pooled_height, pooled_width);
-    const RoiAlignBox<A> g =
-        roi_align_box(rois + at.k * 5, batch, pooled_height, pooled_width,
-                      spatial_scale, sampling_ratio, aligned);
+    const RoiAlignElement<A> e =
+        roi_align_element(rois, at, batch, height, width, pooled_height,
+                          pooled_width, spatial_scale, sampling_ratio, aligned);
+    const RoiAlignBox<A>& g = e.box;
+    const RoiAlignAxis<A>& ay = e.y;
+    const RoiAlignAxis<A>& ax = e.x;
     if (g.batch_index < 0) continue;
-    const RoiAlignAxis<A> ay = roi_align_axis(
-        g.start_h, g.roi_h, at.ph, pooled_height, sampling_ratio, height);
-    const RoiAlignAxis<A> ax = roi_align_axis(
-        g.start_w, g.roi_w, at.pw, pooled_width, sampling_ratio, width);
     const A grad = curoi_load<A>(grad_output[index]) / g.count;
     const CuroiPlane p = curoi_plane<ChannelsLast>(g.batch_index, at.c,
                                                    channels, height * width);

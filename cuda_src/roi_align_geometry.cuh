@@ -249,4 +249,28 @@ CUROI_DEVICE RoiAlignBox<A> roi_align_box(const A* box, int64_t batch,
   return g;
 }
 
+// Everything one output element's loop needs, for the loops with one thread
+// per element: its box, and its bin's sampling along each axis (computed
+// for an unusable box too, harmlessly, from its zeroed corners).
+template <typename A>
+struct RoiAlignElement {
+  RoiAlignBox<A> box;
+  RoiAlignAxis<A> y, x;
+};
+
+template <typename A>
+CUROI_DEVICE RoiAlignElement<A> roi_align_element(
+    const A* rois, const CuroiOutputIndex& at, int64_t batch, int64_t height,
+    int64_t width, int64_t pooled_height, int64_t pooled_width,
+    A spatial_scale, int sampling_ratio, int aligned) {
+  RoiAlignElement<A> e;
+  e.box = roi_align_box(rois + at.k * 5, batch, pooled_height, pooled_width,
+                        spatial_scale, sampling_ratio, aligned);
+  e.y = roi_align_axis(e.box.start_h, e.box.roi_h, at.ph, pooled_height,
+                       sampling_ratio, height);
+  e.x = roi_align_axis(e.box.start_w, e.box.roi_w, at.pw, pooled_width,
+                       sampling_ratio, width);
+  return e;
+}
+
 #endif  // CUROI_ROI_ALIGN_GEOMETRY_CUH

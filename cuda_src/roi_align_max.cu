@@ -12,7 +12,8 @@
 //     sample's value is its bilinear interpolation (0 off the map); the first
 //     largest wins, and a NaN beats any number (the first NaN wins), as in
 //     roi_pool. `argmax` (optional) receives the winning sample's index
-//     iy * grid_w + ix in the bin's sampling grid, -1 when there is none.
+//     iy * grid_w + ix in the bin's sampling grid, -1 when there is none or
+//     it lies off the map (its value 0 depends on no pixel).
 //
 // A bin without samples (an empty box with adaptive sampling) gives 0.
 //
@@ -88,8 +89,7 @@ CUROI_DEVICE A roi_align_max_value(const T* plane, int64_t width, int mode,
 
 // One output element: the maximum over the bin's samples in one plane.
 template <typename T, typename A>
-CUROI_DEVICE A roi_align_max_bin(const T* plane, const RoiAlignBox<A>& g,
-                                 const RoiAlignAxis<A>& ay,
+CUROI_DEVICE A roi_align_max_bin(const T* plane, const RoiAlignAxis<A>& ay,
                                  const RoiAlignAxis<A>& ax, int64_t height,
                                  int64_t width, int mode, int64_t* winner) {
   A best = (A)0;
@@ -116,13 +116,12 @@ CUROI_DEVICE A roi_align_max_bin(const T* plane, const RoiAlignBox<A>& g,
       if (roi_align_max_better(mode, any, v, best)) {
         best = v;
         any = true;
-        // The grid index; grid sizes beyond 2^31 per side only occur with
-        // dense sampling, whose winners are then approximate positions.
-        *winner = iy * ax.count + ix;
+        // The grid index, or -1 off the map (such a winner, 0, passes no
+        // gradient), as for the skipped samples taken first.
+        *winner = on_y && on_x ? iy * ax.count + ix : -1;
       }
     }
   }
-  (void)g;
   return best;
 }
 
@@ -140,19 +139,15 @@ CUROI_DEVICE void roi_align_max_forward(
   auto element = [&](int64_t index) {
     const CuroiOutputIndex at = curoi_output_index(
         index, total, channels, pooled_height, pooled_width);
-    const RoiAlignBox<A> g =
-        roi_align_box(rois + at.k * 5, batch, pooled_height, pooled_width,
-                      spatial_scale, sampling_ratio, aligned);
+    const RoiAlignElement<A> e =
+        roi_align_element(rois, at, batch, height, width, pooled_height,
+                          pooled_width, spatial_scale, sampling_ratio, aligned);
     A best = (A)0;
     int64_t winner = -1;
-    if (g.batch_index >= 0) {
-      const RoiAlignAxis<A> ay = roi_align_axis(
-          g.start_h, g.roi_h, at.ph, pooled_height, sampling_ratio, height);
-      const RoiAlignAxis<A> ax = roi_align_axis(
-          g.start_w, g.roi_w, at.pw, pooled_width, sampling_ratio, width);
+    if (e.box.batch_index >= 0) {
       best = roi_align_max_bin(
-          input + (g.batch_index * channels + at.c) * height * width, g, ay, ax,
-          height, width, mode, &winner);
+          input + (e.box.batch_index * channels + at.c) * height * width, e.y,
+          e.x, height, width, mode, &winner);
     }
     output[index] = curoi_store<T>(best);
     if (argmax) argmax[index] = winner;

@@ -135,16 +135,12 @@ def _bilinear_taps(y, x, height, width):
     ]
 
 
-def roi_align_weights(boxes, input_shape, output_size, spatial_scale=1.0,
-                      sampling_ratio=-1, aligned=False):
-    """The RoI Align operator as an explicit sparse linear map.
-
-    Returns a list with one entry per box: ``None`` for an ignored box, else
-    ``(n, taps)`` where ``taps[ph][pw]`` is a list of ``(row, col, weight)``
-    with the weight already divided by the sample count. Forward is
-    ``y[k, c, ph, pw] = sum(w * x[n, c, row, col])`` and backward is its
-    transpose, so both directions share this one loop over every sample.
-    """
+def _roi_align_samples(boxes, input_shape, output_size, spatial_scale,
+                       sampling_ratio, aligned):
+    """Where RoI Align samples, box by box: ``None`` for an ignored box,
+    else ``(n, count, grid_w, bins)`` where ``bins[ph][pw]`` lists
+    ``(iy, ix, taps)`` for every sample of the bin's grid, ``taps`` being
+    :func:`_bilinear_taps` (empty off the map) and ``count`` the divisor."""
     boxes = normalize_boxes(boxes)
     n_images, _, height, width = (int(v) for v in input_shape)
     pooled_h, pooled_w = _pair(output_size)
@@ -175,23 +171,76 @@ def roi_align_weights(boxes, input_shape, output_size, spatial_scale=1.0,
             grid_h = int(math.ceil(roi_h / pooled_h))
             grid_w = int(math.ceil(roi_w / pooled_w))
         count = max(grid_h * grid_w, 1)
-        taps = []
+        bins = []
         for ph in range(pooled_h):
             row = []
             for pw in range(pooled_w):
-                bin_taps = []
-                # range() of a negative grid is empty: such a bin averages
-                # nothing and gives 0 (count is then clamped to 1).
+                samples = []
+                # range() of a negative grid is empty: such a bin has no
+                # samples (and its count is clamped to 1).
                 for iy in range(grid_h):
                     y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
                     for ix in range(grid_w):
                         x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-                        for r, c, w in _bilinear_taps(y, x, height, width):
-                            bin_taps.append((r, c, w / count))
-                row.append(bin_taps)
-            taps.append(row)
-        result.append((n, taps))
+                        samples.append((iy, ix, _bilinear_taps(y, x, height, width)))
+                row.append(samples)
+            bins.append(row)
+        result.append((n, count, grid_w, bins))
     return result
+
+
+def roi_align_weights(boxes, input_shape, output_size, spatial_scale=1.0,
+                      sampling_ratio=-1, aligned=False):
+    """The RoI Align operator as an explicit sparse linear map.
+
+    Returns a list with one entry per box: ``None`` for an ignored box, else
+    ``(n, taps)`` where ``taps[ph][pw]`` is a list of ``(row, col, weight)``
+    with the weight already divided by the sample count. Forward is
+    ``y[k, c, ph, pw] = sum(w * x[n, c, row, col])`` and backward is its
+    transpose, so both directions share this one loop over every sample.
+    """
+    result = []
+    for entry in _roi_align_samples(boxes, input_shape, output_size,
+                                    spatial_scale, sampling_ratio, aligned):
+        if entry is None:
+            result.append(None)
+            continue
+        n, count, _, bins = entry
+        result.append((n, [[[(r, c, w / count) for _, _, taps in samples
+                             for r, c, w in taps]
+                            for samples in row] for row in bins]))
+    return result
+
+
+def roi_align_max_interpolated(x, boxes, output_size, spatial_scale=1.0,
+                               sampling_ratio=-1, aligned=False):
+    """mmcv's max-mode RoI Align, in float64: each bin's largest bilinear
+    sample value (a sample off the map has the value 0), the first largest
+    winning ties, and the winner's index ``iy * grid_w + ix`` in the bin's
+    grid, -1 for a winner off the map; a bin without samples gives 0 and
+    -1. Finite inputs only."""
+    x = np.asarray(x).astype(np.float64)
+    pooled_h, pooled_w = _pair(output_size)
+    k, c = len(normalize_boxes(boxes)), x.shape[1]
+    y = np.zeros((k, c, pooled_h, pooled_w))
+    winner = np.full((k, c, pooled_h, pooled_w), -1, np.int64)
+    entries = _roi_align_samples(boxes, x.shape, output_size, spatial_scale,
+                                 sampling_ratio, aligned)
+    for i, entry in enumerate(entries):
+        if entry is None:
+            continue
+        n, _, grid_w, bins = entry
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                seen = np.zeros(c, bool)
+                for iy, ix, taps in bins[ph][pw]:
+                    v = sum(w * x[n, :, r, col] for r, col, w in taps) \
+                        if taps else np.zeros(c)
+                    better = ~seen | (v > y[i, :, ph, pw])
+                    seen = np.ones(c, bool)
+                    y[i, better, ph, pw] = v[better]
+                    winner[i, better, ph, pw] = iy * grid_w + ix if taps else -1
+    return y, winner
 
 
 def roi_align(x, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,

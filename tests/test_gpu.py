@@ -9,7 +9,9 @@ code (argument types, grid), the DLPack plumbing and the stream handling are
 right.
 
 Tolerances: float32 and float64 differ from the CPU only by summation order
-(atomic adds) and by the GPU compiler fusing multiply-adds. Half precision is
+(the GPU adds each sample's four weighted taps, with atomic adds in the
+backward; the CPU sums separable per-row and per-column weights) and by the
+GPU compiler fusing multiply-adds. Half precision is
 computed in float32 on both sides from the very same half values and rounded
 once at the end, so results agree to about one unit in the last place of the
 half type. Maxima (roi_pool) and argmax are selections, not sums: exact.
