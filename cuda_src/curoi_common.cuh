@@ -28,6 +28,7 @@
 
 typedef long long int64_t;
 typedef unsigned long long uint64_t;
+typedef int int32_t;
 typedef unsigned int uint32_t;
 
 #if defined(CUROI_WITH_F16)

@@ -7,6 +7,9 @@
 //     floor(p*bin + start)..ceil((p+1)*bin + start).
 // Both clip bins to the map. An empty bin gives 0 with argmax -1.
 // The forward kernel's argmax may be null: then only the maxima are written.
+// Its entries are int64, or int32 when the kernels' argmax_32 is 1 (as
+// torchvision keeps them): half the memory the backward has to read, which
+// is most of the backward's time.
 //
 // argmax is the flat index h*W + w inside the feature plane of the maximum,
 // the first one in row-major order on ties. A NaN counts as larger than any
@@ -15,6 +18,21 @@
 
 #define CUROI_POOL_TORCHVISION 0
 #define CUROI_POOL_MMCV 1
+
+// Where the forward writes its argmax: nowhere (data null), or int64 or
+// int32 entries.
+struct RoiPoolArgmax {
+  void* data;
+  int narrow;  // 1: int32 entries
+};
+
+CUROI_DEVICE void roi_pool_store_argmax(const RoiPoolArgmax& argmax, int64_t i,
+                                        int64_t where) {
+  if (argmax.narrow)
+    static_cast<int32_t*>(argmax.data)[i] = (int32_t)where;
+  else
+    static_cast<int64_t*>(argmax.data)[i] = where;
+}
 
 // Bin [start, end) along one axis, already clipped to [0, size].
 template <typename A>
@@ -110,7 +128,7 @@ CUROI_DEVICE void roi_pool_forward_loop(
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
     typename AccType<T>::type spatial_scale, int convention, T* output,
-    int64_t* argmax) {
+    RoiPoolArgmax argmax) {
   typedef typename AccType<T>::type A;
   const int64_t total = num_rois * channels * pooled_height * pooled_width;
   CUDA_1D_KERNEL_LOOP(index, total) {
@@ -134,7 +152,7 @@ CUROI_DEVICE void roi_pool_forward_loop(
                                 wstart, wend, &best_index);
     }
     output[index] = curoi_store<T>(best);
-    if (argmax) argmax[index] = best_index;
+    if (argmax.data) roi_pool_store_argmax(argmax, index, best_index);
   }
 }
 
@@ -144,7 +162,7 @@ CUROI_DEVICE void roi_pool_forward(
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
     typename AccType<T>::type spatial_scale, int convention,
-    int channels_last, T* output, int64_t* argmax) {
+    int channels_last, T* output, RoiPoolArgmax argmax) {
   if (channels_last)
     roi_pool_forward_loop<true>(input, rois, num_rois, batch, channels,
                                 height, width, pooled_height, pooled_width,
@@ -158,9 +176,9 @@ CUROI_DEVICE void roi_pool_forward(
 // The gradient flows to the argmax of each bin; several bins (and boxes) may
 // share one, so the adds go through Sum (CuroiFloatSum or the deterministic
 // CuroiFixedSum), atomically. The gradient has the accumulation type.
-template <bool ChannelsLast, typename T, typename Sum>
+template <bool ChannelsLast, typename I, typename T, typename Sum>
 CUROI_DEVICE void roi_pool_backward_loop(
-    const T* grad_output, const int64_t* argmax,
+    const T* grad_output, const I* argmax,
     const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
     int64_t pooled_width, const Sum& grad_input) {
@@ -181,9 +199,9 @@ CUROI_DEVICE void roi_pool_backward_loop(
   }
 }
 
-template <typename T, typename Sum>
-CUROI_DEVICE void roi_pool_backward(
-    const T* grad_output, const int64_t* argmax,
+template <typename I, typename T, typename Sum>
+CUROI_DEVICE void roi_pool_backward_indexed(
+    const T* grad_output, const I* argmax,
     const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
     int64_t pooled_width, int channels_last, const Sum& grad_input) {
@@ -298,17 +316,17 @@ static void roi_pool_forward_channels(
     const T* input, int64_t k0, int64_t k1, int64_t c,
     int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
     int64_t pooled_width, const int64_t* image, const int64_t* rows,
-    const int64_t* cols, T* output, int64_t* argmax) {
+    const int64_t* cols, T* output, RoiPoolArgmax argmax) {
   const int64_t bins = pooled_height * pooled_width;
   constexpr int64_t count = pair ? 2 : 1;
   for (int64_t k = k0; k < k1; ++k) {
     const int64_t i = k - k0;
-    T* out = output + (k * channels + c) * bins;
-    int64_t* out_index = argmax ? argmax + (k * channels + c) * bins : nullptr;
+    const int64_t first = (k * channels + c) * bins;
+    T* out = output + first;
     if (image[i] < 0) {
       for (int64_t j = 0; j < count * bins; ++j) out[j] = curoi_store<T>((A)0);
-      if (out_index)
-        for (int64_t j = 0; j < count * bins; ++j) out_index[j] = -1;
+      if (argmax.data)
+        for (int64_t j = 0; j < count * bins; ++j) roi_pool_store_argmax(argmax, first + j, -1);
       continue;
     }
     const T* plane = input + (image[i] * channels + c) * height * width;
@@ -330,7 +348,7 @@ static void roi_pool_forward_channels(
         }
         for (int64_t u = 0; u < count; ++u) {
           out[u * bins + bin] = curoi_store<T>(best[u]);
-          if (out_index) out_index[u * bins + bin] = where[u];
+          if (argmax.data) roi_pool_store_argmax(argmax, first + u * bins + bin, where[u]);
         }
       }
     }
@@ -347,20 +365,21 @@ static void roi_pool_forward_nhwc(
     const T* input, int64_t k0, int64_t k1, int64_t c0, int64_t c1,
     int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
     int64_t pooled_width, const int64_t* image, const int64_t* rows,
-    const int64_t* cols, T* output, int64_t* argmax, A* __restrict__ best,
+    const int64_t* cols, T* output, RoiPoolArgmax argmax, A* __restrict__ best,
     A* __restrict__ poison) {
   const int64_t bins = pooled_height * pooled_width;
   const int64_t n = c1 - c0;
   for (int64_t k = k0; k < k1; ++k) {
     const int64_t i = k - k0;
-    T* out_box = output + k * bins * channels + c0;
-    int64_t* index_box = argmax ? argmax + k * bins * channels + c0 : nullptr;
+    const int64_t box_first = k * bins * channels + c0;
+    T* out_box = output + box_first;
     if (image[i] < 0) {
       for (int64_t bin = 0; bin < bins; ++bin) {
         for (int64_t c = 0; c < n; ++c)
           out_box[bin * channels + c] = curoi_store<T>((A)0);
-        if (index_box)
-          for (int64_t c = 0; c < n; ++c) index_box[bin * channels + c] = -1;
+        if (argmax.data)
+          for (int64_t c = 0; c < n; ++c)
+            roi_pool_store_argmax(argmax, box_first + bin * channels + c, -1);
       }
       continue;
     }
@@ -390,7 +409,6 @@ static void roi_pool_forward_nhwc(
         }
         const int64_t bin = ph * pooled_width + pw;
         T* out = out_box + bin * channels;
-        int64_t* out_index = index_box ? index_box + bin * channels : nullptr;
         for (int64_t c = 0; c < n; ++c) {
           // The first NaN if there is one (the detector also fires on
           // infinities: then there is none), else the first maximum (an all
@@ -412,7 +430,7 @@ static void roi_pool_forward_nhwc(
             }
           }
           out[c] = curoi_store<T>(value);
-          if (out_index) out_index[c] = position;
+          if (argmax.data) roi_pool_store_argmax(argmax, box_first + bin * channels + c, position);
         }
       }
     }
@@ -427,7 +445,7 @@ static void roi_pool_forward(
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
     typename AccType<T>::type spatial_scale, int convention,
-    int channels_last, T* output, int64_t* argmax) {
+    int channels_last, T* output, RoiPoolArgmax argmax) {
   typedef typename AccType<T>::type A;
   const CuroiItems items = curoi_items(num_rois, channels);
   const int64_t bins = pooled_height * pooled_width;
@@ -485,9 +503,9 @@ static void roi_pool_forward(
 // block's gradient planes stay in the cache while the boxes add into them,
 // and each box's argmax and gradient rows for the block are read in one
 // stretch.
-template <typename T, typename Sum>
-static void roi_pool_backward(
-    const T* grad_output, const int64_t* argmax,
+template <typename I, typename T, typename Sum>
+static void roi_pool_backward_indexed(
+    const T* grad_output, const I* argmax,
     const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
     int64_t pooled_width, int channels_last, const Sum& grad_input) {
@@ -539,38 +557,60 @@ static void roi_pool_backward(
 }
 #endif
 
+// The backward on int32 or int64 argmax entries.
+template <typename T, typename Sum>
+CUROI_DEVICE void roi_pool_backward(
+    const T* grad_output, const void* argmax, int argmax_32,
+    const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
+    int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
+    int64_t pooled_width, int channels_last, const Sum& grad_input) {
+  if (argmax_32)
+    roi_pool_backward_indexed(grad_output, static_cast<const int32_t*>(argmax),
+                              rois, num_rois, batch, channels, height, width,
+                              pooled_height, pooled_width, channels_last,
+                              grad_input);
+  else
+    roi_pool_backward_indexed(grad_output, static_cast<const int64_t*>(argmax),
+                              rois, num_rois, batch, channels, height, width,
+                              pooled_height, pooled_width, channels_last,
+                              grad_input);
+}
+
 #define CUROI_DEFINE_ROI_POOL(T, suffix)                                       \
   CUROI_KERNEL void roi_pool_forward_##suffix(                                 \
       const T* input, const AccType<T>::type* rois, int64_t num_rois,          \
       int64_t batch, int64_t channels, int64_t height, int64_t width,          \
       int64_t pooled_height, int64_t pooled_width,                             \
       AccType<T>::type spatial_scale, int convention, int channels_last,       \
-      T* output, int64_t* argmax) {                                            \
+      int argmax_32, T* output, void* argmax) {                                \
+    RoiPoolArgmax where;                                                       \
+    where.data = argmax;                                                       \
+    where.narrow = argmax_32;                                                  \
     roi_pool_forward<T>(input, rois, num_rois, batch, channels, height, width, \
                         pooled_height, pooled_width, spatial_scale,            \
-                        convention, channels_last, output, argmax);            \
+                        convention, channels_last, output, where);             \
   }                                                                            \
   CUROI_KERNEL void roi_pool_backward_##suffix(                                \
-      const T* grad_output, const int64_t* argmax,                             \
+      const T* grad_output, const void* argmax,                                \
       const AccType<T>::type* rois, int64_t num_rois, int64_t batch,           \
       int64_t channels, int64_t height, int64_t width, int64_t pooled_height,  \
-      int64_t pooled_width, int channels_last,                                 \
+      int64_t pooled_width, int channels_last, int argmax_32,                  \
       AccType<T>::type* grad_input) {                                          \
     CuroiFloatSum<AccType<T>::type> sum;                                       \
     sum.grad = grad_input;                                                     \
-    roi_pool_backward<T>(grad_output, argmax, rois, num_rois, batch,           \
-                         channels, height, width, pooled_height, pooled_width, \
-                         channels_last, sum);                                  \
+    roi_pool_backward<T>(grad_output, argmax, argmax_32, rois, num_rois,       \
+                         batch, channels, height, width, pooled_height,        \
+                         pooled_width, channels_last, sum);                    \
   }                                                                            \
   CUROI_KERNEL void roi_pool_backward_fixed_##suffix(                          \
-      const T* grad_output, const int64_t* argmax,                             \
+      const T* grad_output, const void* argmax,                                \
       const AccType<T>::type* rois, int64_t num_rois, int64_t batch,           \
       int64_t channels, int64_t height, int64_t width, int64_t pooled_height,  \
-      int64_t pooled_width, int channels_last, const double* max_abs,          \
-      int64_t* fixed, AccType<T>::type* grad_input) {                          \
+      int64_t pooled_width, int channels_last, int argmax_32,                  \
+      const double* max_abs, int64_t* fixed, AccType<T>::type* grad_input) {   \
     roi_pool_backward<T>(                                                      \
-        grad_output, argmax, rois, num_rois, batch, channels, height, width,   \
-        pooled_height, pooled_width, channels_last,                            \
+        grad_output, argmax, argmax_32, rois, num_rois, batch, channels,       \
+        height, width, pooled_height, pooled_width, channels_last,             \
         curoi_fixed_sum(grad_input, fixed, max_abs,                            \
                         num_rois * pooled_height * pooled_width));             \
   }                                                                            \

@@ -274,7 +274,11 @@ def box_operations(work, dtype, threads, quick, xp=np):
     size, scale, ratio = work.output_size, work.spatial_scale, work.sampling_ratio
     gy = xp.asarray(rng.standard_normal((len(boxes), x.shape[1], size, size),
                                         dtype=np.float32).astype(x.dtype))
-    _, argmax = curoi.roi_pool(x, boxes, size, scale, return_argmax=True)
+    # int32 positions, as curoi.torch saves them and as torchvision keeps
+    # its own (the int64 row shows the difference).
+    _, argmax = curoi.roi_pool(x, boxes, size, scale, return_argmax=True,
+                               argmax_dtype="int32")
+    argmax64 = argmax.astype(np.int64)
     on_cpu = xp is np
     torch = _torchvision()
     if torch is not None:
@@ -342,6 +346,8 @@ def box_operations(work, dtype, threads, quick, xp=np):
         pool_backward["torchvision"] = lambda: tv._roi_pool_backward(
             tgy, tboxes, targmax, scale, size, size, n, c, h, w)
     rows.append(Operation("roi_pool backward", pool_backward))
+    rows.append(Operation("roi_pool backward, int64 argmax", {
+        "curoi": lambda: curoi.roi_pool_backward(gy, argmax64, boxes, x.shape)}))
     for row in rows:  # a peer that does not take this dtype is left out
         row.contenders = {k: v for k, v in row.contenders.items() if v is not None}
     return rows

@@ -71,14 +71,14 @@ def roi_align_forward(x, boxes, dtype_name, ph, pw, scale, ratio, aligned,
 
 
 def roi_pool_forward(x, boxes, dtype_name, ph, pw, scale, convention_code,
-                     return_argmax, channels_last):
+                     return_argmax, argmax_dtype, channels_last):
     (n, c, h, w), k, shape = _shapes(x, boxes, ph, pw, channels_last)
     out = empty(shape, x.dtype)
-    argmax = empty(shape, np.int64) if return_argmax else False
+    argmax = empty(shape, argmax_dtype) if return_argmax else False
     if out is None or argmax is None:
         return None
     _cpu.kernel("roi_pool", "forward", dtype_name)(
         _cpu.address(x), _cpu.address(boxes), k, n, c, h, w, ph, pw, scale,
-        convention_code, int(channels_last), _cpu.address(out),
-        _cpu.address(argmax) if return_argmax else None)
+        convention_code, int(channels_last), int(argmax_dtype == "int32"),
+        _cpu.address(out), _cpu.address(argmax) if return_argmax else None)
     return (out, argmax) if return_argmax else out

@@ -16,10 +16,11 @@ _SHAPE = (I64,) * 7  # num_rois, batch, channels, height, width, pooled h, poole
 # scalars: 0 for features [N, C, H, W] and outputs [K, C, PH, PW], 1 for
 # [N, H, W, C] and [K, PH, PW, C].
 SIGNATURES = {
-    # input, rois, shape, spatial_scale, convention, channels_last, output, argmax
-    "roi_pool_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR, PTR),
-    # grad_output, argmax, rois, shape, channels_last, grad_input
-    "roi_pool_backward": (PTR, PTR, PTR) + _SHAPE + (I32, PTR),
+    # input, rois, shape, spatial_scale, convention, channels_last, argmax_32,
+    # output, argmax (may be null; int32 entries with argmax_32 = 1, else int64)
+    "roi_pool_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, PTR, PTR),
+    # grad_output, argmax, rois, shape, channels_last, argmax_32, grad_input
+    "roi_pool_backward": (PTR, PTR, PTR) + _SHAPE + (I32, I32, PTR),
     # input, rois, shape, spatial_scale, sampling_ratio, aligned, channels_last,
     # output
     "roi_align_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, PTR),
@@ -31,7 +32,7 @@ SIGNATURES = {
     "roi_align_max_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, PTR, PTR),
     # The deterministic backward: as above, then max|grad_output| (one double),
     # the int64 fixed-point sums, and grad_input for non-finite terms.
-    "roi_pool_backward_fixed": (PTR, PTR, PTR) + _SHAPE + (I32, PTR, PTR, PTR),
+    "roi_pool_backward_fixed": (PTR, PTR, PTR) + _SHAPE + (I32, I32, PTR, PTR, PTR),
     "roi_align_backward_fixed": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, PTR, PTR, PTR),
     # fixed, max_abs, terms (K*PH*PW), total (N*C*H*W), grad_input
     "roi_pool_fixed_finish": (PTR, PTR, I64, I64, PTR),

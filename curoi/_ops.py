@@ -155,6 +155,15 @@ def roi_align_max_forward(x, rois, out, argmax, spatial_scale, sampling_ratio,
          out.size, _is_cuda(x))
 
 
+_INT32 = np.dtype(np.int32)
+
+
+def argmax_32(argmax):
+    """The kernels' argmax_32 argument: 1 for int32 entries, 0 for int64 (or
+    no argmax)."""
+    return int(argmax is not None and argmax.dtype == _INT32)
+
+
 def roi_pool_forward(x, rois, out, argmax, spatial_scale, convention,
                      channels_last=False):
     """``out`` and ``argmax`` ``[K, C, PH, PW]`` (channels-last:
@@ -169,19 +178,20 @@ def roi_pool_forward(x, rois, out, argmax, spatial_scale, convention,
         return
     _run("roi_pool", "forward", _name(x.dtype),
          (x, rois, k, n, c, h, w, ph, pw, spatial_scale,
-          _kernels.POOL_CONVENTIONS[convention], int(channels_last), out,
-          argmax),
+          _kernels.POOL_CONVENTIONS[convention], int(channels_last),
+          argmax_32(argmax), out, argmax),
          out.size, _is_cuda(x))
 
 
 def roi_pool_backward(grad_output, argmax, rois, grad_input,
                       deterministic=False, zeroed=False, channels_last=False):
     """``grad_input[N, C, H, W]`` = gradient of RoI Pool for
-    ``grad_output`` and the forward's ``argmax`` (int64), all channels-last
-    with ``channels_last``; ``zeroed`` as in :func:`roi_align_backward`."""
+    ``grad_output`` and the forward's ``argmax`` (int64 or int32), all
+    channels-last with ``channels_last``; ``zeroed`` as in
+    :func:`roi_align_backward`."""
     n, c, h, w = _nchw(grad_input.shape, channels_last)
     k, _, ph, pw = _nchw(grad_output.shape, channels_last)
     _backward("roi_pool",
               (grad_output, argmax, rois, k, n, c, h, w, ph, pw,
-               int(channels_last)),
+               int(channels_last), argmax_32(argmax)),
               grad_output, grad_input, deterministic, zeroed, k * ph * pw)

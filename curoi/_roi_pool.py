@@ -9,7 +9,8 @@ _CONVENTIONS = tuple(_kernels.POOL_CONVENTIONS)
 
 
 def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
-             convention="torchvision", return_argmax=False, data_format="NCHW"):
+             convention="torchvision", return_argmax=False, argmax_dtype="int64",
+             data_format="NCHW"):
     """RoI Pool: the maximum of each bin of each box.
 
     Args:
@@ -29,13 +30,18 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
             ``ceil((p+1)*bin + x1*s)``; a box of no positive extent gives zeros.
             Bins are clipped to the map in both.
         return_argmax: also return where each maximum was.
+        argmax_dtype: ``"int64"`` or ``"int32"`` (or the NumPy types): the
+            argmax's integer type. int32 is what torchvision keeps; it takes
+            half the memory, and :func:`roi_pool_backward` reads it in about
+            two thirds of the time. It needs feature planes of fewer than
+            ``2**31`` pixels (a ValueError otherwise).
         data_format: ``"NCHW"`` (features ``[N, C, H, W]``) or ``"NHWC"``
             (channels-last ``[N, H, W, C]`` read in place, results
             ``[K, PH, PW, C]``: the NCHW numbers transposed, to the bit).
 
     Returns:
         ``[K, C, PH, PW]`` (NHWC: ``[K, PH, PW, C]``) of the input's dtype,
-        and with ``return_argmax`` an int64 array of the same shape holding the flat index ``h * W + w``
+        and with ``return_argmax`` an ``argmax_dtype`` array of the same shape holding the flat index ``h * W + w``
         of each maximum in its feature plane: the first one in row-major
         order on ties, -1 for an empty bin (whose output is 0) and for boxes
         that read nothing (batch index not finite or not in ``[0, N)``, or a
@@ -45,13 +51,17 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
     scale = _validate.spatial_scale(spatial_scale)
     convention = _validate.choice(convention, "convention", _CONVENTIONS)
     return_argmax = _validate.flag(return_argmax, "return_argmax")
+    index_dtype = _validate.argmax_dtype(argmax_dtype)
     channels_last = _validate.data_format(data_format)
     fast = _fast.numpy_arrays(input, boxes)
     if fast is not None:
         _validate.scale_for(scale, fast)
+        _, _, h, w = _nchw(input.shape, channels_last)
+        _validate.argmax_fits(h * w, index_dtype)
         result = _fast.roi_pool_forward(
             input, boxes, fast, ph, pw, scale,
-            _kernels.POOL_CONVENTIONS[convention], return_argmax, channels_last)
+            _kernels.POOL_CONVENTIONS[convention], return_argmax, index_dtype,
+            channels_last)
         if result is not None:
             return result
     caller = Caller(input, "input")
@@ -60,6 +70,7 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
                                       _FEATURES[channels_last])
         _validate.scale_for(scale, _launch.accumulation_dtype(storage))
         n, c, h, w = _nchw(x.shape, channels_last)
+        _validate.argmax_fits(h * w, index_dtype)
         rois = _boxes.to_rois(boxes, caller, n, _launch.accumulation_dtype(storage))
         k = rois.shape[0]
         dtype = _launch.kernel_dtype(caller, storage)
@@ -70,7 +81,7 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
         argmax = native_argmax = None
         if return_argmax:
             argmax, native_argmax = caller.new(
-                shape, "int64", zeroed=False,
+                shape, index_dtype, zeroed=False,
                 what="the argmax " + _OUTPUT[channels_last][11:])
         _ops.roi_pool_forward(_launch.as_kernel_input(x, dtype), rois, out,
                               argmax, scale, convention, channels_last)
@@ -88,7 +99,9 @@ def roi_pool_backward(grad_output, argmax, boxes, input_shape, *,
         grad_output: ``[K, C, PH, PW]`` (NHWC: ``[K, PH, PW, C]``), the
             gradient of the pooled output.
         argmax: the argmax that :func:`roi_pool` returned (integer, same
-            shape). Entries outside ``[0, H*W)`` pass no gradient.
+            shape). Entries outside ``[0, H*W)`` pass no gradient. int64 and
+            int32 are read in place; other integer types are converted to
+            int64 first.
         boxes: as given to :func:`roi_pool` (for the batch index of each box).
         input_shape: ``(N, C, H, W)`` of the forward input (NHWC:
             ``(N, H, W, C)``).
@@ -118,7 +131,9 @@ def roi_pool_backward(grad_output, argmax, boxes, input_shape, *,
                 f"got {tuple(idx.shape)}"
             )
         xp = _gpu.require_cupy() if caller.device.is_cuda else np
-        idx = xp.ascontiguousarray(idx, dtype=np.int64)
+        if idx.dtype not in (np.int32, np.int64):
+            idx = idx.astype(np.int64)
+        idx = xp.ascontiguousarray(idx)
         rois = _boxes.to_rois(boxes, caller, n, _launch.accumulation_dtype(storage))
         k = rois.shape[0]
         _, g_channels, ph, pw = _nchw(g.shape, channels_last)

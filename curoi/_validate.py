@@ -90,6 +90,29 @@ def float_array(array, name, storage_dtype, ndim, layout):
         raise ValueError(f"{name} must be a {ndim}-D array {layout}, got shape {tuple(array.shape)}")
 
 
+ARGMAX_DTYPES = ("int64", "int32")
+
+
+def argmax_dtype(value, name="argmax_dtype"):
+    """An integer dtype for RoI Pool's argmax, by any name NumPy knows
+    (``"int32"``, ``numpy.int32``, ...) -> ``"int32"`` or ``"int64"``."""
+    try:
+        dtype = np.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in ARGMAX_DTYPES or value is None:
+        raise TypeError(f"{name} must be int64 or int32, got {value!r}")
+    return dtype.name
+
+
+def argmax_fits(plane_size, dtype_name, name="argmax_dtype"):
+    """An int32 argmax holds flat indices below 2**31 only."""
+    if dtype_name == "int32" and plane_size > 2**31 - 1:
+        raise ValueError(
+            f"{name}=int32 cannot hold the positions of a feature plane of "
+            f"{plane_size} pixels (more than 2**31 - 1); use int64")
+
+
 DATA_FORMATS = ("NCHW", "NHWC")
 
 

@@ -181,10 +181,11 @@ def _direct_dtype(input, rois):
 
 
 def _direct_forward(family, input, rois, ph, pw, spatial_scale, *scalars,
-                    argmax=()):
+                    after_layout=(), argmax=()):
     """The forward kernel's result when the call may skip the op, else None.
-    ``scalars`` follow spatial_scale in the kernel's signature; ``argmax``
-    is ``(None,)`` for a kernel that takes an optional argmax."""
+    ``scalars`` follow spatial_scale in the kernel's signature and
+    ``after_layout`` follows its channels_last; ``argmax`` is ``(None,)``
+    for a kernel that takes an optional argmax."""
     direct = _direct_dtype(input, rois)
     if direct is None:
         return None
@@ -197,7 +198,7 @@ def _direct_forward(family, input, rois, ph, pw, spatial_scale, *scalars,
     _validate.scale_for(spatial_scale, direct)
     _cpu.kernel(family, "forward", direct)(
         input.data_ptr(), rois.data_ptr(), k, n, c, h, w, ph, pw, spatial_scale,
-        *scalars, 0, out.data_ptr(), *argmax)  # 0: NCHW (contiguous input)
+        *scalars, 0, *after_layout, out.data_ptr(), *argmax)  # 0: NCHW
     return out
 
 
@@ -330,12 +331,20 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
 
 
 # ----------------------------------------------------------------- roi_pool
+def _argmax_dtype(height, width):
+    """The argmax the op saves for its backward: int32 as torchvision's
+    (half the memory, and a faster backward) unless a feature plane has
+    2**31 pixels or more. The op and its fake decide alike."""
+    return "int32" if height * width <= 2**31 - 1 else "int64"
+
+
 @torch.library.custom_op("curoi::roi_pool", mutates_args=())
 def _roi_pool_op(input: Tensor, rois: Tensor, spatial_scale: float,
                  pooled_height: int, pooled_width: int,
                  convention: str) -> tuple[Tensor, Tensor]:
     kw = dict(spatial_scale=spatial_scale, convention=convention,
-              return_argmax=True)
+              return_argmax=True,
+              argmax_dtype=_argmax_dtype(input.shape[2], input.shape[3]))
     if _channels_last(input):
         y, argmax = _curoi.roi_pool(_nhwc(input), rois, (pooled_height, pooled_width),
                                     data_format="NHWC", **kw)
@@ -348,8 +357,9 @@ def _(input, rois, spatial_scale, pooled_height, pooled_width, convention):
     _check_tensors(input, rois, "rois")
     shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
     channels_last = _channels_last(input)
+    index_dtype = getattr(torch, _argmax_dtype(input.shape[2], input.shape[3]))
     return (_empty(input, shape, channels_last),
-            _empty(input, shape, channels_last, dtype=torch.int64))
+            _empty(input, shape, channels_last, dtype=index_dtype))
 
 
 @torch.library.custom_op("curoi::roi_pool_backward", mutates_args=())
@@ -437,7 +447,8 @@ def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, *,
         return _torch_onnx.roi_pool_symbolic(input, rois, spatial_scale, ph, pw, convention)
     # No gradient is needed on this path, so no argmax either.
     out = _direct_forward("roi_pool", input, rois, ph, pw, spatial_scale,
-                          _kernels.POOL_CONVENTIONS[convention], argmax=(None,))
+                          _kernels.POOL_CONVENTIONS[convention],
+                          after_layout=(0,), argmax=(None,))
     if out is not None:
         return out
     output, _ = _roi_pool_op(input, rois, spatial_scale, ph, pw, convention)

@@ -23,6 +23,7 @@ BOX_ROWS = [
     "roi_pool forward",
     "roi_pool forward, NHWC",
     "roi_pool backward",
+    "roi_pool backward, int64 argmax",
 ]
 
 

@@ -333,6 +333,61 @@ def test_forward_backward_vs_reference(convention, dtype, seed):
     np.testing.assert_allclose(gx, gx_ref, **tol)
 
 
+@pytest.mark.parametrize("data_format", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("seed", range(4))
+def test_int32_argmax(convention, data_format, seed):
+    # int32 argmax: the reference's positions, and the same gradient as the
+    # reference computes from them; the backward reads int32 in place.
+    rng, x, boxes, scale, output_size = _random_case(7000 + seed, np.float32)
+    y_ref, arg_ref = ref.roi_pool(x, boxes, output_size, scale, convention)
+    g = rng.standard_normal(y_ref.shape).astype(np.float32)
+    gx_ref = ref.roi_pool_backward(g, arg_ref, boxes, x.shape)
+    nhwc = data_format == "NHWC"
+    to = (lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1))) if nhwc else (lambda a: a)
+    for dtype in ("int32", np.int32, np.dtype(np.int32)):
+        y, arg = curoi.roi_pool(to(x), boxes, output_size, scale, convention=convention,
+                                return_argmax=True, argmax_dtype=dtype,
+                                data_format=data_format)
+        assert arg.dtype == np.int32
+        np.testing.assert_array_equal(y, to(y_ref))
+        np.testing.assert_array_equal(arg, to(arg_ref))
+    gx = curoi.roi_pool_backward(to(g), arg, boxes, to(x).shape,
+                                 data_format=data_format)
+    np.testing.assert_allclose(gx, to(gx_ref), rtol=1e-5, atol=1e-5)
+    # int32 and int64 positions give the same sums, bit for bit
+    np.testing.assert_array_equal(
+        gx, curoi.roi_pool_backward(to(g), arg.astype(np.int64), boxes, to(x).shape,
+                                    data_format=data_format))
+
+
+def test_other_integer_argmax_is_converted():
+    rng, x, boxes, scale, output_size = _random_case(7100, np.float64)
+    y_ref, arg_ref = ref.roi_pool(x, boxes, output_size, scale, "torchvision")
+    g = rng.standard_normal(y_ref.shape)
+    expected = ref.roi_pool_backward(g, arg_ref, boxes, x.shape)
+    for dtype in (np.int16, np.uint16, np.dtype(">i8"), np.dtype(">i4")):
+        np.testing.assert_allclose(
+            curoi.roi_pool_backward(g, arg_ref.astype(dtype), boxes, x.shape),
+            expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", ["float32", np.uint32, "int8", None, "longest"])
+def test_argmax_dtype_must_be_int32_or_int64(bad):
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    boxes = np.array([[0, 0, 0, 3, 3]], np.float32)
+    with pytest.raises(TypeError, match="argmax_dtype"):
+        curoi.roi_pool(x, boxes, 2, return_argmax=True, argmax_dtype=bad)
+
+
+def test_int32_argmax_needs_planes_below_2_31():
+    from curoi import _validate
+    _validate.argmax_fits(2**31 - 1, "int32")
+    _validate.argmax_fits(2**40, "int64")
+    with pytest.raises(ValueError, match="argmax_dtype=int32"):
+        _validate.argmax_fits(2**31, "int32")
+
+
 # --------------------------------------------------------------------------
 # backward scatter
 # --------------------------------------------------------------------------

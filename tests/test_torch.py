@@ -156,6 +156,21 @@ def test_roi_pool_backward_matches_reference(convention):
     np.testing.assert_allclose(x.grad.numpy(), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_roi_pool_op_saves_int32_argmax_as_torchvision(channels_last):
+    # torchvision's op keeps int32 positions; so does curoi's (half the
+    # memory saved for the backward), with the reference's values.
+    rng = np.random.default_rng(8)
+    x = torch.tensor(ref.permutation_map(rng, (2, 3, 9, 10)))
+    rois = torch.tensor(ref.random_boxes(rng, 2, 9, 10, 1.0, 8))
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    y, argmax = torch.ops.curoi.roi_pool(x, rois, 1.0, 2, 3, "torchvision")
+    assert argmax.dtype == torch.int32
+    _, expected = ref.roi_pool(x.numpy(), rois.numpy(), (2, 3), 1.0, "torchvision")
+    np.testing.assert_array_equal(argmax.numpy(), expected)
+
+
 def test_no_gradient_for_boxes():
     x, rois = _case(6)
     x.requires_grad_()
