@@ -1,25 +1,8 @@
-"""RoI Align (average pooling), forward and backward."""
+"""RoI Align (average pooling), forward and backward: the public NumPy/CuPy
+functions, built from ``curoi._operators.ROI_ALIGN``."""
 
-from . import _boxes, _fast, _launch, _ops, _validate
-from ._interop import Caller
-
-# Layout descriptions for messages, by channels_last.
-_FEATURES = {False: "[N, C, H, W]", True: "[N, H, W, C]"}
-_GRAD = {False: "[K, C, PH, PW]", True: "[K, PH, PW, C]"}
-_SHAPE = {False: "(N, C, H, W)", True: "(N, H, W, C)"}
-_OUTPUT = {False: "the output [K, C, PH, PW] (boxes, channels, output_size)",
-           True: "the output [K, PH, PW, C] (boxes, output_size, channels)"}
-_GRAD_INPUT = {False: "the gradient [N, C, H, W] (input_shape)",
-               True: "the gradient [N, H, W, C] (input_shape)"}
-
-
-def _nchw(shape, channels_last):
-    return (shape[0], shape[3], shape[1], shape[2]) if channels_last else tuple(shape)
-
-
-def _layout(n, c, h, w, channels_last):
-    """The shape (N, C, H, W) in the caller's layout."""
-    return (n, h, w, c) if channels_last else (n, c, h, w)
+from . import _frontend, _validate
+from ._operators import ROI_ALIGN
 
 
 def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
@@ -63,33 +46,9 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
     than one the size of the map.
     """
     ph, pw = _validate.output_size(output_size)
-    scale = _validate.spatial_scale(spatial_scale)
-    ratio = _validate.sampling_ratio(sampling_ratio)
-    aligned = _validate.flag(aligned, "aligned")
-    channels_last = _validate.data_format(data_format)
-    fast = _fast.numpy_arrays(input, boxes)
-    if fast is not None:
-        _validate.scale_for(scale, fast)
-        out = _fast.roi_align_forward(input, boxes, fast, ph, pw, scale, ratio,
-                                      aligned, channels_last)
-        if out is not None:
-            return out
-    caller = Caller(input, "input")
-    with caller.on_device():
-        x, storage = _launch.features(caller, input, "input",
-                                      _FEATURES[channels_last])
-        _validate.scale_for(scale, _launch.accumulation_dtype(storage))
-        n, c, h, w = _nchw(x.shape, channels_last)
-        rois = _boxes.to_rois(boxes, caller, n, _launch.accumulation_dtype(storage))
-        k = rois.shape[0]
-        dtype = _launch.kernel_dtype(caller, storage)
-        cast = _launch.cast_back(caller, storage, dtype)
-        out, native = caller.new(_layout(k, c, ph, pw, channels_last), dtype,
-                                 native=cast is None, zeroed=False,
-                                 what=_OUTPUT[channels_last])
-        _ops.roi_align_forward(_launch.as_kernel_input(x, dtype), rois, out,
-                               scale, ratio, aligned, channels_last)
-        return caller.result(out, native, cast)
+    values = ROI_ALIGN.values(spatial_scale, sampling_ratio, aligned)
+    return _frontend.forward(ROI_ALIGN, input, boxes, ph, pw, values,
+                             _validate.data_format(data_format))
 
 
 def roi_align_backward(grad_output, boxes, input_shape, output_size,
@@ -123,38 +82,9 @@ def roi_align_backward(grad_output, boxes, input_shape, output_size,
     from ``max|grad_output|`` so that no sum can overflow; see the README's
     guarantees for the precision this gives.
     """
-    ph, pw = _validate.output_size(output_size)
-    scale = _validate.spatial_scale(spatial_scale)
-    ratio = _validate.sampling_ratio(sampling_ratio)
-    aligned = _validate.flag(aligned, "aligned")
+    output_size = _validate.output_size(output_size)
+    values = ROI_ALIGN.values(spatial_scale, sampling_ratio, aligned)
     deterministic = _validate.flag(deterministic, "deterministic")
-    channels_last = _validate.data_format(data_format)
-    n, c, h, w = _nchw(_validate.input_shape(input_shape,
-                                             layout=_SHAPE[channels_last]),
-                       channels_last)
-    caller = Caller(grad_output, "grad_output")
-    with caller.on_device():
-        g, storage = _launch.features(caller, grad_output, "grad_output",
-                                      _GRAD[channels_last])
-        _validate.scale_for(scale, _launch.accumulation_dtype(storage))
-        rois = _boxes.to_rois(boxes, caller, n, _launch.accumulation_dtype(storage))
-        k = rois.shape[0]
-        expected = _layout(k, c, ph, pw, channels_last)
-        if tuple(g.shape) != expected:
-            order = "(K, PH, PW, C)" if channels_last else "(K, C, PH, PW)"
-            raise ValueError(
-                f"grad_output must have shape {order} = {expected} from "
-                f"boxes, input_shape and output_size, got {tuple(g.shape)}"
-            )
-        dtype = _launch.kernel_dtype(caller, storage)
-        acc = _launch.accumulation_dtype(storage)
-        cast = _launch.cast_back(caller, storage, acc)
-        # Allocated zeroed: the OS hands out zero pages lazily, so a huge,
-        # sparsely hit gradient costs only the pages the kernel writes.
-        grad_input, native = caller.new(_layout(n, c, h, w, channels_last), acc,
-                                        native=cast is None,
-                                        what=_GRAD_INPUT[channels_last])
-        _ops.roi_align_backward(_launch.as_kernel_input(g, dtype), rois,
-                                grad_input, scale, ratio, aligned, deterministic,
-                                zeroed=True, channels_last=channels_last)
-        return caller.result(grad_input, native, cast)
+    return _frontend.backward(ROI_ALIGN, grad_output, boxes, input_shape,
+                              output_size, values, deterministic,
+                              _validate.data_format(data_format))

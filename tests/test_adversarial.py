@@ -503,7 +503,8 @@ BIG_SCRIPT = textwrap.dedent("""
     _cpu.launch("roi_align", "backward", "float32",
                 (g, boxes, 1, n, c, h, w, 2, 2, 1.0, 2, 0, 0, gx))
     _cpu.launch("roi_pool", "backward", "float32",
-                (g, np.ascontiguousarray(argmax, np.int64), boxes, 1, n, c, h, w, 2, 2, 0, gp))
+                (g, np.ascontiguousarray(argmax, np.int64), boxes, 1, n, c, h, w, 2, 2, 0, 0,
+                 gp))
     plane = h * w
     for name, grad in (("align_grad", gx), ("pool_grad", gp)):
         flat = grad.reshape(-1)
@@ -579,7 +580,7 @@ def test_kernels_called_with_nothing_to_do_return_cleanly():
         _cpu.launch("roi_align", "backward", "float32",
                     (out, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 2, 0, 0, grad))
         _cpu.launch("roi_pool", "forward", "float32",
-                    (x, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 0, 0, out, argmax))
+                    (x, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 0, 0, 0, out, argmax))
         _cpu.launch("roi_pool", "backward", "float32",
-                    (out, argmax, boxes, k, 1, c, 6, 6, 2, 2, 0, grad))
+                    (out, argmax, boxes, k, 1, c, 6, 6, 2, 2, 0, 0, grad))
     assert not grad.any()

@@ -30,8 +30,7 @@ def no_general_path(monkeypatch):
     """Fail any call that reaches the general path (curoi._interop.Caller)."""
     def refuse(*args, **kwargs):
         raise _GeneralPathTaken
-    for module in ("curoi._roi_align", "curoi._roi_pool"):
-        monkeypatch.setattr(f"{module}.Caller", refuse)
+    monkeypatch.setattr("curoi._frontend.Caller", refuse)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -79,8 +78,7 @@ def test_other_inputs_take_the_general_path_with_the_same_numbers(name, monkeypa
     def counting(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
-    monkeypatch.setattr("curoi._roi_align.Caller", counting)
-    monkeypatch.setattr("curoi._roi_pool.Caller", counting)
+    monkeypatch.setattr("curoi._frontend.Caller", counting)
     np.testing.assert_array_equal(curoi.roi_align(x2, boxes2, (3, 4), SCALE, 0, False),
                                   fast_align)
     y, argmax = curoi.roi_pool(x2, boxes2, (3, 4), SCALE, return_argmax=True)

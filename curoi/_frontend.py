@@ -1,0 +1,142 @@
+"""The NumPy/CuPy/any-DLPack front end, for every operator from its
+description (``curoi._operators``): arrays in from any framework, kernels
+run on their device, the caller's kind of array out.
+
+The public functions (``curoi.roi_align``, ...) check their scalar
+arguments through the description and hand everything to :func:`forward`
+or :func:`backward`.
+"""
+
+import numpy as np
+
+from . import _boxes, _fast, _gpu, _launch, _validate
+from ._interop import Caller
+
+# Layout descriptions for messages, by channels_last.
+FEATURES = {False: "[N, C, H, W]", True: "[N, H, W, C]"}
+GRAD = {False: "[K, C, PH, PW]", True: "[K, PH, PW, C]"}
+SHAPE = {False: "(N, C, H, W)", True: "(N, H, W, C)"}
+_OUTPUT = {False: "[K, C, PH, PW] (boxes, channels, output_size)",
+           True: "[K, PH, PW, C] (boxes, output_size, channels)"}
+_GRAD_INPUT = {False: "the gradient [N, C, H, W] (input_shape)",
+               True: "the gradient [N, H, W, C] (input_shape)"}
+_ORDER = {False: "(K, C, PH, PW)", True: "(K, PH, PW, C)"}
+
+
+def nchw(shape, channels_last):
+    """A 4-D shape in [N, C, H, W] order, whichever layout it has."""
+    return (shape[0], shape[3], shape[1], shape[2]) if channels_last else tuple(shape)
+
+
+def layout(n, c, h, w, channels_last):
+    """The shape (N, C, H, W) in the caller's layout."""
+    return (n, h, w, c) if channels_last else (n, c, h, w)
+
+
+def forward(op, input, boxes, ph, pw, values, channels_last, saved_dtypes=None):
+    """``op``'s forward. ``saved_dtypes``: a dtype name per saved result to
+    compute and return too (None: only the output)."""
+    fast = _fast.numpy_arrays(input, boxes, op.box_columns)
+    if fast is not None:
+        _validate.scale_for(values.spatial_scale, fast)
+        n, c, h, w = nchw(input.shape, channels_last)
+        c_out = op.output_channels(c, ph, pw)
+        shape = layout(boxes.shape[0], c_out, ph, pw, channels_last)
+        _check_saved(op, saved_dtypes, h, w)
+        out = _fast.empty(shape, input.dtype)
+        saved = [_fast.empty(shape, d) for d in saved_dtypes or ()]
+        # A buffer that cannot be allocated: the general path says which.
+        if out is not None and all(s is not None for s in saved):
+            saved = saved or [None] * len(op.saved)
+            op.forward(input, boxes, out, saved, values, channels_last)
+            return (out, *saved) if saved_dtypes else out
+    caller = Caller(input, "input")
+    with caller.on_device():
+        x, storage = _launch.features(caller, input, "input", FEATURES[channels_last])
+        acc = _launch.accumulation_dtype(storage)
+        _validate.scale_for(values.spatial_scale, acc)
+        n, c, h, w = nchw(x.shape, channels_last)
+        c_out = op.output_channels(c, ph, pw)
+        _check_saved(op, saved_dtypes, h, w)
+        rois = _boxes.to_rois(boxes, caller, n, acc, op.box_columns, op.box_layout)
+        k = rois.shape[0]
+        dtype = _launch.kernel_dtype(caller, storage)
+        cast = _launch.cast_back(caller, storage, dtype)
+        shape = layout(k, c_out, ph, pw, channels_last)
+        out, native = caller.new(shape, dtype, native=cast is None, zeroed=False,
+                                 what="the output " + _OUTPUT[channels_last])
+        saved, natives = [None] * len(op.saved), []
+        if saved_dtypes:
+            made = [caller.new(shape, d, zeroed=False,
+                               what=f"the {s.name} " + _OUTPUT[channels_last])
+                    for s, d in zip(op.saved, saved_dtypes)]
+            saved = [view for view, _ in made]
+            natives = [native for _, native in made]
+        op.forward(_launch.as_kernel_input(x, dtype), rois, out, saved, values,
+                   channels_last)
+        y = caller.result(out, native, cast)
+        if not saved_dtypes:
+            return y
+        return (y, *(caller.result(v, nat) for v, nat in zip(saved, natives)))
+
+
+def _check_saved(op, saved_dtypes, h, w):
+    for dtype in saved_dtypes or ():
+        _validate.argmax_fits(h * w, dtype)
+
+
+def backward(op, grad_output, boxes, input_shape, output_size, values,
+             deterministic, channels_last, saved=()):
+    """``op``'s backward: the gradient with respect to the features.
+    ``output_size`` None takes it from grad_output's shape; ``saved`` are
+    the forward's saved results (RoI Pool's argmax)."""
+    n, c, h, w = nchw(_validate.input_shape(input_shape, layout=SHAPE[channels_last]),
+                      channels_last)
+    caller = Caller(grad_output, "grad_output")
+    with caller.on_device():
+        g, storage = _launch.features(caller, grad_output, "grad_output",
+                                      GRAD[channels_last])
+        acc = _launch.accumulation_dtype(storage)
+        if "spatial_scale" in values._fields:
+            _validate.scale_for(values.spatial_scale, acc)
+        views = [_saved_view(caller, s, array, g) for s, array in zip(op.saved, saved)]
+        rois = _boxes.to_rois(boxes, caller, n, acc, op.box_columns, op.box_layout)
+        k = rois.shape[0]
+        _, g_channels, gh, gw = nchw(g.shape, channels_last)
+        ph, pw = (gh, gw) if output_size is None else output_size
+        expected = layout(k, op.output_channels(c, ph, pw), ph, pw, channels_last)
+        if tuple(g.shape) != expected:
+            order = _ORDER[channels_last]
+            if output_size is None:
+                raise ValueError(
+                    f"grad_output must have shape {order} with K = {k} boxes "
+                    f"and C = {c} from input_shape, got {tuple(g.shape)}")
+            raise ValueError(
+                f"grad_output must have shape {order} = {expected} from "
+                f"boxes, input_shape and output_size, got {tuple(g.shape)}")
+        dtype = _launch.kernel_dtype(caller, storage)
+        cast = _launch.cast_back(caller, storage, acc)
+        # Allocated zeroed: the OS hands out zero pages lazily, so a huge,
+        # sparsely hit gradient costs only the pages the kernel writes.
+        grad_input, native = caller.new(layout(n, c, h, w, channels_last), acc,
+                                        native=cast is None,
+                                        what=_GRAD_INPUT[channels_last])
+        op.backward(_launch.as_kernel_input(g, dtype), rois, views, grad_input,
+                    values, deterministic, True, channels_last)
+        return caller.result(grad_input, native, cast)
+
+
+def _saved_view(caller, saved, array, g):
+    """A saved result (an integer position array) as the kernels read it:
+    int32 or int64 in place, other integer types as int64."""
+    idx = caller.view(array, saved.name)
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"{saved.name} must have an integer dtype, got {idx.dtype}")
+    if tuple(idx.shape) != tuple(g.shape):
+        raise ValueError(
+            f"{saved.name} must have the shape of grad_output {tuple(g.shape)}, "
+            f"got {tuple(idx.shape)}")
+    if idx.dtype not in (np.int32, np.int64):
+        idx = idx.astype(np.int64)
+    xp = _gpu.require_cupy() if caller.device.is_cuda else np
+    return xp.ascontiguousarray(idx)

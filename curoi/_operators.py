@@ -1,0 +1,157 @@
+"""One description per operator; every front end is built from these.
+
+An :class:`Operator` says what the NumPy/CuPy functions (``curoi._frontend``),
+``curoi.torch`` and ``curoi.jax`` need to know about an operator and nothing
+about any of them:
+
+- its scalar arguments after ``output_size``, each with its default and its
+  check (the same messages everywhere), and whether the backward needs it;
+- the shape of its result (how many output channels a feature map gives);
+- the extra results the forward can write for the backward (RoI Pool's
+  argmax), with their dtype;
+- which kernels run forward and backward, as two functions on kernel views
+  (``curoi._ops``), with the checked values.
+
+Adding an operator means its kernels in ``cuda_src/``, its ``_ops``
+wrappers, an :class:`Operator` here, its public functions (a signature and
+a docstring each, whose body hands the arguments to the front end's builder),
+its NumPy reference in the tests, and its docs.
+"""
+
+import collections
+import dataclasses
+import functools
+from typing import Callable, Tuple
+
+from . import _kernels, _ops, _validate
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """A scalar argument that follows ``output_size``."""
+
+    name: str
+    default: object
+    #: value -> the checked value; raises an error that names the argument.
+    check: Callable
+    #: Its type in a torch operator schema: "float", "int", "bool" or "str".
+    schema: str
+    #: Whether the backward needs it (RoI Pool's backward needs only argmax).
+    backward: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Saved:
+    """An extra result of the forward that its backward reads."""
+
+    name: str
+    #: (height, width) of the features -> the dtype name the op keeps it in.
+    dtype: Callable
+    #: The public functions' keyword that returns it (``return_argmax``).
+    returned_by: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Operator:
+    name: str
+    params: Tuple[Param, ...]
+    #: (x, rois, out, saved views, values, channels_last): the forward
+    #: kernels on kernel views (saved views may be None: not wanted).
+    forward: Callable
+    #: (grad_output, rois, saved views, grad_input, values, deterministic,
+    #: zeroed, channels_last): the backward kernels.
+    backward: Callable
+    saved: Tuple[Saved, ...] = ()
+    #: (channels, ph, pw) -> channels of the output; raises for a C that
+    #: does not fit the operator.
+    output_channels: Callable = staticmethod(lambda c, ph, pw: c)
+    #: Columns of a ``[K, columns]`` box array (a list holds ``columns - 1``).
+    box_columns: int = 5
+    #: The layout of a box row, for messages.
+    box_layout: str = "(batch index, x1, y1, x2, y2)"
+
+    @property
+    def Values(self):
+        return _values_type(self.name, tuple(p.name for p in self.params))
+
+    def values(self, *args, **kwargs):
+        """The params, checked, as a namedtuple (positional in param order,
+        or by keyword); missing ones take their defaults."""
+        names = [p.name for p in self.params]
+        given = dict(zip(names, args))
+        given.update(kwargs)
+        return self.Values(*(p.check(given.get(p.name, p.default))
+                             for p in self.params))
+
+    @property
+    def backward_params(self):
+        return tuple(p for p in self.params if p.backward)
+
+
+@functools.lru_cache(maxsize=None)
+def _values_type(name, fields):
+    return collections.namedtuple(f"{name}_values", fields)
+
+
+# ------------------------------------------------------------- RoI Align
+def _align_forward(x, rois, out, saved, v, channels_last):
+    _ops.roi_align_forward(x, rois, out, v.spatial_scale, v.sampling_ratio,
+                           v.aligned, channels_last)
+
+
+def _align_backward(g, rois, saved, grad_input, v, deterministic, zeroed,
+                    channels_last):
+    _ops.roi_align_backward(g, rois, grad_input, v.spatial_scale,
+                            v.sampling_ratio, v.aligned, deterministic,
+                            zeroed=zeroed, channels_last=channels_last)
+
+
+SPATIAL_SCALE = Param("spatial_scale", 1.0, _validate.spatial_scale, "float")
+SAMPLING_RATIO = Param("sampling_ratio", -1, _validate.sampling_ratio, "int")
+ALIGNED = Param("aligned", False,
+                lambda value: _validate.flag(value, "aligned"), "bool")
+
+ROI_ALIGN = Operator(
+    name="roi_align",
+    params=(SPATIAL_SCALE, SAMPLING_RATIO, ALIGNED),
+    forward=_align_forward,
+    backward=_align_backward,
+)
+
+
+# -------------------------------------------------------------- RoI Pool
+POOL_CONVENTIONS = tuple(_kernels.POOL_CONVENTIONS)
+
+
+def _pool_forward(x, rois, out, saved, v, channels_last):
+    _ops.roi_pool_forward(x, rois, out, saved[0], v.spatial_scale,
+                          v.convention, channels_last)
+
+
+def _pool_backward(g, rois, saved, grad_input, v, deterministic, zeroed,
+                   channels_last):
+    _ops.roi_pool_backward(g, saved[0], rois, grad_input, deterministic,
+                           zeroed=zeroed, channels_last=channels_last)
+
+
+def argmax_dtype(height, width):
+    """The argmax an op keeps for its backward: int32, as torchvision's (half
+    the memory, and a faster backward), unless a feature plane has 2**31
+    pixels or more."""
+    return "int32" if height * width <= 2**31 - 1 else "int64"
+
+
+ROI_POOL = Operator(
+    name="roi_pool",
+    params=(
+        dataclasses.replace(SPATIAL_SCALE, backward=False),
+        Param("convention", "torchvision",
+              lambda value: _validate.choice(value, "convention", POOL_CONVENTIONS),
+              "str", backward=False),
+    ),
+    forward=_pool_forward,
+    backward=_pool_backward,
+    saved=(Saved("argmax", argmax_dtype, "return_argmax"),),
+)
+
+OPERATORS = {op.name: op for op in (ROI_ALIGN, ROI_POOL)}
