@@ -69,6 +69,9 @@ class Operator:
     box_columns: int = 5
     #: The layout of a box row, for messages.
     box_layout: str = "(batch index, x1, y1, x2, y2)"
+    #: Whether the backward needs output_size (and spatial_scale) or takes
+    #: the bins from the gradient's shape and the saved results alone.
+    backward_needs_output_size: bool = True
 
     @property
     def Values(self):
@@ -152,6 +155,7 @@ ROI_POOL = Operator(
     forward=_pool_forward,
     backward=_pool_backward,
     saved=(Saved("argmax", argmax_dtype, "return_argmax"),),
+    backward_needs_output_size=False,
 )
 
 OPERATORS = {op.name: op for op in (ROI_ALIGN, ROI_POOL)}

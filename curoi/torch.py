@@ -37,15 +37,11 @@ exporter and with ``dynamo=True``, without a translation table (see
 import torch
 from torch import Tensor, nn
 
-import curoi as _curoi
-
 from torch.utils import _python_dispatch
 
-from . import _cpu, _kernels, _torch_onnx, _validate
+from . import _frontend, _operators, _torch_onnx, _validate
 
 __all__ = ["roi_align", "roi_pool", "RoIAlign", "RoIPool"]
-
-_CONVENTIONS = ("torchvision", "mmcv")
 
 
 # --------------------------------------------------------------- arguments
@@ -59,12 +55,19 @@ def _check_input(input):
         raise TypeError(f"input must have a floating-point dtype, got {input.dtype}")
 
 
-def _check_boxes(input, boxes, name, columns):
+_BOX = "(batch index, x1, y1, x2, y2)"
+_ROTATED_BOX = "(batch index, centre x, centre y, width, height, angle)"
+
+
+def _check_boxes(input, boxes, name, columns, per_image=False):
+    """``columns`` counts the batch index, which a per-image tensor lacks."""
     if not isinstance(boxes, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(boxes).__name__}")
-    if boxes.dim() != 2 or boxes.shape[1] != columns:
-        layout = ("[K, 5] tensor of (batch index, x1, y1, x2, y2)" if columns == 5
-                  else "[L, 4] tensor of (x1, y1, x2, y2)")
+    wanted = columns - 1 if per_image else columns
+    if boxes.dim() != 2 or boxes.shape[1] != wanted:
+        row = _BOX if columns == 5 else _ROTATED_BOX
+        layout = (f"[L, {wanted}] tensor of ({row[len('(batch index, '):]}" if per_image
+                  else f"[K, {wanted}] tensor of {row}")
         raise ValueError(f"{name} must be a {layout}, got shape {tuple(boxes.shape)}")
     if not boxes.dtype.is_floating_point:
         raise TypeError(f"{name} must have a floating-point dtype, got {boxes.dtype}")
@@ -102,42 +105,26 @@ def _nchw(tensor):
     return tensor.permute(0, 3, 1, 2)
 
 
-def _check_tensors(input, rois, name):
+def _check_tensors(input, rois, name, columns=5):
     """Checks shared by the public functions (run eagerly, and while
     torch.compile traces them) and the fake implementations, so that a
     compiled model fails with the same messages as an eager one."""
     _check_input(input)
-    _check_boxes(input, rois, name, 5)
+    _check_boxes(input, rois, name, columns)
 
 
-def _scalars(spatial_scale, sampling_ratio=None, aligned=None):
-    """Check the scalar arguments before they reach the op's schema, whose
-    own errors do not say what was expected."""
-    if torch.compiler.is_compiling():
-        # torch.compile(dynamic=True) traces float arguments as symbols that
-        # the checks cannot read; curoi checks the same values when the op
-        # runs, with the same messages.
-        return spatial_scale, sampling_ratio, aligned
-    spatial_scale = _validate.spatial_scale(spatial_scale)
-    if sampling_ratio is not None:
-        sampling_ratio = _validate.sampling_ratio(sampling_ratio)
-    if aligned is not None:
-        aligned = _validate.flag(aligned, "aligned")
-    return spatial_scale, sampling_ratio, aligned
-
-
-def _to_rois(boxes, input):
-    """``boxes`` as one [K, 5] tensor, as torchvision's
-    ``convert_boxes_to_roi_format`` makes it: a list of per-image [L, 4]
-    tensors gets the image index as its first column."""
+def _to_rois(boxes, input, columns=5):
+    """``boxes`` as one [K, columns] tensor, as torchvision's
+    ``convert_boxes_to_roi_format`` makes it: a list of per-image
+    [L, columns - 1] tensors gets the image index as its first column."""
     if isinstance(boxes, Tensor):
         return boxes
     if not isinstance(boxes, (list, tuple)):
         raise TypeError(
-            "boxes must be a [K, 5] tensor or a list of [L, 4] tensors, one per "
-            f"image, got {type(boxes).__name__}")
+            f"boxes must be a [K, {columns}] tensor or a list of [L, {columns - 1}] "
+            f"tensors, one per image, got {type(boxes).__name__}")
     for i, b in enumerate(boxes):
-        _check_boxes(input, b, f"boxes[{i}]", 4)
+        _check_boxes(input, b, f"boxes[{i}]", columns, per_image=True)
     if len(boxes) > input.shape[0]:
         raise ValueError(
             f"boxes is a list of {len(boxes)} per-image tensors but input holds "
@@ -146,7 +133,7 @@ def _to_rois(boxes, input):
         # torch.cat refuses an empty list. Boxes are used in float32 (float64
         # for float64 features) whatever the feature dtype.
         dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-        return torch.zeros((0, 5), dtype=dtype, device=input.device)
+        return torch.zeros((0, columns), dtype=dtype, device=input.device)
     ids = [torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)]
     return torch.cat([torch.cat(ids, dim=0), torch.cat(list(boxes), dim=0)], dim=1)
 
@@ -180,102 +167,200 @@ def _direct_dtype(input, rois):
     return name
 
 
-def _direct_forward(family, input, rois, ph, pw, spatial_scale, *scalars,
-                    after_layout=(), argmax=()):
-    """The forward kernel's result when the call may skip the op, else None.
-    ``scalars`` follow spatial_scale in the kernel's signature and
-    ``after_layout`` follows its channels_last; ``argmax`` is ``(None,)``
-    for a kernel that takes an optional argmax."""
-    direct = _direct_dtype(input, rois)
-    if direct is None:
-        return None
-    n, c, h, w = input.shape
-    k = rois.shape[0]
-    try:
-        out = torch.empty((k, c, ph, pw), dtype=input.dtype)
-    except RuntimeError:
-        return None  # the op path raises curoi's MemoryError naming it
-    _validate.scale_for(spatial_scale, direct)
-    _cpu.kernel(family, "forward", direct)(
-        input.data_ptr(), rois.data_ptr(), k, n, c, h, w, ph, pw, spatial_scale,
-        *scalars, 0, *after_layout, out.data_ptr(), *argmax)  # 0: NCHW
-    return out
+# ------------------------------------------------- operators from descriptions
+# Schema types of the params: ints are SymInts, as torch infers them from
+# Python's int, so that dynamic shapes pass through without specialising.
+_SCHEMA_TYPES = {"float": "float", "int": "SymInt", "bool": "bool", "str": "str"}
 
 
-# ---------------------------------------------------------------- roi_align
-@torch.library.custom_op("curoi::roi_align", mutates_args=())
-def _roi_align_op(input: Tensor, rois: Tensor, spatial_scale: float,
-                  pooled_height: int, pooled_width: int, sampling_ratio: int,
-                  aligned: bool) -> Tensor:
-    kw = dict(spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
-              aligned=aligned)
-    if _channels_last(input):
-        return _nchw(_curoi.roi_align(_nhwc(input), rois, (pooled_height, pooled_width),
-                                      data_format="NHWC", **kw))
-    return _curoi.roi_align(input, rois, (pooled_height, pooled_width), **kw)
+class _TorchOperator:
+    """The custom ops of one operator description (``curoi._operators``):
+    ``curoi::<name>`` (features, rois, spatial_scale, pooled_height,
+    pooled_width, then the other params, as torchvision orders them; it also
+    returns the saved results) and ``curoi::<name>_backward`` (grad, rois,
+    the saved results, [spatial_scale, pooled_height, pooled_width,] the
+    features' shape, the backward's other params, deterministic,
+    channels_last), with fake implementations and the autograd formula. The
+    implementations run ``curoi._frontend`` on the tensors."""
+
+    def __init__(self, op, onnx_symbolic=None):
+        self.op = op
+        self.onnx_symbolic = onnx_symbolic
+        rest = op.params[1:]  # spatial_scale comes first in every operator
+        assert op.params[0].name == "spatial_scale"
+        params = ", ".join(f"{_SCHEMA_TYPES[p.schema]} {p.name}" for p in rest)
+        results = ", ".join(["Tensor"] * (1 + len(op.saved)))
+        self.forward_op = torch.library.custom_op(
+            f"curoi::{op.name}", self._forward, mutates_args=(),
+            schema=(f"(Tensor input, Tensor rois, float spatial_scale, "
+                    f"SymInt pooled_height, SymInt pooled_width"
+                    f"{', ' + params if params else ''}) -> "
+                    f"{'(' + results + ')' if op.saved else 'Tensor'}"))
+        self.forward_op.register_fake(self._forward_fake)
+        # The backward's channels_last defaults to False: a graph that
+        # torch.compile cached before the argument existed (its cache key
+        # does not cover autograd formulas) still calls it as before.
+        before = ["Tensor grad", "Tensor rois"] + [f"Tensor {s.name}" for s in op.saved]
+        if op.backward_needs_output_size:
+            before += ["float spatial_scale", "SymInt pooled_height",
+                       "SymInt pooled_width"]
+        shape = ["SymInt batch_size", "SymInt channels", "SymInt height", "SymInt width"]
+        after = [f"{_SCHEMA_TYPES[p.schema]} {p.name}" for p in op.backward_params
+                 if p.name != "spatial_scale"]
+        self.backward_op = torch.library.custom_op(
+            f"curoi::{op.name}_backward", self._backward, mutates_args=(),
+            schema="(" + ", ".join(before + shape + after + [
+                "bool deterministic", "bool channels_last=False"]) + ") -> Tensor")
+        self.backward_op.register_fake(self._backward_fake)
+        self.forward_op.register_autograd(self._autograd, setup_context=self._setup)
+
+    # ----------------------------------------------------------- forward
+    def _values(self, spatial_scale, rest):
+        return self.op.values(spatial_scale, *rest)
+
+    def _forward(self, input, rois, spatial_scale, ph, pw, *rest):
+        values = self._values(spatial_scale, rest)
+        ph, pw = _validate.output_size((ph, pw))
+        channels_last = _channels_last(input)
+        h, w = input.shape[2], input.shape[3]
+        saved = tuple(s.dtype(h, w) for s in self.op.saved) or None
+        result = _frontend.forward(self.op, _nhwc(input) if channels_last else input,
+                                   rois, ph, pw, values, channels_last, saved)
+        if not channels_last:
+            return result
+        if saved:
+            return tuple(_nchw(r) for r in result)
+        return _nchw(result)
+
+    def _forward_fake(self, input, rois, spatial_scale, ph, pw, *rest):
+        _check_tensors(input, rois, "rois", self.op.box_columns)
+        c = self.op.output_channels(input.shape[1], ph, pw)
+        shape = (rois.shape[0], c, ph, pw)
+        channels_last = _channels_last(input)
+        out = _empty(input, shape, channels_last)
+        if not self.op.saved:
+            return out
+        h, w = input.shape[2], input.shape[3]
+        return (out,) + tuple(
+            _empty(input, shape, channels_last, dtype=getattr(torch, s.dtype(h, w)))
+            for s in self.op.saved)
+
+    # ---------------------------------------------------------- backward
+    def _backward_args(self, args):
+        """(grad, rois, saved, (ph, pw) or None, values, (n, c, h, w),
+        deterministic, channels_last) from the backward op's arguments."""
+        args = list(args)
+        grad, rois = args[:2]
+        del args[:2]
+        saved = args[:len(self.op.saved)]
+        del args[:len(self.op.saved)]
+        given = {}
+        output_size = None
+        if self.op.backward_needs_output_size:
+            given["spatial_scale"] = args[0]
+            output_size = (args[1], args[2])
+            del args[:3]
+        shape = tuple(args[:4])
+        del args[:4]
+        for p in self.op.backward_params:
+            if p.name != "spatial_scale":
+                given[p.name] = args.pop(0)
+        deterministic = args.pop(0)
+        channels_last = args.pop(0) if args else False
+        return grad, rois, saved, output_size, self.op.values(**given), shape, \
+            deterministic, channels_last
+
+    def _backward(self, *args):
+        (grad, rois, saved, output_size, values, (n, c, h, w), deterministic,
+         channels_last) = self._backward_args(args)
+        if channels_last:
+            return _nchw(_frontend.backward(
+                self.op, _nhwc(grad), rois, (n, h, w, c), output_size, values,
+                deterministic, True, saved=[_nhwc(s) for s in saved]))
+        return _frontend.backward(self.op, grad, rois, (n, c, h, w), output_size,
+                                  values, deterministic, False, saved=saved)
+
+    def _backward_fake(self, *args):
+        grad, _, _, _, _, shape, _, channels_last = self._backward_args(args)
+        return _empty(grad, shape, channels_last)
+
+    def _setup(self, ctx, inputs, output):
+        input, rois = inputs[:2]
+        saved = ()
+        if self.op.saved:
+            saved = tuple(output[1:])
+            ctx.mark_non_differentiable(*saved)
+        ctx.save_for_backward(rois, *saved)
+        ctx.input_shape = tuple(input.shape)
+        ctx.channels_last = _channels_last(input)
+        ctx.params = inputs[2:]
+        ctx.count = len(inputs)
+
+    def _autograd(self, ctx, grad, *saved_grads):
+        rois, *saved = ctx.saved_tensors
+        spatial_scale, ph, pw, *rest = ctx.params
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            by_name = dict(zip((p.name for p in self.op.params[1:]), rest))
+            args = [grad, rois, *saved]
+            if self.op.backward_needs_output_size:
+                args += [spatial_scale, ph, pw]
+            args += list(ctx.input_shape)
+            args += [by_name[p.name] for p in self.op.backward_params
+                     if p.name != "spatial_scale"]
+            args += [torch.are_deterministic_algorithms_enabled(), ctx.channels_last]
+            grad_input = self.backward_op(*args)
+        return (grad_input,) + (None,) * (ctx.count - 1)
+
+    # ------------------------------------------------------------- calls
+    def __call__(self, input, boxes, output_size, spatial_scale, *rest):
+        """The public function's body: checks, then the ONNX symbolic while
+        exporting, the kernel directly when nothing else needs to see the
+        call, else the op (its output only)."""
+        _check_input(input)
+        rois = _to_rois(boxes, input, self.op.box_columns)
+        _check_tensors(input, rois, "boxes", self.op.box_columns)
+        ph, pw = _validate.output_size(output_size)
+        if not torch.compiler.is_compiling():
+            # torch.compile(dynamic=True) traces float arguments as symbols
+            # that the checks cannot read; the op checks the same values
+            # when it runs, with the same messages.
+            values = self._values(spatial_scale, rest)
+            spatial_scale, rest = values[0], tuple(values[1:])
+        if self.onnx_symbolic is not None and _torch_onnx.dynamo_exporting():
+            return self.onnx_symbolic(input, rois, spatial_scale, ph, pw, *rest)
+        out = self._direct(input, rois, ph, pw, spatial_scale, rest)
+        if out is not None:
+            return out
+        result = self.forward_op(input, rois, spatial_scale, ph, pw, *rest)
+        return result[0] if self.op.saved else result
+
+    def _direct(self, input, rois, ph, pw, spatial_scale, rest):
+        direct = _direct_dtype(input, rois)
+        if direct is None:
+            return None
+        values = self.op.Values(spatial_scale, *rest)
+        n, c, h, w = input.shape
+        try:
+            out = torch.empty((rois.shape[0], self.op.output_channels(c, ph, pw), ph, pw),
+                              dtype=input.dtype)
+        except RuntimeError:
+            return None  # the op path raises curoi's MemoryError naming it
+        _validate.scale_for(spatial_scale, direct)
+        # No gradient is needed on this path, so no saved results either.
+        self.op.forward(input.detach().numpy(), rois.detach().numpy(), out.numpy(),
+                        [None] * len(self.op.saved), values, False)
+        return out
 
 
-@_roi_align_op.register_fake
-def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio,
-      aligned):
-    _check_tensors(input, rois, "rois")
-    return _empty(input, (rois.shape[0], input.shape[1], pooled_height, pooled_width),
-                  _channels_last(input))
+_ROI_ALIGN = _TorchOperator(_operators.ROI_ALIGN, _torch_onnx.roi_align_symbolic)
+_ROI_POOL = _TorchOperator(_operators.ROI_POOL, _torch_onnx.roi_pool_symbolic)
+# The ops under their former names, for the tests and the ONNX symbolics.
+_roi_align_op, _roi_align_backward_op = _ROI_ALIGN.forward_op, _ROI_ALIGN.backward_op
+_roi_pool_op, _roi_pool_backward_op = _ROI_POOL.forward_op, _ROI_POOL.backward_op
 
 
-# The backward ops' channels_last defaults to False: a graph that
-# torch.compile cached before the argument existed (its cache key does not
-# cover autograd formulas) still calls them as before.
-@torch.library.custom_op("curoi::roi_align_backward", mutates_args=())
-def _roi_align_backward_op(grad: Tensor, rois: Tensor, spatial_scale: float,
-                           pooled_height: int, pooled_width: int,
-                           batch_size: int, channels: int, height: int,
-                           width: int, sampling_ratio: int, aligned: bool,
-                           deterministic: bool,
-                           channels_last: bool = False) -> Tensor:
-    kw = dict(spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
-              aligned=aligned, deterministic=deterministic)
-    if channels_last:
-        return _nchw(_curoi.roi_align_backward(
-            _nhwc(grad), rois, (batch_size, height, width, channels),
-            (pooled_height, pooled_width), data_format="NHWC", **kw))
-    return _curoi.roi_align_backward(
-        grad, rois, (batch_size, channels, height, width),
-        (pooled_height, pooled_width), **kw)
-
-
-@_roi_align_backward_op.register_fake
-def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size,
-      channels, height, width, sampling_ratio, aligned, deterministic,
-      channels_last=False):
-    return _empty(grad, (batch_size, channels, height, width), channels_last)
-
-
-def _roi_align_setup_context(ctx, inputs, output):
-    input, rois, spatial_scale, ph, pw, sampling_ratio, aligned = inputs
-    ctx.save_for_backward(rois)
-    ctx.input_shape = tuple(input.shape)
-    ctx.channels_last = _channels_last(input)
-    ctx.params = (spatial_scale, ph, pw, sampling_ratio, aligned)
-
-
-def _roi_align_backward(ctx, grad):
-    (rois,) = ctx.saved_tensors
-    spatial_scale, ph, pw, sampling_ratio, aligned = ctx.params
-    n, c, h, w = ctx.input_shape
-    grad_input = None
-    if ctx.needs_input_grad[0]:
-        grad_input = _roi_align_backward_op(
-            grad, rois, spatial_scale, ph, pw, n, c, h, w, sampling_ratio,
-            aligned, torch.are_deterministic_algorithms_enabled(),
-            ctx.channels_last)
-    return grad_input, None, None, None, None, None, None
-
-
-_roi_align_op.register_autograd(_roi_align_backward,
-                                setup_context=_roi_align_setup_context)
-
-
+# ----------------------------------------------------------- public functions
 def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
               sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
     """RoI Align (Mask R-CNN), as ``torchvision.ops.roi_align``.
@@ -315,95 +400,7 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
         ``torch.channels_last`` too, with the numbers of a contiguous input
         to the bit.
     """
-    _check_input(input)
-    rois = _to_rois(boxes, input)
-    _check_tensors(input, rois, "boxes")
-    ph, pw = _validate.output_size(output_size)
-    spatial_scale, sampling_ratio, aligned = _scalars(spatial_scale, sampling_ratio, aligned)
-    if _torch_onnx.dynamo_exporting():
-        return _torch_onnx.roi_align_symbolic(input, rois, spatial_scale, ph, pw,
-                                              sampling_ratio, aligned)
-    out = _direct_forward("roi_align", input, rois, ph, pw, spatial_scale,
-                          sampling_ratio, int(aligned))
-    if out is not None:
-        return out
-    return _roi_align_op(input, rois, spatial_scale, ph, pw, sampling_ratio, aligned)
-
-
-# ----------------------------------------------------------------- roi_pool
-def _argmax_dtype(height, width):
-    """The argmax the op saves for its backward: int32 as torchvision's
-    (half the memory, and a faster backward) unless a feature plane has
-    2**31 pixels or more. The op and its fake decide alike."""
-    return "int32" if height * width <= 2**31 - 1 else "int64"
-
-
-@torch.library.custom_op("curoi::roi_pool", mutates_args=())
-def _roi_pool_op(input: Tensor, rois: Tensor, spatial_scale: float,
-                 pooled_height: int, pooled_width: int,
-                 convention: str) -> tuple[Tensor, Tensor]:
-    kw = dict(spatial_scale=spatial_scale, convention=convention,
-              return_argmax=True,
-              argmax_dtype=_argmax_dtype(input.shape[2], input.shape[3]))
-    if _channels_last(input):
-        y, argmax = _curoi.roi_pool(_nhwc(input), rois, (pooled_height, pooled_width),
-                                    data_format="NHWC", **kw)
-        return _nchw(y), _nchw(argmax)
-    return _curoi.roi_pool(input, rois, (pooled_height, pooled_width), **kw)
-
-
-@_roi_pool_op.register_fake
-def _(input, rois, spatial_scale, pooled_height, pooled_width, convention):
-    _check_tensors(input, rois, "rois")
-    shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
-    channels_last = _channels_last(input)
-    index_dtype = getattr(torch, _argmax_dtype(input.shape[2], input.shape[3]))
-    return (_empty(input, shape, channels_last),
-            _empty(input, shape, channels_last, dtype=index_dtype))
-
-
-@torch.library.custom_op("curoi::roi_pool_backward", mutates_args=())
-def _roi_pool_backward_op(grad: Tensor, rois: Tensor, argmax: Tensor,
-                          batch_size: int, channels: int, height: int,
-                          width: int, deterministic: bool,
-                          channels_last: bool = False) -> Tensor:
-    if channels_last:
-        return _nchw(_curoi.roi_pool_backward(
-            _nhwc(grad), _nhwc(argmax), rois, (batch_size, height, width, channels),
-            deterministic=deterministic, data_format="NHWC"))
-    return _curoi.roi_pool_backward(grad, argmax, rois,
-                                    (batch_size, channels, height, width),
-                                    deterministic=deterministic)
-
-
-@_roi_pool_backward_op.register_fake
-def _(grad, rois, argmax, batch_size, channels, height, width, deterministic,
-      channels_last=False):
-    return _empty(grad, (batch_size, channels, height, width), channels_last)
-
-
-def _roi_pool_setup_context(ctx, inputs, output):
-    input, rois = inputs[:2]
-    _, argmax = output
-    ctx.mark_non_differentiable(argmax)
-    ctx.save_for_backward(rois, argmax)
-    ctx.input_shape = tuple(input.shape)
-    ctx.channels_last = _channels_last(input)
-
-
-def _roi_pool_backward(ctx, grad, grad_argmax):
-    rois, argmax = ctx.saved_tensors
-    n, c, h, w = ctx.input_shape
-    grad_input = None
-    if ctx.needs_input_grad[0]:
-        grad_input = _roi_pool_backward_op(
-            grad, rois, argmax, n, c, h, w,
-            torch.are_deterministic_algorithms_enabled(), ctx.channels_last)
-    return grad_input, None, None, None, None, None
-
-
-_roi_pool_op.register_autograd(_roi_pool_backward,
-                               setup_context=_roi_pool_setup_context)
+    return _ROI_ALIGN(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
 
 
 def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, *,
@@ -437,22 +434,7 @@ def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, *,
         reproducible. A ``torch.channels_last`` input gives a
         ``torch.channels_last`` result and gradient, as in :func:`roi_align`.
     """
-    _check_input(input)
-    rois = _to_rois(boxes, input)
-    _check_tensors(input, rois, "boxes")
-    ph, pw = _validate.output_size(output_size)
-    spatial_scale, _, _ = _scalars(spatial_scale)
-    convention = _validate.choice(convention, "convention", _CONVENTIONS)
-    if _torch_onnx.dynamo_exporting():
-        return _torch_onnx.roi_pool_symbolic(input, rois, spatial_scale, ph, pw, convention)
-    # No gradient is needed on this path, so no argmax either.
-    out = _direct_forward("roi_pool", input, rois, ph, pw, spatial_scale,
-                          _kernels.POOL_CONVENTIONS[convention],
-                          after_layout=(0,), argmax=(None,))
-    if out is not None:
-        return out
-    output, _ = _roi_pool_op(input, rois, spatial_scale, ph, pw, convention)
-    return output
+    return _ROI_POOL(input, boxes, output_size, spatial_scale, convention)
 
 
 _torch_onnx.register_torchscript_symbolics()

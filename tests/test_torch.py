@@ -323,16 +323,14 @@ def test_backward_receives_the_deterministic_flag(monkeypatch):
     """The autograd backward asks curoi for a deterministic sum exactly when
     torch.use_deterministic_algorithms(True) is in effect."""
     seen = []
-    real_align, real_pool = curoi.roi_align_backward, curoi.roi_pool_backward
+    real = curoi._frontend.backward
 
-    def spy(real):
-        def backward(*args, deterministic=False, **kwargs):
-            seen.append(deterministic)
-            return real(*args, deterministic=deterministic, **kwargs)
-        return backward
+    def spy(op, grad, boxes, shape, output_size, values, deterministic, *args, **kwargs):
+        seen.append(deterministic)
+        return real(op, grad, boxes, shape, output_size, values, deterministic,
+                    *args, **kwargs)
 
-    monkeypatch.setattr(curoi, "roi_align_backward", spy(real_align))
-    monkeypatch.setattr(curoi, "roi_pool_backward", spy(real_pool))
+    monkeypatch.setattr(curoi._frontend, "backward", spy)
     x, rois = _case(14)
     previous = torch.are_deterministic_algorithms_enabled()
     try:
