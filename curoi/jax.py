@@ -87,8 +87,9 @@ except ImportError as error:  # pragma: no cover - only without JAX
         "`pip install \"jax[cuda12]>=0.7\"` (NVIDIA GPUs)"
     ) from error
 
-from . import _boxes, _gpu, _kernels, _ops, _validate
+from . import _boxes, _gpu, _validate
 from ._interop import FLOAT_DTYPES, HALF_DTYPES
+from ._operators import ROI_ALIGN, ROI_POOL
 
 __all__ = ["roi_align", "roi_pool"]
 
@@ -120,7 +121,6 @@ def _load_buffer_callback(import_module=importlib.import_module,
 _buffer_callback = _load_buffer_callback()
 
 _FEATURES = {False: "[N, C, H, W]", True: "[N, H, W, C]"}
-_POOL_CONVENTIONS = tuple(_kernels.POOL_CONVENTIONS)
 _DLPACK_CPU = 1
 _DLPACK_CUDA = 2
 
@@ -163,7 +163,7 @@ def _output_shape(k, c, ph, pw, channels_last):
     return (k, ph, pw, c) if channels_last else (k, c, ph, pw)
 
 
-def _box_array(array, name, columns):
+def _box_array(array, name, columns, row=_boxes.BOX):
     if isinstance(array, np.ndarray):
         array = jnp.asarray(array)
     if not isinstance(array, jax.Array):
@@ -175,13 +175,15 @@ def _box_array(array, name, columns):
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have a floating-point dtype, got {dtype}")
     if array.ndim != 2 or array.shape[1] != columns:
-        raise ValueError(f"{_boxes._LAYOUT}; {name} has shape {tuple(array.shape)}")
+        full = columns if name == "boxes" else columns + 1
+        raise ValueError(f"{_boxes.layout_message(full, row)}; {name} has shape "
+                         f"{tuple(array.shape)}")
     return array
 
 
-def _checked_boxes(boxes, batch):
-    """The boxes as jax.Arrays (a ``[K, 5]`` array or a list of ``[L, 4]``
-    arrays), checked; shapes and dtypes are static, so this runs at trace
+def _checked_boxes(boxes, batch, columns=5, row=_boxes.BOX):
+    """The boxes as jax.Arrays (a ``[K, columns]`` array or a list of
+    ``[L, columns - 1]`` arrays), checked; shapes and dtypes are static, so this runs at trace
     time."""
     if isinstance(boxes, (list, tuple)):
         if len(boxes) > batch:
@@ -189,17 +191,18 @@ def _checked_boxes(boxes, batch):
                 f"boxes is a list of {len(boxes)} per-image arrays but input "
                 f"holds {batch} images"
             )
-        return [_box_array(b, f"boxes[{i}]", 4) for i, b in enumerate(boxes)]
-    return _box_array(boxes, "boxes", 5)
+        return [_box_array(b, f"boxes[{i}]", columns - 1, row)
+                for i, b in enumerate(boxes)]
+    return _box_array(boxes, "boxes", columns, row)
 
 
-def _rois(boxes, acc):
-    """Checked boxes as the kernels take them: one ``[K, 5]`` array in the
+def _rois(boxes, acc, columns=5):
+    """Checked boxes as the kernels take them: one ``[K, columns]`` array in the
     accumulation dtype. Traced ``jnp`` code, so the cast carries the boxes'
     (zero) gradient back to whatever dtype they came in."""
     if isinstance(boxes, list):
         if not boxes:
-            return jnp.zeros((0, 5), dtype=acc)
+            return jnp.zeros((0, columns), dtype=acc)
         parts = [jnp.concatenate([jnp.full((b.shape[0], 1), i, dtype=acc),
                                   b.astype(acc)], axis=1)
                  for i, b in enumerate(boxes)]
@@ -370,7 +373,7 @@ def _fold_rois(rois, batched, axis_size, images):
     # to the next integer in float32 (and land on the next image).
     folded = jnp.where(valid, jnp.trunc(index) + offset, -1)
     rois = rois.at[..., 0].set(folded)
-    return rois.reshape((-1, 5))
+    return rois.reshape((-1, rois.shape[-1]))
 
 
 def _fold_forward_args(axis_size, in_batched, x, rois):
@@ -383,7 +386,7 @@ def _fold_forward_args(axis_size, in_batched, x, rois):
     # Shared features: only the boxes fold (their batch indices already
     # address the shared images); the features are read once, not copied
     # per batch element.
-    return x, rois.reshape((-1, 5))
+    return x, rois.reshape((-1, rois.shape[-1]))
 
 
 def _broadcast(value, batched, axis_size):
@@ -395,140 +398,98 @@ def _unfold(value, axis_size):
 
 
 # --------------------------------------------------------------------------
-# kernels as JAX functions (one per static configuration)
+# kernels as JAX functions (one per operator and static configuration)
 # --------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _align_forward_op(ph, pw, scale, ratio, aligned, channels_last):
-    """``x [N, C, H, W]`` (a kernel dtype), ``rois [K, 5]`` -> ``[K, C, PH, PW]``
-    (channels-last: ``[N, H, W, C]`` -> ``[K, PH, PW, C]``)."""
+def _saved_type(shape, dtype):
+    # int64 results travel as int32 pairs: JAX without x64 has no int64.
+    if dtype == "int64":
+        return _int64_type(shape)
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
 
-    def run(x, rois, out):
-        _ops.roi_align_forward(x, rois, out, scale, ratio, aligned, channels_last)
+
+def _saved_view(view, dtype):
+    """A saved result's buffer as the kernels read it."""
+    return view.view(np.int64)[..., 0] if dtype == "int64" else view
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_op(op, ph, pw, values, channels_last, saved_dtypes):
+    """``x [N, C, H, W]`` (a kernel dtype), ``rois [K, columns]`` -> the
+    output ``[K, C_out, PH, PW]`` and, for an operator with saved results,
+    those too, in ``saved_dtypes`` (channels-last: ``[N, H, W, C]`` ->
+    ``[K, PH, PW, C_out]``)."""
+    pairs = tuple(1 + i for i, d in enumerate(saved_dtypes) if d == "int64")
+
+    def run(x, rois, out, *saved):
+        op.forward(x, rois, out, list(saved), values, channels_last)
 
     @custom_vmap
-    def op(x, rois):
-        shape = _output_shape(rois.shape[0], _channels(x, channels_last), ph, pw,
-                              channels_last)
+    def call(x, rois):
+        c = op.output_channels(_channels(x, channels_last), ph, pw)
+        shape = _output_shape(rois.shape[0], c, ph, pw, channels_last)
+        saved_types = [_saved_type(shape, d) for d in saved_dtypes]
         if x.size == 0 or int(np.prod(shape)) == 0:
-            y = jnp.zeros(shape, x.dtype)  # nothing to read: no launch
+            # Nothing to read: no launch. Bins of a map without pixels are
+            # empty (positions -1).
+            fill = 0 if int(np.prod(shape)) == 0 else -1
+            results = (jnp.zeros(shape, x.dtype),) + tuple(
+                jnp.full(t.shape, fill, t.dtype) for t in saved_types)
         else:
-            y = _call(run, [jax.ShapeDtypeStruct(shape, x.dtype)], x, rois)[0]
-        return _varying_like(y, x, rois)
-
-    @op.def_vmap
-    def rule(axis_size, in_batched, x, rois):
-        x, rois = _fold_forward_args(axis_size, in_batched, x, rois)
-        return _unfold(op(x, rois), axis_size), True
-
-    return op
-
-
-@functools.lru_cache(maxsize=None)
-def _align_backward_op(input_shape, scale, ratio, aligned, deterministic,
-                       channels_last):
-    """``grad_output [K, C, PH, PW]``, ``rois`` -> ``[N, C, H, W]`` in the
-    accumulation dtype (channels-last: ``[K, PH, PW, C]`` -> ``[N, H, W, C]``;
-    ``input_shape`` is in the layout of the features)."""
-
-    def run(g, rois, grad_input):
-        _ops.roi_align_backward(g, rois, grad_input, scale, ratio, aligned,
-                                deterministic=deterministic,
-                                channels_last=channels_last)
-
-    @custom_vmap
-    def op(g, rois):
-        acc = _accumulation_dtype(_dtype_name(g.dtype))
-        if g.size == 0 or int(np.prod(input_shape)) == 0:
-            grad = jnp.zeros(input_shape, acc)
-        else:
-            out = jax.ShapeDtypeStruct(input_shape, acc)
-            grad = _call(run, [out], g, rois)[0]
-        return _varying_like(grad, g, rois)
-
-    @op.def_vmap
-    def rule(axis_size, in_batched, g, rois):
-        g_batched, rois_batched = in_batched
-        g = _broadcast(g, g_batched, axis_size).reshape((-1,) + g.shape[-3:])
-        rois = _fold_rois(rois, rois_batched, axis_size, input_shape[0])
-        folded = (axis_size * input_shape[0],) + tuple(input_shape[1:])
-        inner = _align_backward_op(folded, scale, ratio, aligned, deterministic,
-                                   channels_last)
-        return _unfold(inner(g, rois), axis_size), True
-
-    return op
-
-
-@functools.lru_cache(maxsize=None)
-def _pool_forward_op(ph, pw, scale, convention, channels_last):
-    """``x``, ``rois`` -> (``[K, C, PH, PW]``, argmax as int32 pairs), or
-    ``[K, PH, PW, C]`` channels-last."""
-
-    def run(x, rois, out, argmax):
-        _ops.roi_pool_forward(x, rois, out, argmax, scale, convention,
-                              channels_last)
-
-    @custom_vmap
-    def op(x, rois):
-        shape = _output_shape(rois.shape[0], _channels(x, channels_last), ph, pw,
-                              channels_last)
-        if int(np.prod(shape)) == 0:
-            results = (jnp.zeros(shape, x.dtype),
-                       jnp.zeros(shape + (2,), jnp.int32))
-        elif x.size == 0:
-            # No pixels: every bin is empty (0, argmax -1 in both halves).
-            results = (jnp.zeros(shape, x.dtype),
-                       jnp.full(shape + (2,), -1, jnp.int32))
-        else:
-            results = tuple(_call(run, [jax.ShapeDtypeStruct(shape, x.dtype),
-                                        _int64_type(shape)], x, rois,
-                                  int64_outputs=(1,)))
+            results = tuple(_call(run, [jax.ShapeDtypeStruct(shape, x.dtype)]
+                                  + saved_types, x, rois, int64_outputs=pairs))
         return _varying_like(results, x, rois)
 
-    @op.def_vmap
+    @call.def_vmap
     def rule(axis_size, in_batched, x, rois):
         x, rois = _fold_forward_args(axis_size, in_batched, x, rois)
-        y, argmax = op(x, rois)
-        # argmax is a flat index within one feature plane: folding the
-        # images does not change it.
-        return (_unfold(y, axis_size), _unfold(argmax, axis_size)), (True, True)
+        # Saved positions are within one feature plane: folding the images
+        # does not change them.
+        results = tuple(_unfold(r, axis_size) for r in call(x, rois))
+        return results, (True,) * len(results)
 
-    return op
+    return call
 
 
 @functools.lru_cache(maxsize=None)
-def _pool_backward_op(input_shape, deterministic, channels_last):
-    """``grad_output``, argmax (int32 pairs), ``rois`` -> ``[N, C, H, W]``
-    in the accumulation dtype (all channels-last with ``channels_last``)."""
+def _backward_op(op, input_shape, output_size, values, deterministic,
+                 channels_last, saved_dtypes):
+    """``grad_output``, the saved results, ``rois`` -> the gradient of the
+    features ``input_shape`` (in their layout) in the accumulation dtype."""
 
-    def run(g, argmax, rois, grad_input):
-        _ops.roi_pool_backward(g, argmax.view(np.int64)[..., 0], rois,
-                               grad_input, deterministic=deterministic,
-                               channels_last=channels_last)
+    def run(g, *args):
+        *saved, rois, grad_input = args
+        saved = [_saved_view(v, d) for v, d in zip(saved, saved_dtypes)]
+        op.backward(g, rois, saved, grad_input, values, deterministic, False,
+                    channels_last)
 
     @custom_vmap
-    def op(g, argmax, rois):
+    def call(g, *args):
         acc = _accumulation_dtype(_dtype_name(g.dtype))
         if g.size == 0 or int(np.prod(input_shape)) == 0:
             grad = jnp.zeros(input_shape, acc)
         else:
             out = jax.ShapeDtypeStruct(input_shape, acc)
-            grad = _call(run, [out], g, argmax, rois)[0]
-        return _varying_like(grad, g, argmax, rois)
+            grad = _call(run, [out], g, *args)[0]
+        return _varying_like(grad, g, *args)
 
-    @op.def_vmap
-    def rule(axis_size, in_batched, g, argmax, rois):
-        g_batched, argmax_batched, rois_batched = in_batched
-        g = _broadcast(g, g_batched, axis_size).reshape((-1,) + g.shape[-3:])
-        argmax = _broadcast(argmax, argmax_batched, axis_size)
-        argmax = argmax.reshape((-1,) + argmax.shape[-4:])
+    @call.def_vmap
+    def rule(axis_size, in_batched, g, *args):
+        *saved, rois = args
+        *saved_batched, rois_batched = in_batched[1:]
+        g = _broadcast(g, in_batched[0], axis_size).reshape((-1,) + g.shape[-3:])
+        saved = [_broadcast(v, b, axis_size) for v, b in zip(saved, saved_batched)]
+        # int64 pairs carry one more axis than the gradient.
+        saved = [v.reshape((-1,) + v.shape[-(4 + (d == "int64")):])
+                 for v, d in zip(saved, saved_dtypes)]
         rois = _fold_rois(rois, rois_batched, axis_size, input_shape[0])
         folded = (axis_size * input_shape[0],) + tuple(input_shape[1:])
-        inner = _pool_backward_op(folded, deterministic, channels_last)
-        return _unfold(inner(g, argmax, rois), axis_size), True
+        inner = _backward_op(op, folded, output_size, values, deterministic,
+                             channels_last, saved_dtypes)
+        return _unfold(inner(g, *saved, rois), axis_size), True
 
-    return op
+    return call
 
 
 def _per_platform(half, on_cpu, on_gpu, *args):
@@ -545,37 +506,49 @@ def _per_platform(half, on_cpu, on_gpu, *args):
 # --------------------------------------------------------------------------
 
 
-def _align_forward(config, x, rois):
-    ph, pw, scale, ratio, aligned, _, _, _, channels_last = config
-    op = _align_forward_op(ph, pw, scale, ratio, aligned, channels_last)
+class _Config(tuple):
+    """Everything static about one call: (op, ph, pw, values, deterministic,
+    input_shape, input_axes, channels_last, saved_dtypes)."""
+
+    op = property(lambda self: self[0])
+
+
+def _forward(config, x, rois):
+    op, ph, pw, values, _, _, _, channels_last, saved_dtypes = config
+    call = _forward_op(op, ph, pw, values, channels_last, saved_dtypes)
     dtype = x.dtype
 
     def on_cpu(x, rois):
-        return op(x.astype(jnp.float32), rois).astype(dtype)
+        y, *saved = call(x.astype(jnp.float32), rois)
+        return (y.astype(dtype), *saved)
 
-    return _per_platform(_dtype_name(dtype) in HALF_DTYPES, on_cpu, op, x, rois)
+    return _per_platform(_dtype_name(dtype) in HALF_DTYPES, on_cpu, call, x, rois)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _roi_align(config, x, rois):
-    return _align_forward(config, x, rois)
+def _apply(config, x, rois):
+    return _forward(config, x, rois)[0]
 
 
-def _roi_align_fwd(config, x, rois):
-    return _align_forward(config, x, rois), rois
+def _apply_fwd(config, x, rois):
+    y, *saved = _forward(config, x, rois)
+    return y, (tuple(saved), rois)
 
 
-def _roi_align_bwd(config, rois, g):
-    (_, _, scale, ratio, aligned, deterministic, input_shape, input_axes,
-     channels_last) = config
-    op = _align_backward_op(input_shape, scale, ratio, aligned, deterministic,
-                            channels_last)
+def _apply_bwd(config, residuals, g):
+    saved, rois = residuals
+    (op, ph, pw, values, deterministic, input_shape, input_axes, channels_last,
+     saved_dtypes) = config
+    output_size = (ph, pw) if op.backward_needs_output_size else None
+    call = _backward_op(op, input_shape, output_size, values, deterministic,
+                        channels_last, saved_dtypes)
     dtype = g.dtype
 
-    def on_cpu(g, rois):
-        return op(g.astype(jnp.float32), rois)
+    def on_cpu(g, *args):
+        return call(g.astype(jnp.float32), *args)
 
-    grad = _per_platform(_dtype_name(dtype) in HALF_DTYPES, on_cpu, op, g, rois)
+    grad = _per_platform(_dtype_name(dtype) in HALF_DTYPES, on_cpu, call,
+                         g, *saved, rois)
     # Summed across devices in the accumulation dtype, then rounded once to
     # the features' dtype; boxes get zero (of the boxes' own type, which
     # zeros_like keeps).
@@ -583,47 +556,7 @@ def _roi_align_bwd(config, rois, g):
     return grad, jnp.zeros_like(rois)
 
 
-_roi_align.defvjp(_roi_align_fwd, _roi_align_bwd)
-
-
-def _pool_forward(config, x, rois):
-    ph, pw, scale, convention, _, _, _, channels_last = config
-    op = _pool_forward_op(ph, pw, scale, convention, channels_last)
-    dtype = x.dtype
-
-    def on_cpu(x, rois):
-        y, argmax = op(x.astype(jnp.float32), rois)
-        return y.astype(dtype), argmax
-
-    return _per_platform(_dtype_name(dtype) in HALF_DTYPES, on_cpu, op, x, rois)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _roi_pool(config, x, rois):
-    return _pool_forward(config, x, rois)[0]
-
-
-def _roi_pool_fwd(config, x, rois):
-    y, argmax = _pool_forward(config, x, rois)
-    return y, (argmax, rois)
-
-
-def _roi_pool_bwd(config, residuals, g):
-    argmax, rois = residuals
-    _, _, _, _, deterministic, input_shape, input_axes, channels_last = config
-    op = _pool_backward_op(input_shape, deterministic, channels_last)
-    dtype = g.dtype
-
-    def on_cpu(g, argmax, rois):
-        return op(g.astype(jnp.float32), argmax, rois)
-
-    grad = _per_platform(_dtype_name(dtype) in HALF_DTYPES, on_cpu, op,
-                         g, argmax, rois)
-    grad = _cotangent_for(grad, input_axes).astype(dtype)
-    return grad, jnp.zeros_like(rois)
-
-
-_roi_pool.defvjp(_roi_pool_fwd, _roi_pool_bwd)
+_apply.defvjp(_apply_fwd, _apply_bwd)
 
 
 # The whole operator (boxes to rois, casts, kernel) as one jitted program
@@ -633,17 +566,29 @@ _roi_pool.defvjp(_roi_pool_fwd, _roi_pool_bwd)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _align_program(config, x, boxes):
-    return _roi_align(config, x, _rois(boxes, _acc_of(x)))
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _pool_program(config, x, boxes):
-    return _roi_pool(config, x, _rois(boxes, _acc_of(x)))
+def _program(config, x, boxes):
+    return _apply(config, x, _rois(boxes, _acc_of(x), config.op.box_columns))
 
 
 def _acc_of(x):
     return _accumulation_dtype(_dtype_name(x.dtype))
+
+
+def _run(op, input, boxes, output_size, values, deterministic, data_format):
+    """A public function's body: checks at trace time, then the program."""
+    ph, pw = output_size
+    deterministic = _validate.flag(deterministic, "deterministic")
+    channels_last = _validate.data_format(data_format)
+    x = _features(input, channels_last)
+    _validate.scale_for(values.spatial_scale, _accumulation_dtype(_dtype_name(x.dtype)))
+    boxes = _checked_boxes(boxes, x.shape[0], op.box_columns, op.box_layout)
+    shape = tuple(int(v) for v in x.shape)
+    n, c, h, w = (shape[0], shape[3], shape[1], shape[2]) if channels_last else shape
+    op.output_channels(c, ph, pw)  # raises for channels the operator cannot split
+    saved_dtypes = tuple(s.dtype(h, w) for s in op.saved)
+    config = _Config((op, ph, pw, values, deterministic, shape, _varying_axes(x),
+                      channels_last, saved_dtypes))
+    return _program(config, x, boxes)
 
 
 # --------------------------------------------------------------------------
@@ -685,18 +630,9 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
     Gradients flow to ``input`` (accumulated in float32, float64 for
     float64, and rounded once to the input's dtype); the boxes get zero.
     """
-    ph, pw = _validate.output_size(output_size)
-    scale = _validate.spatial_scale(spatial_scale)
-    ratio = _validate.sampling_ratio(sampling_ratio)
-    aligned = _validate.flag(aligned, "aligned")
-    deterministic = _validate.flag(deterministic, "deterministic")
-    channels_last = _validate.data_format(data_format)
-    x = _features(input, channels_last)
-    _validate.scale_for(scale, _accumulation_dtype(_dtype_name(x.dtype)))
-    boxes = _checked_boxes(boxes, x.shape[0])
-    config = (ph, pw, scale, ratio, aligned, deterministic,
-              tuple(int(v) for v in x.shape), _varying_axes(x), channels_last)
-    return _align_program(config, x, boxes)
+    output_size = _validate.output_size(output_size)
+    values = ROI_ALIGN.values(spatial_scale, sampling_ratio, aligned)
+    return _run(ROI_ALIGN, input, boxes, output_size, values, deterministic, data_format)
 
 
 def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
@@ -719,14 +655,6 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
         (with a leading ``B`` under ``jax.vmap``). The gradient goes to the first maximum of each bin;
         empty bins and the boxes get none.
     """
-    ph, pw = _validate.output_size(output_size)
-    scale = _validate.spatial_scale(spatial_scale)
-    convention = _validate.choice(convention, "convention", _POOL_CONVENTIONS)
-    deterministic = _validate.flag(deterministic, "deterministic")
-    channels_last = _validate.data_format(data_format)
-    x = _features(input, channels_last)
-    _validate.scale_for(scale, _accumulation_dtype(_dtype_name(x.dtype)))
-    boxes = _checked_boxes(boxes, x.shape[0])
-    config = (ph, pw, scale, convention, deterministic,
-              tuple(int(v) for v in x.shape), _varying_axes(x), channels_last)
-    return _pool_program(config, x, boxes)
+    output_size = _validate.output_size(output_size)
+    values = ROI_POOL.values(spatial_scale, convention)
+    return _run(ROI_POOL, input, boxes, output_size, values, deterministic, data_format)

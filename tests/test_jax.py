@@ -7,6 +7,7 @@ curoi.jax promises the same numbers. GPU tests run only with a CUDA device
 that both JAX and CuPy can see.
 """
 
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -138,6 +139,38 @@ def test_roi_pool_forward_and_gradient_match_reference(convention, mode):
     np.testing.assert_allclose(np.asarray(grad(jnp.asarray(x))),
                                ref.roi_pool_backward(g, argmax, boxes, x.shape),
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64"])
+def test_roi_pool_saved_positions_in_either_width(dtype, monkeypatch):
+    # curoi.jax keeps RoI Pool's argmax in int32, or in int64 (as int32
+    # pairs, JAX having no int64 without x64) for feature planes of 2**31
+    # pixels or more; too big to build here, so the operator is told to
+    # use int64 anyway: forward, gradient and vmap must be the reference's.
+    from curoi import _operators
+    saved = dataclasses.replace(_operators.ROI_POOL.saved[0],
+                                dtype=lambda h, w: dtype)
+    op = dataclasses.replace(_operators.ROI_POOL, saved=(saved,))
+    monkeypatch.setattr(cj, "ROI_POOL", op)
+    calls = _spy(monkeypatch, "roi_pool_backward")
+    rng = np.random.default_rng(31)
+    x = np.stack([ref.permutation_map(rng, (2, 2, 8, 9), np.float32) for _ in range(3)])
+    boxes = np.stack([ref.random_boxes(rng, 2, 8, 9, 0.5, 5, dtype=np.float32)
+                      for _ in range(3)])
+    g = rng.standard_normal((3, 5, 2, 2, 3)).astype(np.float32)
+
+    def loss(x, boxes, g):
+        return jnp.sum(cj.roi_pool(x, boxes, (2, 3), 0.5) * g)
+
+    y = jax.vmap(lambda x, b: cj.roi_pool(x, b, (2, 3), 0.5))(x, boxes)
+    grad = jax.vmap(jax.grad(loss))(x, boxes, g)
+    for b in range(3):
+        y_ref, argmax = ref.roi_pool(x[b], boxes[b], (2, 3), 0.5, "torchvision")
+        np.testing.assert_array_equal(np.asarray(y[b]), y_ref)
+        np.testing.assert_allclose(np.asarray(grad[b]),
+                                   ref.roi_pool_backward(g[b], argmax, boxes[b], x[b].shape),
+                                   rtol=1e-6, atol=1e-6)
+    assert calls and all(args[1].dtype == np.dtype(dtype) for args in calls)
 
 
 # --------------------------------------------------------------------------
