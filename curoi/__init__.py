@@ -6,6 +6,8 @@ C++ compiler for the CPU; any DLPack array in, the caller's kind of array out.
 from ._cpu import get_num_threads, set_num_threads
 from ._info import backend_info
 from ._onnx_ops import onnx_roi_align
+from ._ps_roi import (ps_roi_align, ps_roi_align_backward, ps_roi_pool,
+                      ps_roi_pool_backward)
 from ._roi_align import roi_align, roi_align_backward
 from ._roi_pool import roi_pool, roi_pool_backward
 
@@ -15,6 +17,10 @@ __all__ = [
     "backend_info",
     "get_num_threads",
     "onnx_roi_align",
+    "ps_roi_align",
+    "ps_roi_align_backward",
+    "ps_roi_pool",
+    "ps_roi_pool_backward",
     "roi_align",
     "roi_align_backward",
     "roi_pool",

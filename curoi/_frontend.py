@@ -104,7 +104,8 @@ def backward(op, grad_output, boxes, input_shape, output_size, values,
         k = rois.shape[0]
         _, g_channels, gh, gw = nchw(g.shape, channels_last)
         ph, pw = (gh, gw) if output_size is None else output_size
-        expected = layout(k, op.output_channels(c, ph, pw), ph, pw, channels_last)
+        expected = layout(k, op.output_channels(c, ph, pw, "input_shape"), ph, pw,
+                          channels_last)
         if tuple(g.shape) != expected:
             order = _ORDER[channels_last]
             if output_size is None:

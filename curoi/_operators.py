@@ -62,9 +62,10 @@ class Operator:
     #: zeroed, channels_last): the backward kernels.
     backward: Callable
     saved: Tuple[Saved, ...] = ()
-    #: (channels, ph, pw) -> channels of the output; raises for a C that
-    #: does not fit the operator.
-    output_channels: Callable = staticmethod(lambda c, ph, pw: c)
+    #: (channels, ph, pw, name) -> channels of the output; raises an error
+    #: naming ``name`` (the features or input_shape) for a C that does not
+    #: fit the operator.
+    output_channels: Callable = staticmethod(lambda c, ph, pw, name="input": c)
     #: Columns of a ``[K, columns]`` box array (a list holds ``columns - 1``).
     box_columns: int = 5
     #: The layout of a box row, for messages.
@@ -158,4 +159,55 @@ ROI_POOL = Operator(
     backward_needs_output_size=False,
 )
 
-OPERATORS = {op.name: op for op in (ROI_ALIGN, ROI_POOL)}
+# ------------------------------------------ position-sensitive (R-FCN)
+def position_sensitive_channels(channels, ph, pw, name="input"):
+    """Output channels of position-sensitive pooling: C = C_out x PH x PW
+    input channels, bin (ph, pw) of output channel c reading input channel
+    (c x PH + ph) x PW + pw."""
+    if channels % (ph * pw) != 0:
+        raise ValueError(
+            f"{name} has C = {channels} channels, which is not a multiple of "
+            f"PH x PW = {ph} x {pw} = {ph * pw} (output_size): position-sensitive "
+            f"pooling reads C = C_out x PH x PW channels")
+    return channels // (ph * pw)
+
+
+def _ps_pool_forward(x, rois, out, saved, v, channels_last):
+    _ops.ps_roi_pool_forward(x, rois, out, v.spatial_scale, channels_last)
+
+
+def _ps_pool_backward(g, rois, saved, grad_input, v, deterministic, zeroed,
+                      channels_last):
+    _ops.ps_roi_pool_backward(g, rois, grad_input, v.spatial_scale, deterministic,
+                              zeroed=zeroed, channels_last=channels_last)
+
+
+def _ps_align_forward(x, rois, out, saved, v, channels_last):
+    _ops.ps_roi_align_forward(x, rois, out, v.spatial_scale, v.sampling_ratio,
+                              channels_last)
+
+
+def _ps_align_backward(g, rois, saved, grad_input, v, deterministic, zeroed,
+                       channels_last):
+    _ops.ps_roi_align_backward(g, rois, grad_input, v.spatial_scale,
+                               v.sampling_ratio, deterministic, zeroed=zeroed,
+                               channels_last=channels_last)
+
+
+PS_ROI_POOL = Operator(
+    name="ps_roi_pool",
+    params=(SPATIAL_SCALE,),
+    forward=_ps_pool_forward,
+    backward=_ps_pool_backward,
+    output_channels=position_sensitive_channels,
+)
+
+PS_ROI_ALIGN = Operator(
+    name="ps_roi_align",
+    params=(SPATIAL_SCALE, SAMPLING_RATIO),
+    forward=_ps_align_forward,
+    backward=_ps_align_backward,
+    output_channels=position_sensitive_channels,
+)
+
+OPERATORS = {op.name: op for op in (ROI_ALIGN, ROI_POOL, PS_ROI_POOL, PS_ROI_ALIGN)}

@@ -89,9 +89,9 @@ except ImportError as error:  # pragma: no cover - only without JAX
 
 from . import _boxes, _gpu, _validate
 from ._interop import FLOAT_DTYPES, HALF_DTYPES
-from ._operators import ROI_ALIGN, ROI_POOL
+from ._operators import PS_ROI_ALIGN, PS_ROI_POOL, ROI_ALIGN, ROI_POOL
 
-__all__ = ["roi_align", "roi_pool"]
+__all__ = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool"]
 
 #: The JAX release that curoi.jax needs: the first with a public
 #: ``jax.experimental.buffer_callback`` carrying XLA's stream.
@@ -658,3 +658,27 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
     output_size = _validate.output_size(output_size)
     values = ROI_POOL.values(spatial_scale, convention)
     return _run(ROI_POOL, input, boxes, output_size, values, deterministic, data_format)
+
+
+def ps_roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
+                deterministic=False, data_format="NCHW"):
+    """Position-sensitive RoI Pool of JAX arrays: :func:`curoi.ps_roi_pool`
+    for ``jax.jit``, ``jax.grad`` and ``jax.vmap`` (the input has
+    ``C = C_out x PH x PW`` channels; the result is ``[K, C_out, PH, PW]``,
+    NHWC ``[K, PH, PW, C_out]``). ``deterministic`` and ``data_format`` as
+    in :func:`roi_align`."""
+    output_size = _validate.output_size(output_size)
+    values = PS_ROI_POOL.values(spatial_scale)
+    return _run(PS_ROI_POOL, input, boxes, output_size, values, deterministic,
+                data_format)
+
+
+def ps_roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
+                 *, deterministic=False, data_format="NCHW"):
+    """Position-sensitive RoI Align of JAX arrays: :func:`curoi.ps_roi_align`
+    for ``jax.jit``, ``jax.grad`` and ``jax.vmap``; arguments as
+    :func:`ps_roi_pool` plus ``sampling_ratio``."""
+    output_size = _validate.output_size(output_size)
+    values = PS_ROI_ALIGN.values(spatial_scale, sampling_ratio)
+    return _run(PS_ROI_ALIGN, input, boxes, output_size, values, deterministic,
+                data_format)

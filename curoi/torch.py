@@ -41,7 +41,8 @@ from torch.utils import _python_dispatch
 
 from . import _frontend, _operators, _torch_onnx, _validate
 
-__all__ = ["roi_align", "roi_pool", "RoIAlign", "RoIPool"]
+__all__ = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "RoIAlign",
+           "RoIPool", "PSRoIAlign", "PSRoIPool"]
 
 
 # --------------------------------------------------------------- arguments
@@ -355,6 +356,8 @@ class _TorchOperator:
 
 _ROI_ALIGN = _TorchOperator(_operators.ROI_ALIGN, _torch_onnx.roi_align_symbolic)
 _ROI_POOL = _TorchOperator(_operators.ROI_POOL, _torch_onnx.roi_pool_symbolic)
+_PS_ROI_POOL = _TorchOperator(_operators.PS_ROI_POOL)
+_PS_ROI_ALIGN = _TorchOperator(_operators.PS_ROI_ALIGN)
 # The ops under their former names, for the tests and the ONNX symbolics.
 _roi_align_op, _roi_align_backward_op = _ROI_ALIGN.forward_op, _ROI_ALIGN.backward_op
 _roi_pool_op, _roi_pool_backward_op = _ROI_POOL.forward_op, _ROI_POOL.backward_op
@@ -437,6 +440,34 @@ def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, *,
     return _ROI_POOL(input, boxes, output_size, spatial_scale, convention)
 
 
+def ps_roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -> Tensor:
+    """Position-sensitive RoI Pool (R-FCN), as ``torchvision.ops.ps_roi_pool``:
+    the input has ``C = C_out x PH x PW`` channels and bin ``(ph, pw)`` of
+    output channel ``c`` is the mean of input channel
+    ``(c x PH + ph) x PW + pw`` over the bin. Arguments as :func:`roi_pool`
+    (without ``convention``); see :func:`curoi.ps_roi_pool` for the bins.
+
+    Returns:
+        ``Tensor[K, C_out, PH, PW]``, differentiable with respect to ``input``
+        (the exact gradient of this forward, also at the bottom and right
+        edges where torchvision's backward differs from its forward).
+    """
+    return _PS_ROI_POOL(input, boxes, output_size, spatial_scale)
+
+
+def ps_roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
+                 sampling_ratio: int = -1) -> Tensor:
+    """Position-sensitive RoI Align, as ``torchvision.ops.ps_roi_align``:
+    :func:`ps_roi_pool`'s channel layout with RoI Align's bin averages
+    (always the half-pixel shift). An empty box with adaptive sampling gives
+    0 where torchvision gives NaN; see :func:`curoi.ps_roi_align`.
+
+    Returns:
+        ``Tensor[K, C_out, PH, PW]``, differentiable with respect to ``input``.
+    """
+    return _PS_ROI_ALIGN(input, boxes, output_size, spatial_scale, sampling_ratio)
+
+
 _torch_onnx.register_torchscript_symbolics()
 
 
@@ -485,3 +516,38 @@ class RoIPool(nn.Module):
         extra = "" if self.convention == "torchvision" else f", convention={self.convention!r}"
         return (f"{self.__class__.__name__}(output_size={self.output_size}, "
                 f"spatial_scale={self.spatial_scale}{extra})")
+
+
+class PSRoIPool(nn.Module):
+    """:func:`ps_roi_pool` as a module, as ``torchvision.ops.PSRoIPool``."""
+
+    def __init__(self, output_size, spatial_scale: float):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        return ps_roi_pool(input, rois, self.output_size, self.spatial_scale)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(output_size={self.output_size}, "
+                f"spatial_scale={self.spatial_scale})")
+
+
+class PSRoIAlign(nn.Module):
+    """:func:`ps_roi_align` as a module, as ``torchvision.ops.PSRoIAlign``."""
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        return ps_roi_align(input, rois, self.output_size, self.spatial_scale,
+                            self.sampling_ratio)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(output_size={self.output_size}, "
+                f"spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio})")
