@@ -12,8 +12,9 @@
 //     sample's value is its bilinear interpolation (0 off the map); the first
 //     largest wins, and a NaN beats any number (the first NaN wins), as in
 //     roi_pool. `argmax` (optional) receives the winning sample's index
-//     iy * grid_w + ix in the bin's sampling grid, -1 when there is none or
-//     it lies off the map (its value 0 depends on no pixel).
+//     iy * grid_w + ix in the bin's sampling grid, -1 when there is none,
+//     when it lies off the map (its value 0 depends on no pixel) or when
+//     the grid has no int64 indices (roi_align_max_indexable).
 //
 // The backward (interpolated mode only) sends each output's gradient to the
 // four pixels around the sample that argmax names, with that sample's
@@ -77,15 +78,21 @@ CUROI_DEVICE bool roi_align_max_better(int mode, bool any, A v, A best) {
   return v > best || (v != v && best == best);
 }
 
-// Whether every sample of a count_y x count_x grid has an int64 index
-// iy * count_x + ix. Each count is at most CUROI_MAX_GRID, so the grid of a
-// box billions of pixels wide in both directions (adaptive sampling) may
-// not: its winner is reported as -1, passing no gradient, rather than as a
-// wrapped index. Below 3037000499 per side the product fits: no division.
-CUROI_DEVICE bool roi_align_max_indexable(int64_t count_y, int64_t count_x) {
+// Whether the samples of a bin's grid have int64 indices iy * grid_w + ix:
+// each side's grid must be represented (at most CUROI_MAX_GRID, so that its
+// count is the grid) and the whole grid must have fewer than 2^63 samples.
+// Adaptive sampling of a box billions of pixels wide in both directions (or
+// 1e15 along one) breaks that: its winners are reported as -1, passing no
+// gradient, rather than as wrapped or rescaled indices. Below 3037000499
+// per side the product fits: no division.
+template <typename A>
+CUROI_DEVICE bool roi_align_max_indexable(const RoiAlignAxis<A>& ay,
+                                          const RoiAlignAxis<A>& ax) {
+  if (!(ay.grid <= (A)CUROI_MAX_GRID && ax.grid <= (A)CUROI_MAX_GRID))
+    return false;
   const int64_t side = 3037000499LL;  // floor(sqrt(2^63 - 1))
-  if (count_y <= side && count_x <= side) return true;
-  return count_x <= 0 || count_y <= 0x7fffffffffffffffLL / count_x;
+  if (ay.count <= side && ax.count <= side) return true;
+  return ax.count <= 0 || ay.count <= 0x7fffffffffffffffLL / ax.count;
 }
 
 // The value of a sample with taps (ty, tx), or of one off the map. Pixel
@@ -123,6 +130,7 @@ CUROI_DEVICE bool roi_align_max_winner_taps(const RoiAlignAxis<A>& ay,
                                             int64_t width, RoiAlignTap<A>* ty,
                                             RoiAlignTap<A>* tx) {
   if (argmax < 0 || ay.count <= 0 || ax.count <= 0) return false;
+  if (!roi_align_max_indexable(ay, ax)) return false;  // the forward gives -1
   const int64_t iy = argmax / ax.count;
   if (iy >= ay.count) return false;  // argmax >= grid_h * grid_w
   const int64_t ix = argmax - iy * ax.count;
@@ -169,7 +177,7 @@ CUROI_DEVICE A roi_align_max_bin(const T* plane, int64_t step,
     best = roi_align_max_value(plane, width, step, mode, false, ty, tx);
     any = true;
   }
-  const bool indexable = roi_align_max_indexable(ay.count, ax.count);
+  const bool indexable = roi_align_max_indexable(ay, ax);
   const int64_t visits_y = roi_align_max_visits(ay);
   const int64_t visits_x = roi_align_max_visits(ax);
   for (int64_t vy = 0; vy < visits_y; ++vy) {
@@ -407,7 +415,7 @@ static void roi_align_max_bin_lanes(const T* pixels, int64_t lanes,
                                     mode, false, none, none);
     any = true;
   }
-  const bool indexable = roi_align_max_indexable(ay.count, ax.count);
+  const bool indexable = roi_align_max_indexable(ay, ax);
   const RoiAlignMaxVisit<A>* ys = wy.visit.data();
   const RoiAlignMaxVisit<A>* xs = wx.visit.data();
   for (int64_t sy = wy.first[ph]; sy < wy.first[ph + 1]; ++sy) {
