@@ -11,10 +11,9 @@ PTR, I64, I32, ACC = "ptr", "i64", "i32", "acc"
 
 _SHAPE = (I64,) * 7  # num_rois, batch, channels, height, width, pooled h, pooled w
 
-# Every roi_align/roi_pool kernel but fixed_finish (elementwise) and the
-# max modes (NCHW only, as ONNX) takes an int channels_last after its
-# scalars: 0 for features [N, C, H, W] and outputs [K, C, PH, PW], 1 for
-# [N, H, W, C] and [K, PH, PW, C].
+# Every kernel but fixed_finish (elementwise) takes an int channels_last
+# after its other scalars: 0 for features [N, C, H, W] and outputs
+# [K, C, PH, PW], 1 for [N, H, W, C] and [K, PH, PW, C].
 SIGNATURES = {
     # input, rois, shape, spatial_scale, convention, channels_last, argmax_32,
     # output, argmax (may be null; int32 entries with argmax_32 = 1, else int64)
@@ -28,15 +27,22 @@ SIGNATURES = {
     # channels_last, grad_input
     "roi_align_backward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, PTR),
     # input, rois, shape, spatial_scale, sampling_ratio, aligned, mode,
-    # output, argmax (may be null); NCHW only
-    "roi_align_max_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, PTR, PTR),
+    # channels_last, output, argmax (may be null)
+    "roi_align_max_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, I32, PTR, PTR),
+    # The interpolated max mode only: grad_output, argmax (the forward's),
+    # rois, shape, spatial_scale, sampling_ratio, aligned, channels_last,
+    # grad_input
+    "roi_align_max_backward": (PTR, PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, PTR),
     # The deterministic backward: as above, then max|grad_output| (one double),
     # the int64 fixed-point sums, and grad_input for non-finite terms.
     "roi_pool_backward_fixed": (PTR, PTR, PTR) + _SHAPE + (I32, I32, PTR, PTR, PTR),
     "roi_align_backward_fixed": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, PTR, PTR, PTR),
+    "roi_align_max_backward_fixed": (PTR, PTR, PTR) + _SHAPE
+    + (ACC, I32, I32, I32, PTR, PTR, PTR),
     # fixed, max_abs, terms (K*PH*PW), total (N*C*H*W), grad_input
     "roi_pool_fixed_finish": (PTR, PTR, I64, I64, PTR),
     "roi_align_fixed_finish": (PTR, PTR, I64, I64, PTR),
+    "roi_align_max_fixed_finish": (PTR, PTR, I64, I64, PTR),
 }
 
 #: data_format -> the kernels' channels_last argument.

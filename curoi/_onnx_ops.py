@@ -125,5 +125,6 @@ def _max_corner_terms(caller, X, boxes, output_size, spatial_scale,
                              native=cast is None, zeroed=False,
                              what="the output [K, C, output_height, output_width]")
     _ops.roi_align_max_forward(_launch.as_kernel_input(x, dtype), rois, out, None,
-                               spatial_scale, sampling_ratio, aligned, "onnx")
+                               spatial_scale, sampling_ratio, aligned, "onnx",
+                               channels_last=False)
     return caller.result(out, native, cast)

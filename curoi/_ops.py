@@ -138,12 +138,14 @@ def roi_align_backward(grad_output, rois, grad_input, spatial_scale,
 
 
 def roi_align_max_forward(x, rois, out, argmax, spatial_scale, sampling_ratio,
-                          aligned, mode):
-    """``out[K, C, PH, PW]`` = the largest sample of each bin (see
-    roi_align_max.cu; ``mode`` "onnx" or "interpolated"), and the winning
-    sample's index in ``argmax`` unless it is None."""
-    n, c, h, w = x.shape
-    k, _, ph, pw = out.shape
+                          aligned, mode, channels_last=False):
+    """``out[K, C, PH, PW]`` = the largest sample of each bin of
+    ``x[N, C, H, W]`` (see roi_align_max.cu; ``mode`` "onnx" or
+    "interpolated"), and the winning sample's index ``iy * grid_w + ix`` in
+    its bin's sampling grid in ``argmax`` (-1: none, or off the map) unless
+    it is None; all channels-last with ``channels_last``."""
+    n, c, h, w = _nchw(x.shape, channels_last)
+    k, _, ph, pw = _nchw(out.shape, channels_last)
     if h * w == 0:
         out.fill(0)
         if argmax is not None:
@@ -151,8 +153,28 @@ def roi_align_max_forward(x, rois, out, argmax, spatial_scale, sampling_ratio,
         return
     _run("roi_align_max", "forward", _name(x.dtype),
          (x, rois, k, n, c, h, w, ph, pw, spatial_scale, sampling_ratio,
-          int(aligned), _kernels.ALIGN_MAX_MODES[mode], out, argmax),
+          int(aligned), _kernels.ALIGN_MAX_MODES[mode], int(channels_last),
+          out, argmax),
          out.size, _is_cuda(x))
+
+
+def roi_align_max_backward(grad_output, argmax, rois, grad_input,
+                           spatial_scale, sampling_ratio, aligned,
+                           deterministic=False, zeroed=False,
+                           channels_last=False):
+    """``grad_input[N, C, H, W]`` = gradient of the interpolated max mode for
+    ``grad_output[K, C, PH, PW]`` and the forward's ``argmax`` (int64), all
+    channels-last with ``channels_last``: each output's gradient goes to the
+    four pixels of its winning sample with their bilinear weights. The
+    geometry arguments must be the forward's; an argmax that names no
+    sample of its bin's grid passes nothing. ``zeroed`` as in
+    :func:`roi_align_backward`."""
+    n, c, h, w = _nchw(grad_input.shape, channels_last)
+    k, _, ph, pw = _nchw(grad_output.shape, channels_last)
+    _backward("roi_align_max",
+              (grad_output, argmax, rois, k, n, c, h, w, ph, pw, spatial_scale,
+               sampling_ratio, int(aligned), int(channels_last)),
+              grad_output, grad_input, deterministic, zeroed, k * ph * pw)
 
 
 _INT32 = np.dtype(np.int32)

@@ -24,6 +24,9 @@ __all__ = [
     "normalize_boxes",
     "roi_align",
     "roi_align_backward",
+    "roi_align_max_interpolated",
+    "roi_align_max_interpolated_backward",
+    "roi_align_max_interpolated_gather",
     "roi_align_weights",
     "roi_pool",
     "roi_pool_backward",
@@ -135,6 +138,44 @@ def _bilinear_taps(y, x, height, width):
     ]
 
 
+def _roi_align_grid(box, n_images, output_size, spatial_scale, sampling_ratio,
+                    aligned):
+    """Where RoI Align samples one box: ``None`` for an ignored box, else
+    ``(n, start_h, start_w, bin_h, bin_w, grid_h, grid_w)``; sample
+    ``(iy, ix)`` of bin ``(ph, pw)`` lies at :func:`_sample_position`."""
+    n = _batch_index(box, n_images)
+    if n is None:
+        return None
+    pooled_h, pooled_w = _pair(output_size)
+    s = float(spatial_scale)
+    offset = 0.5 if aligned else 0.0
+    _, x1, y1, x2, y2 = (float(v) for v in box)
+    start_w = x1 * s - offset
+    start_h = y1 * s - offset
+    end_w = x2 * s - offset
+    end_h = y2 * s - offset
+    roi_w = end_w - start_w
+    roi_h = end_h - start_h
+    if not aligned:
+        # Legacy behaviour: malformed boxes are forced to 1x1 pixels.
+        roi_w = max(roi_w, 1.0)
+        roi_h = max(roi_h, 1.0)
+    bin_h = roi_h / pooled_h
+    bin_w = roi_w / pooled_w
+    if sampling_ratio > 0:
+        grid_h = grid_w = int(sampling_ratio)
+    else:
+        grid_h = int(math.ceil(roi_h / pooled_h))
+        grid_w = int(math.ceil(roi_w / pooled_w))
+    return n, start_h, start_w, bin_h, bin_w, grid_h, grid_w
+
+
+def _sample_position(start, p, bin_size, i, grid):
+    """Sample ``i`` of bin ``p`` along one axis: ``start + p*bin + (i +
+    0.5)*bin/grid``."""
+    return start + p * bin_size + (i + 0.5) * bin_size / grid
+
+
 def _roi_align_samples(boxes, input_shape, output_size, spatial_scale,
                        sampling_ratio, aligned):
     """Where RoI Align samples, box by box: ``None`` for an ignored box,
@@ -144,32 +185,14 @@ def _roi_align_samples(boxes, input_shape, output_size, spatial_scale,
     boxes = normalize_boxes(boxes)
     n_images, _, height, width = (int(v) for v in input_shape)
     pooled_h, pooled_w = _pair(output_size)
-    s = float(spatial_scale)
-    offset = 0.5 if aligned else 0.0
     result = []
     for box in boxes:
-        n = _batch_index(box, n_images)
-        if n is None:
+        grid = _roi_align_grid(box, n_images, output_size, spatial_scale,
+                               sampling_ratio, aligned)
+        if grid is None:
             result.append(None)
             continue
-        _, x1, y1, x2, y2 = (float(v) for v in box)
-        start_w = x1 * s - offset
-        start_h = y1 * s - offset
-        end_w = x2 * s - offset
-        end_h = y2 * s - offset
-        roi_w = end_w - start_w
-        roi_h = end_h - start_h
-        if not aligned:
-            # Legacy behaviour: malformed boxes are forced to 1x1 pixels.
-            roi_w = max(roi_w, 1.0)
-            roi_h = max(roi_h, 1.0)
-        bin_h = roi_h / pooled_h
-        bin_w = roi_w / pooled_w
-        if sampling_ratio > 0:
-            grid_h = grid_w = int(sampling_ratio)
-        else:
-            grid_h = int(math.ceil(roi_h / pooled_h))
-            grid_w = int(math.ceil(roi_w / pooled_w))
+        n, start_h, start_w, bin_h, bin_w, grid_h, grid_w = grid
         count = max(grid_h * grid_w, 1)
         bins = []
         for ph in range(pooled_h):
@@ -179,9 +202,9 @@ def _roi_align_samples(boxes, input_shape, output_size, spatial_scale,
                 # range() of a negative grid is empty: such a bin has no
                 # samples (and its count is clamped to 1).
                 for iy in range(grid_h):
-                    y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+                    y = _sample_position(start_h, ph, bin_h, iy, grid_h)
                     for ix in range(grid_w):
-                        x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+                        x = _sample_position(start_w, pw, bin_w, ix, grid_w)
                         samples.append((iy, ix, _bilinear_taps(y, x, height, width)))
                 row.append(samples)
             bins.append(row)
@@ -216,9 +239,11 @@ def roi_align_max_interpolated(x, boxes, output_size, spatial_scale=1.0,
                                sampling_ratio=-1, aligned=False):
     """mmcv's max-mode RoI Align, in float64: each bin's largest bilinear
     sample value (a sample off the map has the value 0), the first largest
-    winning ties, and the winner's index ``iy * grid_w + ix`` in the bin's
+    winning ties and a NaN beating any number (the first NaN wins, as in
+    roi_pool), and the winner's index ``iy * grid_w + ix`` in the bin's
     grid, -1 for a winner off the map; a bin without samples gives 0 and
-    -1. Finite inputs only."""
+    -1. (Grids without int64 indices, see :func:`_grid_indexable`, are far
+    too large for this loop over every sample.)"""
     x = np.asarray(x).astype(np.float64)
     pooled_h, pooled_w = _pair(output_size)
     k, c = len(normalize_boxes(boxes)), x.shape[1]
@@ -236,11 +261,86 @@ def roi_align_max_interpolated(x, boxes, output_size, spatial_scale=1.0,
                 for iy, ix, taps in bins[ph][pw]:
                     v = sum(w * x[n, :, r, col] for r, col, w in taps) \
                         if taps else np.zeros(c)
-                    better = ~seen | (v > y[i, :, ph, pw])
+                    best = y[i, :, ph, pw]
+                    better = ~seen | (v > best) | (np.isnan(v) & ~np.isnan(best))
                     seen = np.ones(c, bool)
                     y[i, better, ph, pw] = v[better]
                     winner[i, better, ph, pw] = iy * grid_w + ix if taps else -1
     return y, winner
+
+
+def _grid_indexable(grid_h, grid_w):
+    """Whether the interpolated max mode names the samples of a ``grid_h x
+    grid_w`` grid by ``iy * grid_w + ix`` in an int64: at most 1e15 samples
+    (curoi's largest represented grid) per side and fewer than 2**63 in
+    all. Otherwise its winner is -1 and passes no gradient."""
+    return grid_h <= 10**15 and grid_w <= 10**15 and grid_h * grid_w < 2**63
+
+
+def _max_winner_taps(grid, ph, pw, index, height, width):
+    """The bilinear taps of the sample that ``index`` names in bin (ph, pw)
+    of a box's grid (see :func:`_roi_align_grid`): ``iy = index // grid_w``,
+    ``ix = index % grid_w``. Empty when ``index`` is not in ``[0, grid_h *
+    grid_w)`` (-1: no winner, or one off the map) or the sample is off the
+    map."""
+    _, start_h, start_w, bin_h, bin_w, grid_h, grid_w = grid
+    index = int(index)
+    if grid_h <= 0 or grid_w <= 0 or not 0 <= index < grid_h * grid_w:
+        return []
+    if not _grid_indexable(grid_h, grid_w):
+        return []
+    iy, ix = divmod(index, grid_w)
+    return _bilinear_taps(_sample_position(start_h, ph, bin_h, iy, grid_h),
+                          _sample_position(start_w, pw, bin_w, ix, grid_w),
+                          height, width)
+
+
+def roi_align_max_interpolated_gather(x, argmax, boxes, output_size,
+                                      spatial_scale=1.0, sampling_ratio=-1,
+                                      aligned=False):
+    """The value of the sample that ``argmax`` names in each bin (0 where it
+    names none), in float64: the interpolated max mode with its winners
+    fixed, a linear map of ``x`` whose transpose is
+    :func:`roi_align_max_interpolated_backward`."""
+    x = np.asarray(x).astype(np.float64)
+    argmax = np.asarray(argmax)
+    boxes = normalize_boxes(boxes)
+    n_images, _, height, width = x.shape
+    y = np.zeros(argmax.shape)
+    for k, box in enumerate(boxes):
+        grid = _roi_align_grid(box, n_images, output_size, spatial_scale,
+                               sampling_ratio, aligned)
+        if grid is None:
+            continue
+        for c, ph, pw in np.ndindex(argmax.shape[1:]):
+            taps = _max_winner_taps(grid, ph, pw, argmax[k, c, ph, pw], height, width)
+            y[k, c, ph, pw] = sum(w * x[grid[0], c, r, col] for r, col, w in taps)
+    return y
+
+
+def roi_align_max_interpolated_backward(grad_output, argmax, boxes, input_shape,
+                                        output_size, spatial_scale=1.0,
+                                        sampling_ratio=-1, aligned=False):
+    """Gradient of the interpolated max mode with respect to its input, in
+    float64: each output's gradient goes to the bilinear taps of the sample
+    that its ``argmax`` (the forward's) names, with their weights; an argmax
+    outside ``[0, grid_h * grid_w)``, a sample off the map and an ignored
+    box pass nothing."""
+    g = np.asarray(grad_output).astype(np.float64)
+    argmax = np.asarray(argmax)
+    boxes = normalize_boxes(boxes)
+    n_images, _, height, width = (int(v) for v in input_shape)
+    gx = np.zeros((n_images, g.shape[1], height, width))
+    for k, box in enumerate(boxes):
+        grid = _roi_align_grid(box, n_images, output_size, spatial_scale,
+                               sampling_ratio, aligned)
+        if grid is None:
+            continue
+        for c, ph, pw in np.ndindex(g.shape[1:]):
+            for r, col, w in _max_winner_taps(grid, ph, pw, argmax[k, c, ph, pw],
+                                              height, width):
+                gx[grid[0], c, r, col] += w * g[k, c, ph, pw]
+    return gx
 
 
 def roi_align(x, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,

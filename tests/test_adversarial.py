@@ -27,7 +27,7 @@ import pytest
 
 import curoi
 import reference
-from curoi import _cpu
+from curoi import _cpu, _ops
 
 N, C, H, W = 2, 2, 5, 7
 OUT = (2, 3)
@@ -235,6 +235,81 @@ def test_roi_pool_backward_with_huge_unsigned_argmax():
     expected = np.zeros((N, C, H * W))
     expected[0, 0, 4] = 1
     np.testing.assert_array_equal(gx, expected.reshape(N, C, H, W))
+
+
+# ------------------------------------------------------ roi_align max modes
+# roi_align_max.cu through curoi._ops, ahead of its public API: the ONNX and
+# the interpolated (mmcv) max modes forward in both layouts, and the
+# interpolated mode's backward with the forward's argmax and with forged
+# ones.
+MAX_MODES = ("onnx", "interpolated")
+
+
+def _align_max(x, boxes, mode, aligned, ratio, channels_last=False):
+    c = x.shape[3] if channels_last else x.shape[1]
+    shape = (len(boxes),) + OUT + (c,) if channels_last else (len(boxes), c) + OUT
+    y = np.empty(shape, x.dtype)
+    argmax = np.empty(shape, np.int64)
+    _ops.roi_align_max_forward(np.ascontiguousarray(x), boxes, y, argmax, 1.0, ratio,
+                               aligned, mode, channels_last=channels_last)
+    return y, argmax
+
+
+def _align_max_backward(g, argmax, boxes, aligned, ratio, deterministic=False):
+    gx = np.empty((N, C, H, W), g.dtype)
+    _ops.roi_align_max_backward(g, np.ascontiguousarray(argmax, np.int64), boxes, gx,
+                                1.0, ratio, aligned, deterministic=deterministic)
+    return gx
+
+
+@pytest.mark.parametrize("aligned,ratio", ALIGN_CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+def test_roi_align_max_box_zoo(dtype, aligned, ratio, monkeypatch):
+    x = rand((N, C, H, W), dtype, seed=13)
+    boxes = rois(NAMES, dtype)
+    for mode in MAX_MODES:
+        y, argmax = _align_max(x, boxes, mode, aligned, ratio)
+        y_last, argmax_last = _align_max(x.transpose(0, 2, 3, 1), boxes, mode, aligned,
+                                         ratio, channels_last=True)
+        np.testing.assert_array_equal(y_last, y.transpose(0, 2, 3, 1))
+        np.testing.assert_array_equal(argmax_last, argmax.transpose(0, 2, 3, 1))
+        # Each output is a (weighted) map value or 0: finite and bounded.
+        assert np.isfinite(y).all() and (np.abs(y) <= np.abs(x).max()).all(), mode
+        assert (argmax >= -1).all(), mode
+        for name in UNUSABLE:
+            k = NAMES.index(name)
+            assert not y[k].any() and (argmax[k] == -1).all(), (mode, name)
+    # The interpolated mode against the reference wherever it can enumerate
+    # the samples (and float32 sees the boxes the reference sees).
+    known = [k for k, n in enumerate(NAMES) if n not in UNUSABLE
+             and not (n in HUGE and ratio <= 0) and not (n in EXTREME and dtype == np.float32)]
+    want_y, want_argmax = reference.roi_align_max_interpolated(
+        x, rois([NAMES[k] for k in known], np.float64), OUT, 1.0, ratio, aligned)
+    assert_close(y[known], want_y, dtype)
+    if dtype == np.float64:
+        np.testing.assert_array_equal(argmax[known], want_argmax)
+    assert (argmax[known] >= 0).sum() > 10  # not vacuous
+    # The backward, with the forward's argmax and with forged ones, against
+    # the reference (which recomputes the named sample, whatever the box).
+    exact = [k for k, n in enumerate(NAMES) if not (n in EXTREME and dtype == np.float32)]
+    forged = np.resize(np.array(GARBAGE_ARGMAX + [0, 3, 5, 17], np.int64), argmax.shape)
+    for winners in (argmax, forged):
+        g = np.zeros(y.shape, dtype)
+        g[exact] = rand((len(exact),) + y.shape[1:], dtype, seed=14)
+        expected = reference.roi_align_max_interpolated_backward(
+            g, winners, rois(NAMES, np.float64), (N, C, H, W), OUT, 1.0, ratio, aligned)
+        assert_close(_align_max_backward(g, winners, boxes, aligned, ratio), expected, dtype)
+        # The GPU's fixed-point kernels, run through the CPU backend.
+        monkeypatch.setattr(_ops, "FIXED_POINT_ON_CPU", True)
+        assert_close(_align_max_backward(g, winners, boxes, aligned, ratio, True), expected,
+                     dtype)
+        monkeypatch.setattr(_ops, "FIXED_POINT_ON_CPU", False)
+        assert expected.any()
+        # Every box, extreme ones included: each gradient goes to at most
+        # four pixels with weights summing to at most 1.
+        gx = _align_max_backward(np.ones(y.shape, dtype), winners, boxes, aligned, ratio)
+        assert np.isfinite(gx).all() and (gx >= 0).all()
+        assert gx.sum() <= y.size * (1 + 1e-5)
 
 
 # ------------------------------------------------------------ sizes
@@ -583,4 +658,11 @@ def test_kernels_called_with_nothing_to_do_return_cleanly():
                     (x, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 0, 0, 0, out, argmax))
         _cpu.launch("roi_pool", "backward", "float32",
                     (out, argmax, boxes, k, 1, c, 6, 6, 2, 2, 0, 0, grad))
+        for channels_last in (0, 1):
+            _cpu.launch("roi_align_max", "forward", "float32",
+                        (x, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 2, 0, 1, channels_last, out,
+                         argmax))
+            _cpu.launch("roi_align_max", "backward", "float32",
+                        (out, argmax, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 2, 0, channels_last,
+                         grad))
     assert not grad.any()

@@ -39,7 +39,8 @@ SUITES = (
     "test_determinism.py",
     "test_properties.py",
     "test_onnxruntime.py",
-    "test_onnx_roi_align.py",   # the max modes' kernel (roi_align_max.cu)
+    "test_onnx_roi_align.py",   # the max modes' kernels (roi_align_max.cu)
+    "test_roi_align_max_kernels.py",
     "test_channels_last.py",    # NHWC == NCHW transposed, bit for bit
 )
 

@@ -41,9 +41,9 @@ ARCHS = ("sm_70", "sm_80", "sm_90")
 def test_the_matrix_is_what_the_backend_offers():
     # If a family or a dtype is added to the package, the parametrisation
     # below picks it up; this pins the minimum that must be there.
-    assert set(FAMILIES) >= {"roi_pool", "roi_align"}
+    assert set(FAMILIES) >= {"roi_pool", "roi_align", "roi_align_max"}
     assert set(DTYPES) >= {"float32", "float64", "float16", "bfloat16"}
-    for family in ("roi_pool", "roi_align"):
+    for family in ("roi_pool", "roi_align", "roi_align_max"):
         assert {"forward", "backward", "backward_fixed"} <= set(_directions(family))
     for family in FAMILIES:
         assert "forward" in _directions(family)

@@ -438,36 +438,3 @@ def test_no_boxes(dtype):
                                   (2, 4), sampling_ratio=2)
     assert gx.shape == x.shape and gx.dtype == dtype
     np.testing.assert_array_equal(gx.astype(np.float64), 0.0)
-
-
-# --------------------------------------------------------------------------
-# the max of interpolated samples (mmcv's max mode), roi_align_max.cu mode
-# "interpolated": the kernel exists ahead of its public API, so it is driven
-# here through curoi._ops, on the CPU loops (and the GPU loops in
-# tests/test_gpu_loops.py, which runs this file).
-# --------------------------------------------------------------------------
-def _max_interpolated(x, boxes, output_size, scale, ratio, aligned):
-    from curoi import _ops
-    k, c = boxes.shape[0], x.shape[1]
-    out = np.empty((k, c) + output_size, x.dtype)
-    argmax = np.empty((k, c) + output_size, np.int64)
-    _ops.roi_align_max_forward(np.ascontiguousarray(x), np.ascontiguousarray(boxes),
-                               out, argmax, scale, ratio, aligned, "interpolated")
-    return out, argmax
-
-
-@pytest.mark.parametrize("aligned", [True, False])
-@pytest.mark.parametrize("ratio", [0, 2, 80])
-def test_max_of_interpolated_samples_matches_the_reference(ratio, aligned):
-    # ratio 80 on a small map packs more than 64 samples per side closer than
-    # a quarter pixel: the kernel visits two per pixel zone (a bilinear value
-    # is linear along an axis between pixel centres), the reference all.
-    rng = np.random.default_rng([21, ratio, int(aligned)])
-    x = rng.standard_normal((2, 3, 7, 9))
-    boxes = ref.random_boxes(rng, 2, 7, 9, 0.5, 25)
-    y, argmax = _max_interpolated(x, boxes, (2, 3), 0.5, ratio, aligned)
-    y_ref, argmax_ref = ref.roi_align_max_interpolated(x, boxes, (2, 3), 0.5,
-                                                       ratio, aligned)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
-    np.testing.assert_array_equal(argmax, argmax_ref)
-    assert (argmax >= 0).any() and (y != 0).any()

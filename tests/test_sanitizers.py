@@ -12,6 +12,10 @@ integer is the undefined behaviour that hostile boxes invite. Reports go to
 files under tmp_path (log_path), so that pytest's output capture in the
 subprocess cannot swallow them; any such file fails the test.
 
+The driver records which kernels the suite launched: every family's forward
+and backward must be among them, so that a new family is not silently left
+out of the sanitized run.
+
 Two more tests show that the harness can fail: the sanitized library refuses
 to load without the runtime, and an out-of-bounds write (the kernel handed an
 output buffer one row too small through the internal launcher) is reported
@@ -27,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from curoi import _cpu
+from curoi import _cpu, _kernels, _sources
 
 SANITIZERS = "address,undefined,float-cast-overflow"
 REPO = Path(__file__).resolve().parents[1]
@@ -84,13 +88,22 @@ def _clear(logs):
         p.unlink()
 
 
+# Records which kernels the suite launches, so that a family the suite
+# forgets is noticed rather than silently left out of the sanitized run.
 DRIVER = textwrap.dedent("""
     import ctypes, json, sys
     import pytest
     import curoi
+    from curoi import _cpu
+    launched = set()
+    launch = _cpu.launch
+    def recording_launch(family, direction, dtype_name, args):
+        launched.add(family + "_" + direction)
+        return launch(family, direction, dtype_name, args)
+    _cpu.launch = recording_launch
     rc = pytest.main(["-q", "-p", "no:cacheprovider", "-rf", %(suite)r])
     info = curoi.backend_info()["cpu"]
-    print(json.dumps({"rc": int(rc), "info": info,
+    print(json.dumps({"rc": int(rc), "info": info, "launched": sorted(launched),
                       "asan_init": hasattr(ctypes.CDLL(None), "__asan_init")}))
     sys.exit(int(rc))
 """)
@@ -122,6 +135,11 @@ def _adversarial_suite_under_sanitizers(env, logs, loops):
     assert b"__asan_report_store" in data and b"__ubsan_handle_" in data
     assert b"__ubsan_handle_float_cast_overflow" in data
     assert info["loops"] == loops
+    # Every family's forward and backward ran under the sanitizers.
+    expected = {f"{family}_{direction}" for family in _sources.FAMILIES
+                for direction in ("forward", "backward")
+                if direction in _kernels.directions(family)}
+    assert expected <= set(result["launched"]), sorted(expected - set(result["launched"]))
 
 
 def test_adversarial_suite_passes_under_asan_and_ubsan(sanitized):
