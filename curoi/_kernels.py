@@ -43,6 +43,23 @@ SIGNATURES = {
     "roi_pool_fixed_finish": (PTR, PTR, I64, I64, PTR),
     "roi_align_fixed_finish": (PTR, PTR, I64, I64, PTR),
     "roi_align_max_fixed_finish": (PTR, PTR, I64, I64, PTR),
+    # Position-sensitive pooling (ps_roi.cuh): `channels` is the input's C =
+    # C_out * PH * PW, outputs [K, C_out, PH, PW] ([K, PH, PW, C_out]).
+    # input, rois, shape, spatial_scale, channels_last, output
+    "ps_roi_pool_forward": (PTR, PTR) + _SHAPE + (ACC, I32, PTR),
+    # grad_output, rois, shape, spatial_scale, channels_last, grad_input
+    "ps_roi_pool_backward": (PTR, PTR) + _SHAPE + (ACC, I32, PTR),
+    "ps_roi_pool_backward_fixed": (PTR, PTR) + _SHAPE + (ACC, I32, PTR, PTR, PTR),
+    # input, rois, shape, spatial_scale, sampling_ratio, channels_last, output
+    "ps_roi_align_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR),
+    # grad_output, rois, shape, spatial_scale, sampling_ratio, channels_last,
+    # grad_input
+    "ps_roi_align_backward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR),
+    "ps_roi_align_backward_fixed": (PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR, PTR, PTR),
+    # fixed, max_abs, terms (K: one bin per box reaches an input pixel),
+    # total (N*C*H*W), grad_input
+    "ps_roi_pool_fixed_finish": (PTR, PTR, I64, I64, PTR),
+    "ps_roi_align_fixed_finish": (PTR, PTR, I64, I64, PTR),
 }
 
 #: data_format -> the kernels' channels_last argument.

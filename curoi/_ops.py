@@ -217,3 +217,68 @@ def roi_pool_backward(grad_output, argmax, rois, grad_input,
               (grad_output, argmax, rois, k, n, c, h, w, ph, pw,
                int(channels_last), argmax_32(argmax)),
               grad_output, grad_input, deterministic, zeroed, k * ph * pw)
+
+
+# Position-sensitive pooling (R-FCN): x has C = C_out * PH * PW channels and
+# output channel c reads input channel (c * PH + ph) * PW + pw in bin
+# (ph, pw); outputs are [K, C_out, PH, PW] ([K, PH, PW, C_out] channels-last).
+# The kernels take x's C and write C // (PH * PW) output channels: a C that
+# is not a multiple is the front end's to refuse.
+
+
+def ps_roi_pool_forward(x, rois, out, spatial_scale, channels_last=False):
+    """``out[K, C_out, PH, PW]`` = position-sensitive RoI Pool (the mean of
+    each bin, torchvision's ps_roi_pool) of ``x[N, C, H, W]`` (channels-last:
+    ``out[K, PH, PW, C_out]`` of ``x[N, H, W, C]``)."""
+    n, c, h, w = _nchw(x.shape, channels_last)
+    k, _, ph, pw = _nchw(out.shape, channels_last)
+    if h * w == 0:
+        out.fill(0)
+        return
+    _run("ps_roi_pool", "forward", _name(x.dtype),
+         (x, rois, k, n, c, h, w, ph, pw, spatial_scale, int(channels_last), out),
+         out.size, _is_cuda(x))
+
+
+def ps_roi_pool_backward(grad_output, rois, grad_input, spatial_scale,
+                         deterministic=False, zeroed=False, channels_last=False):
+    """``grad_input[N, C, H, W]`` = gradient of :func:`ps_roi_pool_forward`
+    for ``grad_output[K, C_out, PH, PW]`` (both channels-last with
+    ``channels_last``); ``zeroed`` as in :func:`roi_align_backward`."""
+    n, c, h, w = _nchw(grad_input.shape, channels_last)
+    k, _, ph, pw = _nchw(grad_output.shape, channels_last)
+    _backward("ps_roi_pool",
+              (grad_output, rois, k, n, c, h, w, ph, pw, spatial_scale,
+               int(channels_last)),
+              grad_output, grad_input, deterministic, zeroed, k)
+
+
+def ps_roi_align_forward(x, rois, out, spatial_scale, sampling_ratio,
+                         channels_last=False):
+    """``out[K, C_out, PH, PW]`` = position-sensitive RoI Align
+    (torchvision's ps_roi_align: aligned, the half-pixel shift) of
+    ``x[N, C, H, W]`` (channels-last: ``out[K, PH, PW, C_out]`` of
+    ``x[N, H, W, C]``)."""
+    n, c, h, w = _nchw(x.shape, channels_last)
+    k, _, ph, pw = _nchw(out.shape, channels_last)
+    if h * w == 0:
+        out.fill(0)
+        return
+    _run("ps_roi_align", "forward", _name(x.dtype),
+         (x, rois, k, n, c, h, w, ph, pw, spatial_scale, sampling_ratio,
+          int(channels_last), out),
+         out.size, _is_cuda(x))
+
+
+def ps_roi_align_backward(grad_output, rois, grad_input, spatial_scale,
+                          sampling_ratio, deterministic=False, zeroed=False,
+                          channels_last=False):
+    """``grad_input[N, C, H, W]`` = gradient of :func:`ps_roi_align_forward`
+    for ``grad_output[K, C_out, PH, PW]`` (both channels-last with
+    ``channels_last``); ``zeroed`` as in :func:`roi_align_backward`."""
+    n, c, h, w = _nchw(grad_input.shape, channels_last)
+    k, _, ph, pw = _nchw(grad_output.shape, channels_last)
+    _backward("ps_roi_align",
+              (grad_output, rois, k, n, c, h, w, ph, pw, spatial_scale,
+               sampling_ratio, int(channels_last)),
+              grad_output, grad_input, deterministic, zeroed, k)

@@ -22,6 +22,10 @@ import numpy as np
 __all__ = [
     "WORKED_EXAMPLE_MAP",
     "normalize_boxes",
+    "ps_roi_align",
+    "ps_roi_align_backward",
+    "ps_roi_pool",
+    "ps_roi_pool_backward",
     "roi_align",
     "roi_align_backward",
     "roi_align_max_interpolated",
@@ -520,6 +524,160 @@ def roi_pool_backward(grad_output, argmax, boxes, input_shape):
                     if a >= 0:
                         gx[n, c, a] += g[k, c, ph, pw]
     return gx.reshape(n_images, channels, height, width)
+
+
+# --------------------------------------------------------------------------
+# Position-sensitive RoI Pool and RoI Align (R-FCN), torchvision's semantics
+# --------------------------------------------------------------------------
+#
+# The input has C = C_out * PH * PW channels; output channel c reads, in bin
+# (ph, pw), only input channel (c * PH + ph) * PW + pw. Outputs are
+# [K, C_out, PH, PW] with C_out = C // (PH * PW).
+
+
+def _ps_channel(c, ph, pw, pooled_h, pooled_w):
+    return (c * pooled_h + ph) * pooled_w + pw
+
+
+def _ps_pool_range(lo, hi, p, pooled, size, s):
+    """Bin p of one axis of torchvision's ps_roi_pool, in float64 as its
+    double kernel computes it: corners round(v * s) (halves away from zero),
+    size max(end - start, 1), bin [floor(p * bin) + start,
+    ceil((p + 1) * bin) + start), both ends clipped to [0, size - 1] (so the
+    last row/column is never read). Returns (start, end) as ints; a range
+    that is not finite (overflow) is empty."""
+    start = float(round_half_away(lo * s))
+    end = float(round_half_away(hi * s))
+    bin_size = max(end - start, 1.0) / pooled
+    a = math.floor(p * bin_size) + start
+    b = math.ceil((p + 1) * bin_size) + start
+    if size < 1:
+        return 0, 0
+    return (int(min(max(a, 0), size - 1)), int(min(max(b, 0), size - 1)))
+
+
+def _ps_pool_bins(boxes, input_shape, output_size, spatial_scale):
+    """Per box, None (ignored) or ``(n, bins)`` with ``bins[ph][pw] =
+    (h0, h1, w0, w1)``, half-open."""
+    n_images, _, height, width = (int(v) for v in input_shape)
+    pooled_h, pooled_w = _pair(output_size)
+    s = float(spatial_scale)
+    result = []
+    for box in normalize_boxes(boxes):
+        n = _batch_index(box, n_images)
+        if n is None:
+            result.append(None)
+            continue
+        _, x1, y1, x2, y2 = (float(v) for v in box)
+        bins = [[_ps_pool_range(y1, y2, ph, pooled_h, height, s)
+                 + _ps_pool_range(x1, x2, pw, pooled_w, width, s)
+                 for pw in range(pooled_w)] for ph in range(pooled_h)]
+        result.append((n, bins))
+    return result
+
+
+def ps_roi_pool(x, boxes, output_size, spatial_scale=1.0):
+    """Position-sensitive RoI Pool forward (the mean of each bin, 0 for an
+    empty bin), in float64. ``x`` is ``[N, C, H, W]``."""
+    x = np.asarray(x).astype(np.float64)
+    pooled_h, pooled_w = _pair(output_size)
+    c_out = x.shape[1] // (pooled_h * pooled_w)
+    entries = _ps_pool_bins(boxes, x.shape, output_size, spatial_scale)
+    out = np.zeros((len(entries), c_out, pooled_h, pooled_w), np.float64)
+    for k, entry in enumerate(entries):
+        if entry is None:
+            continue
+        n, bins = entry
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                h0, h1, w0, w1 = bins[ph][pw]
+                if h1 <= h0 or w1 <= w0:
+                    continue
+                for c in range(c_out):
+                    ci = _ps_channel(c, ph, pw, pooled_h, pooled_w)
+                    total = 0.0
+                    for h in range(h0, h1):
+                        for w in range(w0, w1):
+                            total += x[n, ci, h, w]
+                    out[k, c, ph, pw] = total / ((h1 - h0) * (w1 - w0))
+    return out
+
+
+def ps_roi_pool_backward(grad_output, boxes, input_shape, output_size,
+                         spatial_scale=1.0):
+    """The adjoint of :func:`ps_roi_pool`: each output gradient, over its
+    bin's area, added to every pixel the forward averaged. (Not
+    torchvision's backward, which clips bin ends to H and W instead of H-1
+    and W-1 and so does not match its own forward at those edges.)"""
+    g = np.asarray(grad_output).astype(np.float64)
+    pooled_h, pooled_w = _pair(output_size)
+    gx = np.zeros(tuple(int(v) for v in input_shape), np.float64)
+    c_out = gx.shape[1] // (pooled_h * pooled_w)
+    for k, entry in enumerate(_ps_pool_bins(boxes, input_shape, output_size,
+                                            spatial_scale)):
+        if entry is None:
+            continue
+        n, bins = entry
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                h0, h1, w0, w1 = bins[ph][pw]
+                if h1 <= h0 or w1 <= w0:
+                    continue
+                area = (h1 - h0) * (w1 - w0)
+                for c in range(c_out):
+                    ci = _ps_channel(c, ph, pw, pooled_h, pooled_w)
+                    gx[n, ci, h0:h1, w0:w1] += g[k, c, ph, pw] / area
+    return gx
+
+
+def ps_roi_align(x, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1):
+    """Position-sensitive RoI Align forward, in float64: RoI Align with
+    aligned=True (torchvision's ps_roi_align always shifts by half a pixel
+    and has no minimum box size), bin (ph, pw) of output channel c reading
+    its own input channel. A bin without samples (empty box, adaptive grid)
+    gives 0 (torchvision: 0 / 0)."""
+    x = np.asarray(x).astype(np.float64)
+    pooled_h, pooled_w = _pair(output_size)
+    c_out = x.shape[1] // (pooled_h * pooled_w)
+    ops = roi_align_weights(boxes, x.shape, output_size, spatial_scale,
+                            sampling_ratio, aligned=True)
+    out = np.zeros((len(ops), c_out, pooled_h, pooled_w), np.float64)
+    for k, op in enumerate(ops):
+        if op is None:
+            continue
+        n, taps = op
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                channels = [_ps_channel(c, ph, pw, pooled_h, pooled_w)
+                            for c in range(c_out)]
+                acc = np.zeros(c_out, np.float64)
+                for r, col, w in taps[ph][pw]:
+                    acc += w * x[n, channels, r, col]
+                out[k, :, ph, pw] = acc
+    return out
+
+
+def ps_roi_align_backward(grad_output, boxes, input_shape, output_size,
+                          spatial_scale=1.0, sampling_ratio=-1):
+    """Gradient of :func:`ps_roi_align` with respect to its input, in
+    float64: the transpose of the same taps."""
+    g = np.asarray(grad_output).astype(np.float64)
+    pooled_h, pooled_w = _pair(output_size)
+    gx = np.zeros(tuple(int(v) for v in input_shape), np.float64)
+    c_out = gx.shape[1] // (pooled_h * pooled_w)
+    ops = roi_align_weights(boxes, input_shape, output_size, spatial_scale,
+                            sampling_ratio, aligned=True)
+    for k, op in enumerate(ops):
+        if op is None:
+            continue
+        n, taps = op
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                channels = [_ps_channel(c, ph, pw, pooled_h, pooled_w)
+                            for c in range(c_out)]
+                for r, col, w in taps[ph][pw]:
+                    gx[n, channels, r, col] += w * g[k, :, ph, pw]
+    return gx
 
 
 # --------------------------------------------------------------------------

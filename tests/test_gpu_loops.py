@@ -42,6 +42,7 @@ SUITES = (
     "test_onnx_roi_align.py",   # the max modes' kernels (roi_align_max.cu)
     "test_roi_align_max_kernels.py",
     "test_channels_last.py",    # NHWC == NCHW transposed, bit for bit
+    "test_ps_roi_kernels.py",   # ps_roi_pool.cu and ps_roi_align.cu
 )
 
 # Run in both builds: an roi_align forward and backward big enough that the

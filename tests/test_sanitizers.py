@@ -1,4 +1,5 @@
-"""The adversarial suite (test_adversarial.py) under AddressSanitizer and
+"""The adversarial suites (test_adversarial.py, and test_ps_roi_kernels.py
+for the position-sensitive kernels) under AddressSanitizer and
 UndefinedBehaviorSanitizer, with the CPU's loops and again with the GPU's
 (CUROI_CPU_LOOPS=gpu, see test_gpu_loops.py).
 
@@ -88,6 +89,10 @@ def _clear(logs):
         p.unlink()
 
 
+# The suites that run under the sanitizers: hostile boxes, sizes and argmax
+# for every kernel family. They import only NumPy, curoi and the references.
+SUITES = ("test_adversarial.py", "test_ps_roi_kernels.py")
+
 # Records which kernels the suite launches, so that a family the suite
 # forgets is noticed rather than silently left out of the sanitized run.
 DRIVER = textwrap.dedent("""
@@ -101,7 +106,7 @@ DRIVER = textwrap.dedent("""
         launched.add(family + "_" + direction)
         return launch(family, direction, dtype_name, args)
     _cpu.launch = recording_launch
-    rc = pytest.main(["-q", "-p", "no:cacheprovider", "-rf", %(suite)r])
+    rc = pytest.main(["-q", "-p", "no:cacheprovider", "-rf"] + %(suites)r)
     info = curoi.backend_info()["cpu"]
     print(json.dumps({"rc": int(rc), "info": info, "launched": sorted(launched),
                       "asan_init": hasattr(ctypes.CDLL(None), "__asan_init")}))
@@ -110,12 +115,12 @@ DRIVER = textwrap.dedent("""
 
 
 def _adversarial_suite_under_sanitizers(env, logs, loops):
-    """Run test_adversarial.py with the sanitized library built with the
-    CPU's or the GPU's loops (CUROI_CPU_LOOPS); fail on any report."""
+    """Run the SUITES with the sanitized library built with the CPU's or the
+    GPU's loops (CUROI_CPU_LOOPS); fail on any report."""
     env = dict(env, CUROI_CPU_LOOPS=loops)
     _clear(logs)
-    suite = str(REPO / "tests" / "test_adversarial.py")
-    done = subprocess.run([sys.executable, "-c", DRIVER % {"suite": suite}], env=env,
+    suites = [str(REPO / "tests" / name) for name in SUITES]
+    done = subprocess.run([sys.executable, "-c", DRIVER % {"suites": suites}], env=env,
                           cwd=str(REPO), capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert not _reports(logs), _reports(logs)

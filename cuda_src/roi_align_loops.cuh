@@ -1,0 +1,576 @@
+// RoI Align (average)'s loops, forward and backward: the mean of a bin's
+// samples, a sample off the map adding 0 but counting in the divisor
+// max(grid_h*grid_w, 1). The geometry (bins, samples, taps) is in
+// roi_align_geometry.cuh.
+//
+// Two operators run these loops: RoI Align (roi_align.cu), where output
+// channel c reads input channel c, and position-sensitive RoI Align
+// (ps_roi_align.cu), where it reads a different input channel in each bin.
+// Only the channel differs, so a channel map M, a template argument, says
+// which (the plain map folds to constants and compiles to the loops written
+// for RoI Align alone):
+//   roi_output_channels(m, channels): output channels for `channels` input
+//     channels;
+//   roi_input_channel(m, c, bin): the input channel that output channel c
+//     reads in bin ph * PW + pw;
+//   roi_channel_step(m): how many input channels apart output channels c and
+//     c + 1 read, in the same bin.
+// Everywhere below `channels` is the input's channel count, which fixes the
+// input's and the gradient's layout.
+#ifndef CUROI_ROI_ALIGN_LOOPS_CUH
+#define CUROI_ROI_ALIGN_LOOPS_CUH
+
+#include "roi_align_geometry.cuh"
+
+// RoI Align's map: every output channel reads its own input channel.
+struct RoiAlignSameChannel {};
+
+CUROI_DEVICE int64_t roi_output_channels(const RoiAlignSameChannel&,
+                                         int64_t channels) {
+  return channels;
+}
+CUROI_DEVICE int64_t roi_input_channel(const RoiAlignSameChannel&, int64_t c,
+                                       int64_t) {
+  return c;
+}
+CUROI_DEVICE int64_t roi_channel_step(const RoiAlignSameChannel&) {
+  return 1;
+}
+
+#if defined(CUROI_GPU_LOOPS)
+// ------------------------------------------------------------- GPU loops
+// One thread per output element, each sample read through its four taps.
+// The layout only moves the addresses (curoi_plane): a channels-last element
+// runs the very operations of its NCHW twin, so the results are the same
+// bits, transposed.
+
+template <bool ChannelsLast, typename Map, typename T>
+CUROI_DEVICE void roi_align_forward_loop(
+    const Map& map, const T* input, const typename AccType<T>::type* rois,
+    int64_t num_rois, int64_t batch, int64_t channels, int64_t height,
+    int64_t width, int64_t pooled_height, int64_t pooled_width,
+    typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
+    T* output) {
+  typedef typename AccType<T>::type A;
+  const int64_t out_channels = roi_output_channels(map, channels);
+  const int64_t total = num_rois * out_channels * pooled_height * pooled_width;
+  CUDA_1D_KERNEL_LOOP(index, total) {
+    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
+        index, total, out_channels, pooled_height, pooled_width);
+    const RoiAlignElement<A> e =
+        roi_align_element(rois, at, batch, height, width, pooled_height,
+                          pooled_width, spatial_scale, sampling_ratio, aligned);
+    const RoiAlignBox<A>& g = e.box;
+    const RoiAlignAxis<A>& ay = e.y;
+    const RoiAlignAxis<A>& ax = e.x;
+    A sum = (A)0;
+    if (g.batch_index >= 0) {
+      const CuroiPlane p = curoi_plane<ChannelsLast>(
+          g.batch_index,
+          roi_input_channel(map, at.c, at.ph * pooled_width + at.pw),
+          channels, height * width);
+      const T* plane = input + p.at;
+      for (int64_t ey = ay.first; ey < ay.last; ++ey) {
+        RoiAlignTap<A> ty;
+        if (!roi_align_tap(ay, ey, height, &ty)) continue;
+        const T* row_lo = plane + ty.lo * width * p.step;
+        const T* row_hi = plane + ty.hi * width * p.step;
+        for (int64_t ex = ax.first; ex < ax.last; ++ex) {
+          RoiAlignTap<A> tx;
+          if (!roi_align_tap(ax, ex, width, &tx)) continue;
+          const int64_t lo = tx.lo * p.step, hi = tx.hi * p.step;
+          sum += ty.w_lo * tx.w_lo * curoi_load<A>(row_lo[lo]) +
+                 ty.w_lo * tx.w_hi * curoi_load<A>(row_lo[hi]) +
+                 ty.w_hi * tx.w_lo * curoi_load<A>(row_hi[lo]) +
+                 ty.w_hi * tx.w_hi * curoi_load<A>(row_hi[hi]);
+        }
+      }
+    }
+    output[index] = curoi_store<T>(sum / g.count);
+  }
+}
+
+template <typename Map, typename T>
+CUROI_DEVICE void roi_align_forward(
+    const Map& map, const T* input, const typename AccType<T>::type* rois,
+    int64_t num_rois, int64_t batch, int64_t channels, int64_t height,
+    int64_t width, int64_t pooled_height, int64_t pooled_width,
+    typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
+    int channels_last, T* output) {
+  if (channels_last)
+    roi_align_forward_loop<true>(map, input, rois, num_rois, batch, channels,
+                                 height, width, pooled_height, pooled_width,
+                                 spatial_scale, sampling_ratio, aligned,
+                                 output);
+  else
+    roi_align_forward_loop<false>(map, input, rois, num_rois, batch, channels,
+                                  height, width, pooled_height, pooled_width,
+                                  spatial_scale, sampling_ratio, aligned,
+                                  output);
+}
+
+// Each output gradient spreads over the four neighbours of every sample of
+// its bin; bins of one box and different boxes overlap, so the adds go
+// through Sum (CuroiFloatSum or the deterministic CuroiFixedSum), atomically.
+template <bool ChannelsLast, typename Map, typename T, typename Sum>
+CUROI_DEVICE void roi_align_backward_loop(
+    const Map& map, const T* grad_output,
+    const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
+    int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
+    int64_t pooled_width, typename AccType<T>::type spatial_scale,
+    int sampling_ratio, int aligned, const Sum& grad_input) {
+  typedef typename AccType<T>::type A;
+  const int64_t out_channels = roi_output_channels(map, channels);
+  const int64_t total = num_rois * out_channels * pooled_height * pooled_width;
+  CUDA_1D_KERNEL_LOOP(index, total) {
+    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
+        index, total, out_channels, pooled_height, pooled_width);
+    const RoiAlignElement<A> e =
+        roi_align_element(rois, at, batch, height, width, pooled_height,
+                          pooled_width, spatial_scale, sampling_ratio, aligned);
+    const RoiAlignBox<A>& g = e.box;
+    const RoiAlignAxis<A>& ay = e.y;
+    const RoiAlignAxis<A>& ax = e.x;
+    if (g.batch_index < 0) continue;
+    const A grad = curoi_load<A>(grad_output[index]) / g.count;
+    const CuroiPlane p = curoi_plane<ChannelsLast>(
+        g.batch_index,
+        roi_input_channel(map, at.c, at.ph * pooled_width + at.pw),
+        channels, height * width);
+    for (int64_t ey = ay.first; ey < ay.last; ++ey) {
+      RoiAlignTap<A> ty;
+      if (!roi_align_tap(ay, ey, height, &ty)) continue;
+      const int64_t row_lo = p.at + ty.lo * width * p.step;
+      const int64_t row_hi = p.at + ty.hi * width * p.step;
+      for (int64_t ex = ax.first; ex < ax.last; ++ex) {
+        RoiAlignTap<A> tx;
+        if (!roi_align_tap(ax, ex, width, &tx)) continue;
+        const int64_t lo = tx.lo * p.step, hi = tx.hi * p.step;
+        curoi_sum_add(grad_input, row_lo + lo, grad * ty.w_lo * tx.w_lo);
+        curoi_sum_add(grad_input, row_lo + hi, grad * ty.w_lo * tx.w_hi);
+        curoi_sum_add(grad_input, row_hi + lo, grad * ty.w_hi * tx.w_lo);
+        curoi_sum_add(grad_input, row_hi + hi, grad * ty.w_hi * tx.w_hi);
+      }
+    }
+  }
+}
+
+template <typename Map, typename T, typename Sum>
+CUROI_DEVICE void roi_align_backward(
+    const Map& map, const T* grad_output,
+    const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
+    int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
+    int64_t pooled_width, typename AccType<T>::type spatial_scale,
+    int sampling_ratio, int aligned, int channels_last,
+    const Sum& grad_input) {
+  if (channels_last)
+    roi_align_backward_loop<true>(map, grad_output, rois, num_rois, batch,
+                                  channels, height, width, pooled_height,
+                                  pooled_width, spatial_scale, sampling_ratio,
+                                  aligned, grad_input);
+  else
+    roi_align_backward_loop<false>(map, grad_output, rois, num_rois, batch,
+                                   channels, height, width, pooled_height,
+                                   pooled_width, spatial_scale,
+                                   sampling_ratio, aligned, grad_input);
+}
+
+#else
+// ------------------------------------------------------------- CPU loops
+// Bilinear weights are separable: a bin's samples collapse to one weight per
+// touched row and one per touched column (the sums of the samples' taps on
+// each), and the bin's value is sum_r wy[r] * sum_c wx[c] * x[r][c]. The
+// weights depend on the box and the bin, not the channel: they are computed
+// once per box into tables that all its channels share, and each channel
+// then costs rows x columns multiply-adds per bin (9 at sampling_ratio 2)
+// instead of 4 per sample (16). Samples outside the map add no weight, as
+// in the per-sample rule; the sums equal it up to rounding order.
+#include <vector>
+
+// Per-bin pixel weights along one axis of one box: bin p touches pixels
+// begin[p] .. begin[p] + length[p] - 1 with weights weight[offset[p] + j].
+template <typename A>
+struct RoiAlignWeights {
+  std::vector<int64_t> begin, length, offset;
+  std::vector<A> weight;
+
+  void build(A roi_start, A roi_size, int64_t pooled, int sampling_ratio,
+             int64_t size) {
+    begin.assign(pooled, 0);
+    length.assign(pooled, 0);
+    offset.assign(pooled, 0);
+    weight.clear();
+    for (int64_t p = 0; p < pooled; ++p) {
+      const RoiAlignAxis<A> axis =
+          roi_align_axis(roi_start, roi_size, p, pooled, sampling_ratio, size);
+      // Taps move monotonically along the axis, so the first and last ones
+      // bound the touched pixels; min/max keeps this exact either way.
+      int64_t lo = size, hi = -1;
+      RoiAlignTap<A> tap;
+      for (int64_t e = axis.first; e < axis.last; ++e) {
+        if (!roi_align_tap(axis, e, size, &tap)) continue;
+        lo = curoi_min(lo, tap.lo);
+        hi = curoi_max(hi, tap.hi);
+      }
+      if (hi < lo) continue;
+      begin[p] = lo;
+      length[p] = hi - lo + 1;
+      offset[p] = (int64_t)weight.size();
+      weight.resize(weight.size() + (size_t)(hi - lo + 1), (A)0);
+      A* w = weight.data() + offset[p] - lo;
+      for (int64_t e = axis.first; e < axis.last; ++e) {
+        if (!roi_align_tap(axis, e, size, &tap)) continue;
+        w[tap.lo] += tap.w_lo;
+        w[tap.hi] += tap.w_hi;
+      }
+    }
+  }
+};
+
+// The tables of a group of boxes (see CuroiItems), built once per work item.
+template <typename A>
+struct RoiAlignGroup {
+  RoiAlignBox<A> box[CUROI_BOX_GROUP];
+  RoiAlignWeights<A> y[CUROI_BOX_GROUP], x[CUROI_BOX_GROUP];
+
+  void build(const A* rois, int64_t first, int64_t end, int64_t batch,
+             int64_t height, int64_t width, int64_t pooled_height,
+             int64_t pooled_width, A spatial_scale, int sampling_ratio,
+             int aligned) {
+    for (int64_t k = first; k < end; ++k) {
+      const int64_t i = k - first;
+      box[i] = roi_align_box(rois + k * 5, batch, pooled_height, pooled_width,
+                             spatial_scale, sampling_ratio, aligned);
+      if (box[i].batch_index < 0) continue;
+      y[i].build(box[i].start_h, box[i].roi_h, pooled_height, sampling_ratio,
+                 height);
+      x[i].build(box[i].start_w, box[i].roi_w, pooled_width, sampling_ratio,
+                 width);
+    }
+  }
+};
+
+// Channels computed together: U independent sums per bin share each weight
+// load, and keep the processor busy where one sum would wait on the last
+// multiply-add.
+#define CUROI_LANES 4
+
+// Every bin of boxes k0 .. k1-1 in output channels c .. c+U-1, from the
+// group's tables.
+template <int U, typename Map, typename T, typename A>
+static void roi_align_forward_channels(const Map& map, const T* input,
+                                       const RoiAlignGroup<A>& group,
+                                       int64_t k0, int64_t k1, int64_t c,
+                                       int64_t channels, int64_t height,
+                                       int64_t width, int64_t pooled_height,
+                                       int64_t pooled_width, T* output) {
+  const int64_t bins = pooled_height * pooled_width;
+  const int64_t plane_size = height * width;
+  const int64_t out_channels = roi_output_channels(map, channels);
+  // From one output channel's plane to the next one's, in the same bin.
+  const int64_t lane = roi_channel_step(map) * plane_size;
+  for (int64_t k = k0; k < k1; ++k) {
+    const RoiAlignBox<A>& g = group.box[k - k0];
+    const RoiAlignWeights<A>& wy = group.y[k - k0];
+    const RoiAlignWeights<A>& wx = group.x[k - k0];
+    T* out = output + (k * out_channels + c) * bins;
+    if (g.batch_index < 0) {
+      for (int64_t i = 0; i < U * bins; ++i) out[i] = curoi_store<T>((A)0);
+      continue;
+    }
+    const T* image = input + g.batch_index * channels * plane_size;
+    for (int64_t ph = 0; ph < pooled_height; ++ph) {
+      const int64_t rows = wy.length[ph];
+      const int64_t row0 = wy.begin[ph] * width;
+      const A* w_row = wy.weight.data() + wy.offset[ph];
+      for (int64_t pw = 0; pw < pooled_width; ++pw) {
+        const int64_t bin = ph * pooled_width + pw;
+        const int64_t cols = wx.length[pw];
+        const T* col0 = image +
+                        roi_input_channel(map, c, bin) * plane_size +
+                        row0 + wx.begin[pw];
+        const A* w_col = wx.weight.data() + wx.offset[pw];
+        A sum[U];
+        for (int u = 0; u < U; ++u) sum[u] = (A)0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* row = col0 + r * width;
+          A part[U];
+          for (int u = 0; u < U; ++u) part[u] = (A)0;
+          for (int64_t j = 0; j < cols; ++j) {
+            const A w = w_col[j];
+            for (int u = 0; u < U; ++u)
+              part[u] += w * curoi_load<A>(row[u * lane + j]);
+          }
+          for (int u = 0; u < U; ++u) sum[u] += w_row[r] * part[u];
+        }
+        for (int u = 0; u < U; ++u) out[u * bins + bin] = curoi_store<T>(sum[u] / g.count);
+      }
+    }
+  }
+}
+
+// Channels-last: every bin of boxes k0 .. k1-1 in output channels c0 .. c1-1,
+// the channel innermost (contiguous for RoI Align: one vectorisable loop per
+// weight). Each channel's sum runs the operations of
+// roi_align_forward_channels in the same order (rows of column sums), so the
+// results are its bits.
+template <typename Map, typename T, typename A>
+static void roi_align_forward_nhwc(const Map& map, const T* input,
+                                   const RoiAlignGroup<A>& group, int64_t k0,
+                                   int64_t k1, int64_t c0, int64_t c1,
+                                   int64_t channels, int64_t height,
+                                   int64_t width, int64_t pooled_height,
+                                   int64_t pooled_width, T* output,
+                                   A* __restrict__ sum, A* __restrict__ part) {
+  const int64_t bins = pooled_height * pooled_width;
+  const int64_t n = c1 - c0;
+  const int64_t row_stride = width * channels;
+  const int64_t out_channels = roi_output_channels(map, channels);
+  const int64_t step = roi_channel_step(map);
+  for (int64_t k = k0; k < k1; ++k) {
+    const RoiAlignBox<A>& g = group.box[k - k0];
+    const RoiAlignWeights<A>& wy = group.y[k - k0];
+    const RoiAlignWeights<A>& wx = group.x[k - k0];
+    T* out_box = output + k * bins * out_channels + c0;
+    if (g.batch_index < 0) {
+      for (int64_t bin = 0; bin < bins; ++bin)
+        for (int64_t c = 0; c < n; ++c)
+          out_box[bin * out_channels + c] = curoi_store<T>((A)0);
+      continue;
+    }
+    const T* image = input + g.batch_index * height * row_stride;
+    for (int64_t ph = 0; ph < pooled_height; ++ph) {
+      const int64_t rows = wy.length[ph];
+      const int64_t row0 = wy.begin[ph] * row_stride;
+      const A* w_row = wy.weight.data() + wy.offset[ph];
+      for (int64_t pw = 0; pw < pooled_width; ++pw) {
+        const int64_t bin = ph * pooled_width + pw;
+        const int64_t cols = wx.length[pw];
+        const T* col0 = image + row0 + wx.begin[pw] * channels +
+                        roi_input_channel(map, c0, bin);
+        const A* w_col = wx.weight.data() + wx.offset[pw];
+        for (int64_t c = 0; c < n; ++c) sum[c] = (A)0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* row = col0 + r * row_stride;
+          for (int64_t c = 0; c < n; ++c) part[c] = (A)0;
+          for (int64_t j = 0; j < cols; ++j) {
+            const A w = w_col[j];
+            const T* __restrict__ pixel = row + j * channels;
+            for (int64_t c = 0; c < n; ++c)
+              part[c] += w * curoi_load<A>(pixel[c * step]);
+          }
+          const A wr = w_row[r];
+          for (int64_t c = 0; c < n; ++c) sum[c] += wr * part[c];
+        }
+        T* out = out_box + bin * out_channels;
+        for (int64_t c = 0; c < n; ++c) out[c] = curoi_store<T>(sum[c] / g.count);
+      }
+    }
+  }
+}
+
+template <typename Map, typename T>
+static void roi_align_forward(
+    const Map& map, const T* input, const typename AccType<T>::type* rois,
+    int64_t num_rois, int64_t batch, int64_t channels, int64_t height,
+    int64_t width, int64_t pooled_height, int64_t pooled_width,
+    typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
+    int channels_last, T* output) {
+  typedef typename AccType<T>::type A;
+  const CuroiItems items =
+      curoi_items(num_rois, roi_output_channels(map, channels));
+  const int64_t bins = pooled_height * pooled_width;
+  const int64_t cost = CUROI_BOX_GROUP * items.block * bins * 4;
+  curoi_parallel_for(items.count(), 1, cost, [&](int64_t item) {
+    static thread_local RoiAlignGroup<A> group;
+    const int64_t k0 = items.first_box(item), k1 = items.end_box(item);
+    group.build(rois, k0, k1, batch, height, width, pooled_height,
+                pooled_width, spatial_scale, sampling_ratio, aligned);
+    const int64_t c1 = items.end_channel(item);
+    int64_t c = items.first_channel(item);
+    if (channels_last) {
+      static thread_local std::vector<A> sum, part;
+      sum.resize((size_t)(c1 - c));
+      part.resize((size_t)(c1 - c));
+      roi_align_forward_nhwc<Map, T, A>(map, input, group, k0, k1, c, c1,
+                                        channels, height, width,
+                                        pooled_height, pooled_width, output,
+                                        sum.data(), part.data());
+      return;
+    }
+    for (; c + CUROI_LANES <= c1; c += CUROI_LANES)
+      roi_align_forward_channels<CUROI_LANES, Map, T, A>(
+          map, input, group, k0, k1, c, channels, height, width,
+          pooled_height, pooled_width, output);
+    for (; c < c1; ++c)
+      roi_align_forward_channels<1, Map, T, A>(map, input, group, k0, k1, c,
+                                               channels, height, width,
+                                               pooled_height, pooled_width,
+                                               output);
+  });
+}
+
+// The gradient of every bin of boxes k0 .. k1-1 in output channels
+// c .. c+U-1 (each input channel's plane in box order, bin order: the order
+// does not depend on U), sharing each weight between the U channels.
+template <int U, typename Map, typename T, typename A, typename Sum>
+static void roi_align_backward_channels(const Map& map, const T* grad_output,
+                                        const RoiAlignGroup<A>& group,
+                                        int64_t k0, int64_t k1, int64_t c,
+                                        int64_t channels, int64_t height,
+                                        int64_t width, int64_t pooled_height,
+                                        int64_t pooled_width,
+                                        const Sum& grad_input) {
+  const int64_t bins = pooled_height * pooled_width;
+  const int64_t plane_size = height * width;
+  const int64_t out_channels = roi_output_channels(map, channels);
+  const int64_t lane = roi_channel_step(map) * plane_size;
+  for (int64_t k = k0; k < k1; ++k) {
+    const RoiAlignBox<A>& g = group.box[k - k0];
+    if (g.batch_index < 0) continue;
+    const RoiAlignWeights<A>& wy = group.y[k - k0];
+    const RoiAlignWeights<A>& wx = group.x[k - k0];
+    const int64_t image = g.batch_index * channels * plane_size;
+    const T* grad_bins = grad_output + (k * out_channels + c) * bins;
+    for (int64_t ph = 0; ph < pooled_height; ++ph) {
+      const int64_t rows = wy.length[ph];
+      const int64_t row0 = wy.begin[ph] * width;
+      const A* w_row = wy.weight.data() + wy.offset[ph];
+      for (int64_t pw = 0; pw < pooled_width; ++pw) {
+        const int64_t bin = ph * pooled_width + pw;
+        A grad[U];
+        for (int u = 0; u < U; ++u)
+          grad[u] = curoi_load<A>(grad_bins[u * bins + bin]) / g.count;
+        const int64_t cols = wx.length[pw];
+        const int64_t col0 = image +
+                             roi_input_channel(map, c, bin) * plane_size +
+                             row0 + wx.begin[pw];
+        const A* w_col = wx.weight.data() + wx.offset[pw];
+        for (int64_t r = 0; r < rows; ++r) {
+          A grad_row[U];
+          for (int u = 0; u < U; ++u) grad_row[u] = grad[u] * w_row[r];
+          for (int64_t j = 0; j < cols; ++j) {
+            const A w = w_col[j];
+            for (int u = 0; u < U; ++u)
+              curoi_sum_add(grad_input, col0 + u * lane + r * width + j,
+                            grad_row[u] * w);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Channels-last: the gradient of every bin of boxes k0 .. k1-1 in the
+// owned output channels c0 .. c1-1, the channel innermost. Each gradient
+// pixel gets the terms of roi_align_backward_channels, computed alike, in
+// the same (box, bin, row, column) order, so the sums are its bits.
+template <typename Map, typename T, typename A, typename Sum>
+static void roi_align_backward_nhwc(const Map& map, const T* grad_output,
+                                    const RoiAlignGroup<A>& group, int64_t k0,
+                                    int64_t k1, int64_t c0, int64_t c1,
+                                    int64_t channels, int64_t height,
+                                    int64_t width, int64_t pooled_height,
+                                    int64_t pooled_width,
+                                    const Sum& grad_input,
+                                    A* __restrict__ grad,
+                                    A* __restrict__ grad_row) {
+  const int64_t bins = pooled_height * pooled_width;
+  const int64_t n = c1 - c0;
+  const int64_t row_stride = width * channels;
+  const int64_t out_channels = roi_output_channels(map, channels);
+  const int64_t step = roi_channel_step(map);
+  for (int64_t k = k0; k < k1; ++k) {
+    const RoiAlignBox<A>& g = group.box[k - k0];
+    if (g.batch_index < 0) continue;
+    const RoiAlignWeights<A>& wy = group.y[k - k0];
+    const RoiAlignWeights<A>& wx = group.x[k - k0];
+    const int64_t image = g.batch_index * height * row_stride;
+    const T* grad_box = grad_output + k * bins * out_channels + c0;
+    for (int64_t ph = 0; ph < pooled_height; ++ph) {
+      const int64_t rows = wy.length[ph];
+      const int64_t row0 = wy.begin[ph] * row_stride;
+      const A* w_row = wy.weight.data() + wy.offset[ph];
+      for (int64_t pw = 0; pw < pooled_width; ++pw) {
+        const int64_t bin = ph * pooled_width + pw;
+        const T* grad_bin = grad_box + bin * out_channels;
+        for (int64_t c = 0; c < n; ++c)
+          grad[c] = curoi_load<A>(grad_bin[c]) / g.count;
+        const int64_t cols = wx.length[pw];
+        const int64_t col0 = image + row0 + wx.begin[pw] * channels +
+                             roi_input_channel(map, c0, bin);
+        const A* w_col = wx.weight.data() + wx.offset[pw];
+        for (int64_t r = 0; r < rows; ++r) {
+          const A wr = w_row[r];
+          for (int64_t c = 0; c < n; ++c) grad_row[c] = grad[c] * wr;
+          for (int64_t j = 0; j < cols; ++j) {
+            const A w = w_col[j];
+            const int64_t pixel = col0 + r * row_stride + j * channels;
+            for (int64_t c = 0; c < n; ++c)
+              curoi_sum_add(grad_input, pixel + c * step, grad_row[c] * w);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Box group after box group, each block of output channels is summed by one
+// thread; the input channels it writes are its own (each input channel
+// feeds one output channel), so every gradient plane receives its terms box
+// after box, bin after bin: no atomics, and the same bits whatever the
+// number of threads.
+template <typename Map, typename T, typename Sum>
+static void roi_align_backward(
+    const Map& map, const T* grad_output,
+    const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
+    int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
+    int64_t pooled_width, typename AccType<T>::type spatial_scale,
+    int sampling_ratio, int aligned, int channels_last,
+    const Sum& grad_input) {
+  typedef typename AccType<T>::type A;
+  const int64_t bins = pooled_height * pooled_width;
+  const int64_t out_channels = roi_output_channels(map, channels);
+  // Blocks of channels, handed out dynamically within each group of boxes:
+  // a busy core does not hold the others back, as a fixed share would.
+  int64_t block =
+      (out_channels + 4 * curoi_threads() - 1) / (4 * curoi_threads());
+  block = (block + CUROI_LANES - 1) / CUROI_LANES * CUROI_LANES;
+  if (block < 1) block = 1;  // no channels: no blocks, and no division by 0
+  const int64_t blocks = (out_channels + block - 1) / block;
+  const int64_t cost = CUROI_BOX_GROUP * block * bins * 4;
+  // Built by the calling thread, read by the workers: through a reference,
+  // since in a worker the name of a thread_local means the worker's own.
+  static thread_local RoiAlignGroup<A> callers_group;
+  RoiAlignGroup<A>& group = callers_group;
+  for (int64_t k0 = 0; k0 < num_rois; k0 += CUROI_BOX_GROUP) {
+    const int64_t k1 = curoi_min(k0 + (int64_t)CUROI_BOX_GROUP, num_rois);
+    group.build(rois, k0, k1, batch, height, width, pooled_height,
+                pooled_width, spatial_scale, sampling_ratio, aligned);
+    curoi_parallel_for(blocks, 1, cost, [&](int64_t i) {
+      const int64_t c0 = i * block, c1 = curoi_min(c0 + block, out_channels);
+      if (channels_last) {
+        static thread_local std::vector<A> grad, grad_row;
+        grad.resize((size_t)(c1 - c0));
+        grad_row.resize((size_t)(c1 - c0));
+        roi_align_backward_nhwc<Map, T, A>(
+            map, grad_output, group, k0, k1, c0, c1, channels, height, width,
+            pooled_height, pooled_width, grad_input, grad.data(),
+            grad_row.data());
+        return;
+      }
+      int64_t c = c0;
+      for (; c + CUROI_LANES <= c1; c += CUROI_LANES)
+        roi_align_backward_channels<CUROI_LANES, Map, T, A>(
+            map, grad_output, group, k0, k1, c, channels, height, width,
+            pooled_height, pooled_width, grad_input);
+      for (; c < c1; ++c)
+        roi_align_backward_channels<1, Map, T, A>(
+            map, grad_output, group, k0, k1, c, channels, height, width,
+            pooled_height, pooled_width, grad_input);
+    });
+  }
+}
+#endif
+
+#endif  // CUROI_ROI_ALIGN_LOOPS_CUH
