@@ -123,6 +123,35 @@ ROI_ALIGN = Operator(
 )
 
 
+# ------------------------------------------- RoI Align, max mode (mmcv)
+def _align_max_forward(x, rois, out, saved, v, channels_last):
+    _ops.roi_align_max_forward(x, rois, out, saved[0], v.spatial_scale,
+                               v.sampling_ratio, v.aligned, "interpolated",
+                               channels_last)
+
+
+def _align_max_backward(g, rois, saved, grad_input, v, deterministic, zeroed,
+                        channels_last):
+    _ops.roi_align_max_backward(g, saved[0], rois, grad_input, v.spatial_scale,
+                                v.sampling_ratio, v.aligned, deterministic,
+                                zeroed=zeroed, channels_last=channels_last)
+
+
+#: The roi_align modes, by the public functions' ``mode``.
+ALIGN_MODES = ("avg", "max")
+
+# RoI Align with mode="max": the winning sample's index in its bin's
+# sampling grid, iy * grid_w + ix, is saved; a grid may have more than 2**31
+# samples, so it is int64.
+ROI_ALIGN_MAX = Operator(
+    name="roi_align_max",
+    params=(SPATIAL_SCALE, SAMPLING_RATIO, ALIGNED),
+    forward=_align_max_forward,
+    backward=_align_max_backward,
+    saved=(Saved("argmax", lambda height, width: "int64", "return_argmax"),),
+)
+
+
 # -------------------------------------------------------------- RoI Pool
 POOL_CONVENTIONS = tuple(_kernels.POOL_CONVENTIONS)
 
@@ -210,4 +239,5 @@ PS_ROI_ALIGN = Operator(
     output_channels=position_sensitive_channels,
 )
 
-OPERATORS = {op.name: op for op in (ROI_ALIGN, ROI_POOL, PS_ROI_POOL, PS_ROI_ALIGN)}
+OPERATORS = {op.name: op for op in (ROI_ALIGN, ROI_ALIGN_MAX, ROI_POOL, PS_ROI_POOL,
+                                    PS_ROI_ALIGN)}

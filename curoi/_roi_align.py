@@ -2,12 +2,21 @@
 functions, built from ``curoi._operators.ROI_ALIGN``."""
 
 from . import _frontend, _validate
-from ._operators import ROI_ALIGN
+from ._operators import ALIGN_MODES, ROI_ALIGN, ROI_ALIGN_MAX
+
+
+def _mode(mode, with_argmax, name="return_argmax"):
+    """The operator for ``mode``; an argmax belongs to mode="max" only."""
+    mode = _validate.choice(mode, "mode", ALIGN_MODES)
+    if mode == "avg" and with_argmax:
+        raise ValueError(f"{name} is for mode='max' only (an average has no winner)")
+    return ROI_ALIGN if mode == "avg" else ROI_ALIGN_MAX
 
 
 def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
-              aligned=False, *, data_format="NCHW"):
-    """RoI Align: average of bilinearly interpolated samples in each bin.
+              aligned=False, *, mode="avg", return_argmax=False, data_format="NCHW"):
+    """RoI Align: average (or maximum) of bilinearly interpolated samples in
+    each bin.
 
     The numbers are those of torchvision's ``roi_align``, detectron2's
     ``ROIAlign`` and ONNX ``RoiAlign`` (avg).
@@ -34,10 +43,24 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
             (channels-last features ``[N, H, W, C]``, read in place by
             kernels of their own, and a ``[K, PH, PW, C]`` result whose
             numbers are the NCHW result's, transposed, to the bit).
+        mode: ``"avg"`` (the default: the mean of the bin's samples) or
+            ``"max"``: mmcv's ``RoIAlign(pool_mode="max")``, the largest of
+            the bin's interpolated samples, a sample outside
+            ``[-1, H] x [-1, W]`` counting as 0 (the first largest wins ties;
+            a NaN beats any number, the first NaN winning, as in
+            :func:`curoi.roi_pool`). A bin without samples (an empty box
+            with adaptive sampling) gives 0, where mmcv leaves its starting
+            value (-10000 or the lowest float) in the output.
+        return_argmax: with ``mode="max"``, also return which sample won in
+            each bin: an int64 array of the output's shape holding
+            ``iy * grid_w + ix`` in the bin's sampling grid, -1 where no
+            sample won or the winner lies off the map (its value 0 depends on
+            no pixel). :func:`roi_align_backward` takes it.
 
     Returns:
         ``[K, C, PH, PW]`` (NHWC: ``[K, PH, PW, C]``) of the input's dtype,
-        the caller's kind of array on the input's device.
+        the caller's kind of array on the input's device; with
+        ``return_argmax``, also the argmax.
 
     A sample outside ``[-1, H] x [-1, W]`` contributes 0 but counts in the
     bin's divisor; samples in that band are clamped to the map's edge.
@@ -47,13 +70,17 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
     """
     ph, pw = _validate.output_size(output_size)
     values = ROI_ALIGN.values(spatial_scale, sampling_ratio, aligned)
-    return _frontend.forward(ROI_ALIGN, input, boxes, ph, pw, values,
-                             _validate.data_format(data_format))
+    return_argmax = _validate.flag(return_argmax, "return_argmax")
+    op = _mode(mode, return_argmax)
+    return _frontend.forward(op, input, boxes, ph, pw, values,
+                             _validate.data_format(data_format),
+                             saved_dtypes=("int64",) if return_argmax else None)
 
 
 def roi_align_backward(grad_output, boxes, input_shape, output_size,
                        spatial_scale=1.0, sampling_ratio=-1, aligned=False, *,
-                       deterministic=False, data_format="NCHW"):
+                       mode="avg", argmax=None, deterministic=False,
+                       data_format="NCHW"):
     """Gradient of :func:`roi_align` with respect to its input.
 
     Args:
@@ -67,6 +94,11 @@ def roi_align_backward(grad_output, boxes, input_shape, output_size,
             every thread count and launch configuration (see below).
         data_format: ``"NCHW"`` or ``"NHWC"``, as in the forward; NHWC
             gradients are the NCHW ones transposed, to the bit.
+        mode: ``"avg"`` or ``"max"``, as in the forward.
+        argmax: with ``mode="max"`` (and only then), the forward's argmax:
+            each output's gradient goes to the four pixels around its winning
+            sample, with their bilinear weights. Entries that name no sample
+            of their bin's grid pass nothing.
 
     Returns:
         ``[N, C, H, W]`` (NHWC: ``[N, H, W, C]``) of grad_output's dtype. Gradients accumulate in
@@ -84,7 +116,12 @@ def roi_align_backward(grad_output, boxes, input_shape, output_size,
     """
     output_size = _validate.output_size(output_size)
     values = ROI_ALIGN.values(spatial_scale, sampling_ratio, aligned)
+    op = _mode(mode, argmax is not None, "argmax")
+    if op is ROI_ALIGN_MAX and argmax is None:
+        raise TypeError("argmax is needed for mode='max': pass the one that "
+                        "roi_align(..., mode='max', return_argmax=True) returned")
     deterministic = _validate.flag(deterministic, "deterministic")
-    return _frontend.backward(ROI_ALIGN, grad_output, boxes, input_shape,
+    return _frontend.backward(op, grad_output, boxes, input_shape,
                               output_size, values, deterministic,
-                              _validate.data_format(data_format))
+                              _validate.data_format(data_format),
+                              saved=() if argmax is None else (argmax,))

@@ -48,6 +48,14 @@ def check_roi_pool_convention(convention):
             "convention='torchvision'")
 
 
+def refuse_roi_align_max(*args):
+    raise ValueError(
+        "roi_align(mode='max') cannot be exported to ONNX: its maximum of "
+        "interpolated samples (mmcv's) is not ONNX RoiAlign's mode 'max', "
+        "which takes the largest weighted corner term of each sample "
+        "(curoi.onnx_roi_align computes that one)")
+
+
 # ------------------------------------------------------------ dynamo=True
 def dynamo_exporting():
     """Whether ``torch.onnx.export(dynamo=True)`` is capturing the model."""
@@ -152,6 +160,8 @@ def register_torchscript_symbolics():
     torch.onnx.register_custom_op_symbolic(
         "curoi::roi_align",
         parse_args("v", "v", "f", "i", "i", "i", "b")(_torchscript_roi_align), 7)
+    torch.onnx.register_custom_op_symbolic(
+        "curoi::roi_align_max", refuse_roi_align_max, 7)
     torch.onnx.register_custom_op_symbolic(
         "curoi::roi_pool",
         parse_args("v", "v", "f", "i", "i", "s")(_torchscript_roi_pool), 7)

@@ -89,7 +89,8 @@ except ImportError as error:  # pragma: no cover - only without JAX
 
 from . import _boxes, _gpu, _validate
 from ._interop import FLOAT_DTYPES, HALF_DTYPES
-from ._operators import PS_ROI_ALIGN, PS_ROI_POOL, ROI_ALIGN, ROI_POOL
+from ._operators import (ALIGN_MODES, PS_ROI_ALIGN, PS_ROI_POOL, ROI_ALIGN,
+                         ROI_ALIGN_MAX, ROI_POOL)
 
 __all__ = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool"]
 
@@ -597,7 +598,7 @@ def _run(op, input, boxes, output_size, values, deterministic, data_format):
 
 
 def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
-              aligned=False, *, deterministic=False, data_format="NCHW"):
+              aligned=False, *, mode="avg", deterministic=False, data_format="NCHW"):
     """RoI Align of JAX arrays: :func:`curoi.roi_align` for ``jax.jit``,
     ``jax.grad`` and ``jax.vmap``.
 
@@ -614,6 +615,8 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
         spatial_scale: factor from box to feature coordinates, e.g. 1/16.
         sampling_ratio: samples per bin side; ``<= 0`` means adaptive.
         aligned: shift boxes by -0.5 pixel (detectron2, ONNX ``half_pixel``).
+        mode: ``"avg"`` or ``"max"`` (mmcv's maximum of interpolated
+            samples, with its gradient; see :func:`curoi.roi_align`).
         deterministic: make the backward pass bitwise reproducible (see
             :func:`curoi.roi_align_backward`); the forward is always so.
         data_format: ``"NCHW"`` or ``"NHWC"``: channels-last features
@@ -632,7 +635,8 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
     """
     output_size = _validate.output_size(output_size)
     values = ROI_ALIGN.values(spatial_scale, sampling_ratio, aligned)
-    return _run(ROI_ALIGN, input, boxes, output_size, values, deterministic, data_format)
+    op = ROI_ALIGN if _validate.choice(mode, "mode", ALIGN_MODES) == "avg" else ROI_ALIGN_MAX
+    return _run(op, input, boxes, output_size, values, deterministic, data_format)
 
 
 def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,

@@ -355,6 +355,7 @@ class _TorchOperator:
 
 
 _ROI_ALIGN = _TorchOperator(_operators.ROI_ALIGN, _torch_onnx.roi_align_symbolic)
+_ROI_ALIGN_MAX = _TorchOperator(_operators.ROI_ALIGN_MAX, _torch_onnx.refuse_roi_align_max)
 _ROI_POOL = _TorchOperator(_operators.ROI_POOL, _torch_onnx.roi_pool_symbolic)
 _PS_ROI_POOL = _TorchOperator(_operators.PS_ROI_POOL)
 _PS_ROI_ALIGN = _TorchOperator(_operators.PS_ROI_ALIGN)
@@ -365,7 +366,8 @@ _roi_pool_op, _roi_pool_backward_op = _ROI_POOL.forward_op, _ROI_POOL.backward_o
 
 # ----------------------------------------------------------- public functions
 def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
-              sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+              sampling_ratio: int = -1, aligned: bool = False, *,
+              mode: str = "avg") -> Tensor:
     """RoI Align (Mask R-CNN), as ``torchvision.ops.roi_align``.
 
     Each box is divided into ``output_size`` bins; each bin is the average of
@@ -393,6 +395,12 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
             sit at half-integers (detectron2, ONNX ``half_pixel``); ``False``
             is the original convention, which widens boxes to at least one
             pixel.
+        mode: ``"avg"`` (torchvision's) or ``"max"``, mmcv's
+            ``RoIAlign(pool_mode="max")``: the largest interpolated sample of
+            each bin, its gradient going to the four pixels around the
+            winning sample (see :func:`curoi.roi_align`). Keyword only;
+            torchvision has no such argument. ``"max"`` does not export to
+            ONNX (ONNX RoiAlign's max mode is another formula).
 
     Returns:
         ``Tensor[K, C, PH, PW]`` of ``input``'s dtype and device. Its gradient
@@ -403,7 +411,9 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
         ``torch.channels_last`` too, with the numbers of a contiguous input
         to the bit.
     """
-    return _ROI_ALIGN(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+    mode = _validate.choice(mode, "mode", _operators.ALIGN_MODES)
+    operator = _ROI_ALIGN if mode == "avg" else _ROI_ALIGN_MAX
+    return operator(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
 
 
 def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, *,
@@ -478,21 +488,24 @@ class RoIAlign(nn.Module):
     """
 
     def __init__(self, output_size, spatial_scale: float, sampling_ratio: int,
-                 aligned: bool = False):
+                 aligned: bool = False, *, mode: str = "avg"):
         super().__init__()
         self.output_size = output_size
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
+        self.mode = mode
 
     def forward(self, input: Tensor, rois) -> Tensor:
         return roi_align(input, rois, self.output_size, self.spatial_scale,
-                         self.sampling_ratio, self.aligned)
+                         self.sampling_ratio, self.aligned, mode=self.mode)
 
     def __repr__(self) -> str:
+        # torchvision's text, plus the mode when it is not the average.
+        extra = "" if self.mode == "avg" else f", mode={self.mode!r}"
         return (f"{self.__class__.__name__}(output_size={self.output_size}, "
                 f"spatial_scale={self.spatial_scale}, "
-                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned})")
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}{extra})")
 
 
 class RoIPool(nn.Module):
