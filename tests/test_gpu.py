@@ -749,3 +749,88 @@ def test_threads_on_one_gpu_give_the_serial_results():
                 assert_close(g, e, "float32", backward=True, what=name)
             else:
                 np.testing.assert_array_equal(g, e, err_msg=name)
+
+
+# ------------------------------------ the RoI family beyond the core ops
+# Each operator against the CPU backend on the same input, forward and
+# backward (plain and deterministic), NCHW and NHWC, every dtype.
+PS_OUT = (2, 3)
+PS_SHAPE = (2, 2 * PS_OUT[0] * PS_OUT[1], 13, 17)  # C = C_out x PH x PW
+
+
+def _family_case(op, dtype, seed):
+    shape, out = (PS_SHAPE, PS_OUT) if op.startswith("ps_") else (SHAPE, OUT)
+    x, rois, _ = make_case(dtype, seed, shape=shape, out=out)
+    return x, rois, out
+
+
+def _family_forward(op, x, rois, out, data_format):
+    if op == "roi_align_max":
+        return curoi.roi_align(x, rois, out, SCALE, 2, True, mode="max",
+                               return_argmax=True, data_format=data_format)
+    if op == "ps_roi_pool":
+        return curoi.ps_roi_pool(x, rois, out, SCALE, data_format=data_format), None
+    return curoi.ps_roi_align(x, rois, out, SCALE, 0, data_format=data_format), None
+
+
+def _family_backward(op, g, rois, shape, out, argmax, data_format, deterministic):
+    kw = dict(deterministic=deterministic, data_format=data_format)
+    if op == "roi_align_max":
+        return curoi.roi_align_backward(g, rois, shape, out, SCALE, 2, True,
+                                        mode="max", argmax=argmax, **kw)
+    if op == "ps_roi_pool":
+        return curoi.ps_roi_pool_backward(g, rois, shape, out, SCALE, **kw)
+    return curoi.ps_roi_align_backward(g, rois, shape, out, SCALE, 0, **kw)
+
+
+@pytest.mark.parametrize("data_format", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["roi_align_max", "ps_roi_pool", "ps_roi_align"])
+def test_roi_family_matches_cpu(op, dtype, data_format):
+    x, rois, out = _family_case(op, dtype, [40, DTYPES.index(dtype)])
+    if data_format == "NHWC":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    expected, expected_argmax = _family_forward(op, x, rois, out, data_format)
+    assert np.count_nonzero(to_f64(expected)) > expected.size // 4  # not vacuous
+    xg = cupy.asarray(x)
+    got, argmax = _family_forward(op, xg, cupy.asarray(rois), out, data_format)
+    assert_cupy_result(got, xg)
+    assert got.shape == expected.shape
+    assert_close(got, expected, dtype, what=op)
+    if argmax is not None and dtype in ("float32", "float64"):
+        # the winner is a selection: the same on both backends, except where
+        # two samples tie to within the summation order's rounding
+        same = cupy.asnumpy(argmax) == expected_argmax
+        assert same.mean() > 0.99
+    g = np.random.default_rng(41).standard_normal(expected.shape).astype(x.dtype)
+    cpu_argmax = expected_argmax if argmax is None else cupy.asnumpy(argmax)
+    want = _family_backward(op, g, rois, x.shape, out, cpu_argmax, data_format, False)
+    for deterministic in (False, True):
+        got_grad = _family_backward(op, cupy.asarray(g), cupy.asarray(rois), x.shape, out,
+                                    argmax, data_format, deterministic)
+        assert got_grad.shape == x.shape
+        assert_close(got_grad, want, dtype, backward=True, what=f"{op} backward")
+    if deterministic:
+        again = _family_backward(op, cupy.asarray(g), cupy.asarray(rois), x.shape, out,
+                                 argmax, data_format, True)
+        assert bool((again == got_grad).all())
+
+
+@pytest.mark.parametrize("op", ["roi_align_max", "ps_roi_pool", "ps_roi_align"])
+def test_roi_family_torch_cuda(op):
+    torch = torch_cuda()
+    import curoi.torch as ct
+
+    x, rois, out = _family_case(op, "float32", [42])
+    tx = torch.tensor(x, device="cuda", requires_grad=True)
+    trois = torch.tensor(rois, device="cuda")
+    if op == "roi_align_max":
+        y = ct.roi_align(tx, trois, out, SCALE, 2, True, mode="max")
+        expected = curoi.roi_align(x, rois, out, SCALE, 2, True, mode="max")
+    else:
+        y = getattr(ct, op)(tx, trois, out, SCALE)
+        expected = getattr(curoi, op)(x, rois, out, SCALE)
+    assert y.is_cuda
+    assert_close(y, expected, "float32", what=op)
+    y.sum().backward()
+    assert tx.grad is not None and tx.grad.is_cuda
