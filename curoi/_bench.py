@@ -12,7 +12,10 @@ Workloads (``--workload``, comma-separated):
   spatial_scale 1/16, 7x7 output, aligned, sampling_ratio 2 and adaptive;
   roi_align forward and backward (sampling_ratio 2) and roi_pool forward
   also channels-last (``data_format="NHWC"``, rows marked NHWC) next to
-  their NCHW rows;
+  their NCHW rows; then the rest of the family on the same boxes: RoI
+  Align's max mode (sampling_ratio 2), and position-sensitive RoI Pool and
+  RoI Align (sampling_ratio 2) on features of C = 10 x 7 x 7 = 490 channels,
+  as R-FCN's;
 - ``W2``, a Mask R-CNN mask head: [2, 256, 100, 136], 256 boxes,
   spatial_scale 1/8, 14x14, sampling_ratio 2 and adaptive, aligned;
 - ``tiny``: one box on [1, 4, 16, 16], 2x2, the cost of a call in
@@ -348,8 +351,61 @@ def box_operations(work, dtype, threads, quick, xp=np):
     rows.append(Operation("roi_pool backward", pool_backward))
     rows.append(Operation("roi_pool backward, int64 argmax", {
         "curoi": lambda: curoi.roi_pool_backward(gy, argmax64, boxes, x.shape)}))
+    if work.name == "W1":
+        rows += family_operations(work, x, boxes, gy, rng, torch, quick, xp)
     for row in rows:  # a peer that does not take this dtype is left out
         row.contenders = {k: v for k, v in row.contenders.items() if v is not None}
+    return rows
+
+
+#: Output channels of W1's position-sensitive rows: R-FCN's 10 per bin
+#: (C = 10 x 7 x 7 = 490 input channels); 1 with --quick.
+PS_OUTPUT_CHANNELS = 10
+
+
+def family_operations(work, x, boxes, gy, rng, torch, quick, xp=np):
+    """W1's rows for the operators beyond roi_align and roi_pool: RoI
+    Align's max mode, and position-sensitive pooling on 490 channels."""
+    size, scale, ratio = work.output_size, work.spatial_scale, work.sampling_ratio
+    _, argmax = curoi.roi_align(x, boxes, size, scale, ratio, True, mode="max",
+                                return_argmax=True)
+    rows = [
+        Operation(f"roi_align forward, max, sampling_ratio {ratio}", {
+            "curoi": lambda: curoi.roi_align(x, boxes, size, scale, ratio, True,
+                                             mode="max")}),
+        Operation(f"roi_align backward, max, sampling_ratio {ratio}", {
+            "curoi": lambda: curoi.roi_align_backward(
+                gy, boxes, x.shape, size, scale, ratio, True, mode="max",
+                argmax=argmax)}),
+    ]
+    n, _, h, w = x.shape
+    c_out = 1 if quick else PS_OUTPUT_CHANNELS
+    x_ps = xp.asarray(rng.standard_normal((n, c_out * size * size, h, w),
+                                          dtype=np.float32).astype(x.dtype))
+    gy_ps = xp.asarray(rng.standard_normal((len(boxes), c_out, size, size),
+                                           dtype=np.float32).astype(x.dtype))
+    peers = {}
+    if torch is not None:
+        tv = torch.ops.torchvision
+        tx_ps, tboxes = torch.from_dlpack(x_ps), torch.from_dlpack(boxes).to(x_ps.dtype)
+        peers = {"ps_roi_pool": lambda: tv.ps_roi_pool(tx_ps, tboxes, scale, size, size),
+                 "ps_roi_align": lambda: tv.ps_roi_align(tx_ps, tboxes, scale, size, size,
+                                                         ratio)}
+    channels = f"C = {c_out * size * size}"
+    rows += [
+        Operation(f"ps_roi_pool forward, {channels}", {
+            "curoi": lambda: curoi.ps_roi_pool(x_ps, boxes, size, scale),
+            **({"torchvision": peers["ps_roi_pool"]} if peers else {})}),
+        Operation(f"ps_roi_pool backward, {channels}", {
+            "curoi": lambda: curoi.ps_roi_pool_backward(gy_ps, boxes, x_ps.shape, size,
+                                                        scale)}),
+        Operation(f"ps_roi_align forward, {channels}, sampling_ratio {ratio}", {
+            "curoi": lambda: curoi.ps_roi_align(x_ps, boxes, size, scale, ratio),
+            **({"torchvision": peers["ps_roi_align"]} if peers else {})}),
+        Operation(f"ps_roi_align backward, {channels}, sampling_ratio {ratio}", {
+            "curoi": lambda: curoi.ps_roi_align_backward(gy_ps, boxes, x_ps.shape, size,
+                                                         scale, ratio)}),
+    ]
     return rows
 
 
