@@ -438,7 +438,7 @@ def address(array):
 
 
 _kernels_by_key = {}
-_launchers = {}  # (family, direction, dtype) -> (function, which args are arrays)
+_launchers = {}  # (family, direction, dtype) -> (function, positions of the arrays)
 
 
 def kernel(family, direction, dtype_name):
@@ -466,12 +466,16 @@ def launch(family, direction, dtype_name, args):
     if found is None:
         if dtype_name not in _kernels.CPU_DTYPES:
             raise AssertionError(f"no CPU kernel for {dtype_name}")
-        pointers = tuple(kind == _kernels.PTR
-                         for kind in _kernels.SIGNATURES[f"{family}_{direction}"])
+        pointers = tuple(i for i, kind in
+                         enumerate(_kernels.SIGNATURES[f"{family}_{direction}"])
+                         if kind == _kernels.PTR)
         found = _launchers[key] = (_kernel(key), pointers)
     fn, pointers = found
-    fn(*[(None if arg is None else address(arg)) if pointer else arg
-         for pointer, arg in zip(pointers, args)])
+    args = list(args)
+    for i in pointers:
+        if args[i] is not None:
+            args[i] = address(args[i])
+    fn(*args)
 
 
 def info():

@@ -33,23 +33,32 @@ def layout(n, c, h, w, channels_last):
     return (n, h, w, c) if channels_last else (n, c, h, w)
 
 
+_NONE = {count: [None] * count for count in range(4)}
+
+
 def forward(op, input, boxes, ph, pw, values, channels_last, saved_dtypes=None):
     """``op``'s forward. ``saved_dtypes``: a dtype name per saved result to
     compute and return too (None: only the output)."""
     fast = _fast.numpy_arrays(input, boxes, op.box_columns)
     if fast is not None:
         _validate.scale_for(values.spatial_scale, fast)
-        n, c, h, w = nchw(input.shape, channels_last)
+        shape = input.shape
+        n, c, h, w = (shape[0], shape[3], shape[1], shape[2]) if channels_last else shape
         c_out = op.output_channels(c, ph, pw)
-        shape = layout(boxes.shape[0], c_out, ph, pw, channels_last)
-        _check_saved(op, saved_dtypes, h, w)
-        out = _fast.empty(shape, input.dtype)
-        saved = [_fast.empty(shape, d) for d in saved_dtypes or ()]
-        # A buffer that cannot be allocated: the general path says which.
-        if out is not None and all(s is not None for s in saved):
-            saved = saved or [None] * len(op.saved)
-            op.forward(input, boxes, out, saved, values, channels_last)
-            return (out, *saved) if saved_dtypes else out
+        k = boxes.shape[0]
+        out_shape = (k, ph, pw, c_out) if channels_last else (k, c_out, ph, pw)
+        out = _fast.empty(out_shape, input.dtype)
+        if saved_dtypes is None:
+            if out is not None:
+                op.forward(input, boxes, out, _NONE[len(op.saved)], values, channels_last)
+                return out
+        else:
+            _check_saved(op, saved_dtypes, h, w)
+            saved = [_fast.empty(out_shape, d) for d in saved_dtypes]
+            # A buffer that cannot be allocated: the general path says which.
+            if out is not None and all(s is not None for s in saved):
+                op.forward(input, boxes, out, saved, values, channels_last)
+                return (out, *saved)
     caller = Caller(input, "input")
     with caller.on_device():
         x, storage = _launch.features(caller, input, "input", FEATURES[channels_last])

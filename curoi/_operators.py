@@ -73,19 +73,29 @@ class Operator:
     #: Whether the backward needs output_size (and spatial_scale) or takes
     #: the bins from the gradient's shape and the saved results alone.
     backward_needs_output_size: bool = True
+    #: values -> None; raises for params that are fine alone but not together.
+    check: Callable = None
 
-    @property
-    def Values(self):
-        return _values_type(self.name, tuple(p.name for p in self.params))
+    def __post_init__(self):
+        # Derived once (the dataclass is frozen): a call checks its values
+        # in a few microseconds, which is most of a small call's cost.
+        names = tuple(p.name for p in self.params)
+        object.__setattr__(self, "Values", _values_type(self.name, names))
+        object.__setattr__(self, "_checks", tuple(p.check for p in self.params))
 
     def values(self, *args, **kwargs):
         """The params, checked, as a namedtuple (positional in param order,
         or by keyword); missing ones take their defaults."""
-        names = [p.name for p in self.params]
-        given = dict(zip(names, args))
-        given.update(kwargs)
-        return self.Values(*(p.check(given.get(p.name, p.default))
-                             for p in self.params))
+        if kwargs:
+            given = dict(zip((p.name for p in self.params), args))
+            given.update(kwargs)
+            args = tuple(given.get(p.name, p.default) for p in self.params)
+        elif len(args) < len(self.params):
+            args += tuple(p.default for p in self.params[len(args):])
+        values = self.Values._make([check(value) for check, value in zip(self._checks, args)])
+        if self.check is not None:
+            self.check(values)
+        return values
 
     @property
     def backward_params(self):

@@ -168,6 +168,10 @@ def _direct_dtype(input, rois):
     return name
 
 
+def _numpy(tensor):
+    return (tensor.detach() if tensor.requires_grad else tensor).numpy()
+
+
 # ------------------------------------------------- operators from descriptions
 # Schema types of the params: ints are SymInts, as torch infers them from
 # Python's int, so that dynamic shapes pass through without specialising.
@@ -328,28 +332,31 @@ class _TorchOperator:
             # when it runs, with the same messages.
             values = self._values(spatial_scale, rest)
             spatial_scale, rest = values[0], tuple(values[1:])
+            # (An exporter's capture sees fake tensors or a dispatch mode,
+            # which the direct call leaves alone.)
+            out = self._direct(input, rois, ph, pw, values)
+            if out is not None:
+                return out
         if self.onnx_symbolic is not None and _torch_onnx.dynamo_exporting():
             return self.onnx_symbolic(input, rois, spatial_scale, ph, pw, *rest)
-        out = self._direct(input, rois, ph, pw, spatial_scale, rest)
-        if out is not None:
-            return out
         result = self.forward_op(input, rois, spatial_scale, ph, pw, *rest)
         return result[0] if self.op.saved else result
 
-    def _direct(self, input, rois, ph, pw, spatial_scale, rest):
+    def _direct(self, input, rois, ph, pw, values):
         direct = _direct_dtype(input, rois)
         if direct is None:
             return None
-        values = self.op.Values(spatial_scale, *rest)
         n, c, h, w = input.shape
         try:
             out = torch.empty((rois.shape[0], self.op.output_channels(c, ph, pw), ph, pw),
                               dtype=input.dtype)
         except RuntimeError:
             return None  # the op path raises curoi's MemoryError naming it
-        _validate.scale_for(spatial_scale, direct)
+        _validate.scale_for(values.spatial_scale, direct)
         # No gradient is needed on this path, so no saved results either.
-        self.op.forward(input.detach().numpy(), rois.detach().numpy(), out.numpy(),
+        # (A tensor that requires grad while grad is off has to be detached
+        # to be viewed.)
+        self.op.forward(_numpy(input), _numpy(rois), out.numpy(),
                         [None] * len(self.op.saved), values, False)
         return out
 
