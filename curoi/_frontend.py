@@ -150,3 +150,52 @@ def _saved_view(caller, saved, array, g):
         idx = idx.astype(np.int64)
     xp = _gpu.require_cupy() if caller.device.is_cuda else np
     return xp.ascontiguousarray(idx)
+
+
+def boxes_backward(op, grad_output, input, boxes, ph, pw, values, channels_last):
+    """``op``'s gradient with respect to the boxes, with their shape: a
+    ``[K, columns]`` array (0 in the batch-index column) or a list of
+    per-image ``[L, columns - 1]`` arrays, in the boxes' dtype."""
+    caller = Caller(input, "input")
+    with caller.on_device():
+        x, storage = _launch.features(caller, input, "input", FEATURES[channels_last])
+        acc = _launch.accumulation_dtype(storage)
+        _validate.scale_for(values.spatial_scale, acc)
+        g, _ = _launch.features(caller, grad_output, "grad_output", GRAD[channels_last])
+        n, c, h, w = nchw(x.shape, channels_last)
+        rois = _boxes.to_rois(boxes, caller, n, acc, op.box_columns, op.box_layout)
+        k = rois.shape[0]
+        expected = layout(k, op.output_channels(c, ph, pw), ph, pw, channels_last)
+        if tuple(g.shape) != expected:
+            raise ValueError(
+                f"grad_output must have shape {_ORDER[channels_last]} = {expected} "
+                f"from boxes, input and output_size, got {tuple(g.shape)}")
+        dtype = _launch.kernel_dtype(caller, storage)
+        grad_rois, _ = caller.new((k, op.box_columns), acc, native=False,
+                                  what=f"the gradient [K, {op.box_columns}] of the boxes")
+        if k and g.size:
+            op.boxes_backward(_launch.as_kernel_input(g, dtype),
+                              _launch.as_kernel_input(x, dtype), rois, grad_rois,
+                              values, channels_last)
+        return _like_boxes(caller, boxes, grad_rois)
+
+
+def _like_boxes(caller, boxes, grad_rois):
+    """``grad_rois`` in the shape and dtype of ``boxes``, cast by the
+    caller's framework."""
+    acc = grad_rois.dtype.name
+
+    def handed_back(view, array, name):
+        dtype = _validate.storage_dtype(array, caller.view(array, name))
+        return caller.result(view, cast_to=None if dtype == acc else dtype)
+
+    if not isinstance(boxes, (list, tuple)):
+        return handed_back(grad_rois, boxes, "boxes")
+    parts, start = [], 0
+    for i, per_image in enumerate(boxes):
+        rows = caller.view(per_image, f"boxes[{i}]").shape[0]
+        xp = _gpu.require_cupy() if caller.device.is_cuda else np
+        part = xp.ascontiguousarray(grad_rois[start:start + rows, 1:])
+        parts.append(handed_back(part, per_image, f"boxes[{i}]"))
+        start += rows
+    return parts

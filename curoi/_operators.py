@@ -75,6 +75,10 @@ class Operator:
     backward_needs_output_size: bool = True
     #: values -> None; raises for params that are fine alone but not together.
     check: Callable = None
+    #: (grad_output, x, rois, grad_rois, values, channels_last): the
+    #: gradient with respect to the rois (the batch-index column stays 0);
+    #: None for an operator that gives the boxes no gradient.
+    boxes_backward: Callable = None
 
     def __post_init__(self):
         # Derived once (the dataclass is frozen): a call checks its values

@@ -493,6 +493,33 @@ def _backward_op(op, input_shape, output_size, values, deterministic,
     return call
 
 
+@functools.lru_cache(maxsize=None)
+def _boxes_backward_op(op, ph, pw, values, channels_last):
+    """``grad_output``, ``x``, ``rois`` -> the gradient with respect to the
+    rois, in the accumulation dtype."""
+
+    def run(g, x, rois, grad_rois):
+        grad_rois.fill(0)
+        op.boxes_backward(g, x, rois, grad_rois, values, channels_last)
+
+    @custom_vmap
+    def call(g, x, rois):
+        acc = _accumulation_dtype(_dtype_name(g.dtype))
+        if g.size == 0 or x.size == 0:
+            grad = jnp.zeros(rois.shape, acc)
+        else:
+            grad = _call(run, [jax.ShapeDtypeStruct(rois.shape, acc)], g, x, rois)[0]
+        return _varying_like(grad, g, x, rois)
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, g, x, rois):
+        g = _broadcast(g, in_batched[0], axis_size).reshape((-1,) + g.shape[-3:])
+        x, rois = _fold_forward_args(axis_size, in_batched[1:], x, rois)
+        return _unfold(call(g, x, rois), axis_size), True
+
+    return call
+
+
 def _per_platform(half, on_cpu, on_gpu, *args):
     """Half precision: the GPU has float16/bfloat16 kernels, the CPU
     computes them in float32. The platform is known only when XLA lowers the
@@ -533,11 +560,27 @@ def _apply(config, x, rois):
 
 def _apply_fwd(config, x, rois):
     y, *saved = _forward(config, x, rois)
-    return y, (tuple(saved), rois)
+    # The boxes' gradient reads the features.
+    kept = x if config.op.boxes_backward is not None else None
+    return y, (tuple(saved), rois, kept)
+
+
+def _boxes_cotangent(config, g, x, rois):
+    """The gradient with respect to the rois: the operator's, or zero."""
+    op, ph, pw, values, _, _, _, channels_last, _ = config
+    if op.boxes_backward is None:
+        return jnp.zeros_like(rois)  # of the boxes' own type
+    call = _boxes_backward_op(op, ph, pw, values, channels_last)
+
+    def on_cpu(g, x, rois):
+        return call(g.astype(jnp.float32), x.astype(jnp.float32), rois)
+
+    grad = _per_platform(_dtype_name(g.dtype) in HALF_DTYPES, on_cpu, call, g, x, rois)
+    return _cotangent_for(grad, _varying_axes(rois)).astype(rois.dtype)
 
 
 def _apply_bwd(config, residuals, g):
-    saved, rois = residuals
+    saved, rois, x = residuals
     (op, ph, pw, values, deterministic, input_shape, input_axes, channels_last,
      saved_dtypes) = config
     output_size = (ph, pw) if op.backward_needs_output_size else None
@@ -551,10 +594,9 @@ def _apply_bwd(config, residuals, g):
     grad = _per_platform(_dtype_name(dtype) in HALF_DTYPES, on_cpu, call,
                          g, *saved, rois)
     # Summed across devices in the accumulation dtype, then rounded once to
-    # the features' dtype; boxes get zero (of the boxes' own type, which
-    # zeros_like keeps).
+    # the features' dtype.
     grad = _cotangent_for(grad, input_axes).astype(dtype)
-    return grad, jnp.zeros_like(rois)
+    return grad, _boxes_cotangent(config, g, x, rois)
 
 
 _apply.defvjp(_apply_fwd, _apply_bwd)

@@ -157,7 +157,7 @@ def _direct_dtype(input, rois):
     name = _DIRECT_DTYPES.get(input.dtype)
     if (name is None or rois.dtype != input.dtype or not input.is_cpu
             or not rois.is_cpu
-            or (input.requires_grad and torch.is_grad_enabled())
+            or ((input.requires_grad or rois.requires_grad) and torch.is_grad_enabled())
             or not input.is_contiguous() or not rois.is_contiguous()
             or input.numel() == 0 or rois.shape[0] == 0
             or torch._C._functorch.peek_interpreter_stack() is not None
@@ -217,6 +217,17 @@ class _TorchOperator:
             schema="(" + ", ".join(before + shape + after + [
                 "bool deterministic", "bool channels_last=False"]) + ") -> Tensor")
         self.backward_op.register_fake(self._backward_fake)
+        # The gradient with respect to the boxes, for operators that have one.
+        self.boxes_op = None
+        if op.boxes_backward is not None:
+            self.boxes_op = torch.library.custom_op(
+                f"curoi::{op.name}_boxes_backward", self._boxes_backward,
+                mutates_args=(),
+                schema=(f"(Tensor grad, Tensor input, Tensor rois, float spatial_scale, "
+                        f"SymInt pooled_height, SymInt pooled_width"
+                        f"{', ' + params if params else ''}) -> Tensor"))
+            self.boxes_op.register_fake(lambda grad, input, rois, *args: rois.new_empty(
+                rois.shape))
         self.forward_op.register_autograd(self._autograd, setup_context=self._setup)
 
     # ----------------------------------------------------------- forward
@@ -289,13 +300,23 @@ class _TorchOperator:
         grad, _, _, _, _, shape, _, channels_last = self._backward_args(args)
         return _empty(grad, shape, channels_last)
 
+    def _boxes_backward(self, grad, input, rois, spatial_scale, ph, pw, *rest):
+        values = self._values(spatial_scale, rest)
+        channels_last = _channels_last(input)
+        if channels_last:
+            grad, input = _nhwc(grad), _nhwc(input)
+        return _frontend.boxes_backward(self.op, grad, input, rois, ph, pw, values,
+                                        channels_last)
+
     def _setup(self, ctx, inputs, output):
         input, rois = inputs[:2]
         saved = ()
         if self.op.saved:
             saved = tuple(output[1:])
             ctx.mark_non_differentiable(*saved)
-        ctx.save_for_backward(rois, *saved)
+        # The boxes' gradient reads the features (kept by reference).
+        kept = (input,) if self.boxes_op is not None else ()
+        ctx.save_for_backward(rois, *saved, *kept)
         ctx.input_shape = tuple(input.shape)
         ctx.channels_last = _channels_last(input)
         ctx.params = inputs[2:]
@@ -304,6 +325,11 @@ class _TorchOperator:
     def _autograd(self, ctx, grad, *saved_grads):
         rois, *saved = ctx.saved_tensors
         spatial_scale, ph, pw, *rest = ctx.params
+        grad_rois = None
+        if self.boxes_op is not None:
+            input = saved.pop()
+            if ctx.needs_input_grad[1]:
+                grad_rois = self.boxes_op(grad, input, rois, spatial_scale, ph, pw, *rest)
         grad_input = None
         if ctx.needs_input_grad[0]:
             by_name = dict(zip((p.name for p in self.op.params[1:]), rest))
@@ -315,7 +341,7 @@ class _TorchOperator:
                      if p.name != "spatial_scale"]
             args += [torch.are_deterministic_algorithms_enabled(), ctx.channels_last]
             grad_input = self.backward_op(*args)
-        return (grad_input,) + (None,) * (ctx.count - 1)
+        return (grad_input, grad_rois) + (None,) * (ctx.count - 2)
 
     # ------------------------------------------------------------- calls
     def __call__(self, input, boxes, output_size, spatial_scale, *rest):
