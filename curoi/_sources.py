@@ -10,7 +10,7 @@ import hashlib
 from pathlib import Path
 
 #: The kernel families: one ``.cu`` file each.
-FAMILIES = ("roi_pool", "roi_align", "roi_align_max")
+FAMILIES = ("roi_pool", "roi_align", "roi_align_max", "roi_align_rotated")
 
 COMMON_HEADER = "curoi_common.cuh"
 
