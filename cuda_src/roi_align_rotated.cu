@@ -112,9 +112,12 @@ struct RoiAlignRotatedBox {
   A cos_t, sin_t;        // cos(theta), sin(theta), once per box
   A count;               // the divisor max(grid_h*grid_w, 1)
   // How far (in pixels, along yy) a row can lie outside the map's
-  // projection and still have a sample that rounds onto the map: the
-  // coordinates' rounding errors and |cos^2 + sin^2 - 1| are a few units of
-  // epsilon times the largest magnitude involved; this is a hundred.
+  // projection and still have a sample that rounds onto the map. A sample
+  // on the map lies within |centre| + map size of the centre, so its
+  // coordinates, their rounding errors and the error from
+  // |cos^2 + sin^2 - 1| are bounded by that, times a few units of epsilon:
+  // a hundred units here. The size of the box does not enter: a huge box
+  // around the map costs no more rows than the map has.
   A reach;
 };
 
@@ -153,9 +156,9 @@ CUROI_DEVICE RoiAlignRotatedBox<A> roi_align_rotated_box(
   const A gx = a.sampling_ratio > 0 ? (A)a.sampling_ratio
                                     : ceil(g.roi_w / (A)a.pooled_width);
   g.count = curoi_max(curoi_max(gy, (A)0) * curoi_max(gx, (A)0), (A)1);
-  const A largest = curoi_max(
-      extent, curoi_max((A)a.height, (A)a.width) + (A)1);
-  g.reach = (A)128 * roi_align_rotated_epsilon((A)0) * largest;
+  const A around = curoi_max(fabs(g.center_w), fabs(g.center_h)) +
+                   curoi_max((A)a.height, (A)a.width) + (A)1;
+  g.reach = (A)128 * roi_align_rotated_epsilon((A)0) * around;
   g.batch_index = (int64_t)b;
   return g;
 }
