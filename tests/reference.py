@@ -335,11 +335,13 @@ def _linear_range(a, b, lo, hi):
     return (min(t0, t1), max(t0, t1))
 
 
-def _index_range(t_range, base, step, grid):
-    """The indices i in [0, grid) with base + (i + 0.5)*step in t_range,
-    padded by two on each side (the exact test is made per sample)."""
+def _index_range(t_range, base, bin_size, grid):
+    """The indices i in [0, grid) with base + (i + 0.5)*bin_size/grid in
+    t_range, padded by two on each side (the exact test is made per
+    sample)."""
     if t_range is None or grid <= 0:
         return range(0)
+    step = bin_size / grid
     if step == 0:
         return range(grid)
     i0, i1 = ((t - base) / step - 0.5 for t in t_range)
@@ -393,7 +395,7 @@ def _roi_align_rotated_samples(boxes, input_shape, output_size, spatial_scale,
         for ph in range(pooled_h):
             row = []
             base_h = -h / 2 + ph * bin_h
-            rows = (_index_range(yy_range, base_h, bin_h / grid_h, grid_h) if clip
+            rows = (_index_range(yy_range, base_h, bin_h, grid_h) if clip
                     else range(grid_h))
             for pw in range(pooled_w):
                 base_w = -w / 2 + pw * bin_w
@@ -410,7 +412,7 @@ def _roi_align_rotated_samples(boxes, input_shape, output_size, spatial_scale,
                         if on_x is not None and on_y is not None:
                             t0, t1 = max(on_x[0], on_y[0]), min(on_x[1], on_y[1])
                             both = (t0, t1) if t0 <= t1 else None
-                        columns = _index_range(both, base_w, bin_w / grid_w, grid_w)
+                        columns = _index_range(both, base_w, bin_w, grid_w)
                     for ix in columns:
                         xx = -w / 2 + pw * bin_w + (ix + 0.5) * bin_w / grid_w
                         y = yy * cos_t - xx * sin_t + cy
