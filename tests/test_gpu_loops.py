@@ -41,6 +41,7 @@ SUITES = (
     "test_onnxruntime.py",
     "test_onnx_roi_align.py",   # the max modes' kernel (roi_align_max.cu)
     "test_channels_last.py",    # NHWC == NCHW transposed, bit for bit
+    "test_roi_align_rotated_kernels.py",  # roi_align_rotated.cu
 )
 
 # Run in both builds: an roi_align forward and backward big enough that the

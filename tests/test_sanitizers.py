@@ -1,4 +1,5 @@
-"""The adversarial suite (test_adversarial.py) under AddressSanitizer and
+"""The adversarial suite (test_adversarial.py) and the rotated RoI Align
+kernels' suite (test_roi_align_rotated_kernels.py) under AddressSanitizer and
 UndefinedBehaviorSanitizer, with the CPU's loops and again with the GPU's
 (CUROI_CPU_LOOPS=gpu, see test_gpu_loops.py).
 
@@ -96,12 +97,13 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def _adversarial_suite_under_sanitizers(env, logs, loops):
-    """Run test_adversarial.py with the sanitized library built with the
-    CPU's or the GPU's loops (CUROI_CPU_LOOPS); fail on any report."""
+def _adversarial_suite_under_sanitizers(env, logs, loops, suite="test_adversarial.py"):
+    """Run a suite (test_adversarial.py unless told) with the sanitized
+    library built with the CPU's or the GPU's loops (CUROI_CPU_LOOPS); fail
+    on any report."""
     env = dict(env, CUROI_CPU_LOOPS=loops)
     _clear(logs)
-    suite = str(REPO / "tests" / "test_adversarial.py")
+    suite = str(REPO / "tests" / suite)
     done = subprocess.run([sys.executable, "-c", DRIVER % {"suite": suite}], env=env,
                           cwd=str(REPO), capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
@@ -133,6 +135,19 @@ def test_adversarial_suite_passes_under_asan_and_ubsan_with_the_gpu_loops(saniti
     # its own cache key): out-of-bounds indexing in the GPU-only branches
     # shows up here, not only as wrong values.
     _adversarial_suite_under_sanitizers(*sanitized, "gpu")
+
+
+# The rotated RoI Align kernels have a suite of their own (adversarial and
+# huge boxes, both layouts, both backward sums), small enough to run whole.
+ROTATED_SUITE = "test_roi_align_rotated_kernels.py"
+
+
+def test_rotated_kernel_suite_passes_under_asan_and_ubsan(sanitized):
+    _adversarial_suite_under_sanitizers(*sanitized, "cpu", ROTATED_SUITE)
+
+
+def test_rotated_kernel_suite_passes_under_asan_and_ubsan_with_the_gpu_loops(sanitized):
+    _adversarial_suite_under_sanitizers(*sanitized, "gpu", ROTATED_SUITE)
 
 
 OUT_OF_BOUNDS = textwrap.dedent("""
