@@ -725,7 +725,7 @@ HUGE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _huge_boxes(convention, height, width, pooled):
+def _huge_boxes(convention, height, width):
     """Three boxes: the map on a corner of four bins, the map inside one
     bin, and the box beside the map (reads nothing)."""
     rows = []
@@ -748,7 +748,7 @@ def huge_results():
     x = rng.standard_normal((1, 2, 12, 16))
     spec, inputs = {}, {}
     for convention in CONVENTIONS:
-        boxes = _huge_boxes(convention, 12, 16, 7)
+        boxes = _huge_boxes(convention, 12, 16)
         g = rng.standard_normal((len(boxes), 2, 7, 7))
         for dtype in ("float32", "float64"):
             spec[f"{convention}-{dtype}"] = {
