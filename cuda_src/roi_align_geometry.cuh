@@ -78,27 +78,38 @@ CUROI_DEVICE int64_t roi_align_first_beyond(const RoiAlignAxis<A>& axis, A v,
   return lo;
 }
 
+// The samples first .. last-1 of an axis whose positions lie in [lo, hi]
+// (last < first when none do).
+template <typename A>
+CUROI_DEVICE void roi_align_samples_between(const RoiAlignAxis<A>& axis, A lo,
+                                            A hi, int64_t* first,
+                                            int64_t* last) {
+  if (axis.bin >= (A)0) {
+    *first = roi_align_first_beyond(axis, lo, false);
+    *last = roi_align_first_beyond(axis, hi, true);
+  } else {
+    *first = roi_align_first_beyond(axis, hi, false);
+    *last = roi_align_first_beyond(axis, lo, true);
+  }
+}
+
 // The samples first .. last-1 of an axis whose positions lie in [-1, size].
 template <typename A>
 CUROI_DEVICE void roi_align_samples_on_map(const RoiAlignAxis<A>& axis,
                                            int64_t size, int64_t* first,
                                            int64_t* last) {
-  if (axis.bin >= (A)0) {
-    *first = roi_align_first_beyond(axis, (A)-1, false);
-    *last = roi_align_first_beyond(axis, (A)size, true);
-  } else {
-    *first = roi_align_first_beyond(axis, (A)size, false);
-    *last = roi_align_first_beyond(axis, (A)-1, true);
-  }
+  roi_align_samples_between(axis, (A)-1, (A)size, first, last);
 }
 
 // Skipping samples that fall outside [-1, size] changes no sum (they add
 // exactly 0), and bounds the work by the map size rather than by the box
 // size.
+// Bin p's samples along one axis, every one of them (first 0, last count):
+// sample i at roi_start + p*bin + (i + 0.5)*bin/grid.
 template <typename A>
-CUROI_DEVICE RoiAlignAxis<A> roi_align_axis(A roi_start, A roi_size,
-                                            int64_t p, int64_t pooled,
-                                            int sampling_ratio, int64_t size) {
+CUROI_DEVICE RoiAlignAxis<A> roi_align_bin_axis(A roi_start, A roi_size,
+                                                int64_t p, int64_t pooled,
+                                                int sampling_ratio) {
   RoiAlignAxis<A> axis;
   axis.bin = roi_size / (A)pooled;
   axis.base = roi_start + (A)p * axis.bin;
@@ -107,6 +118,15 @@ CUROI_DEVICE RoiAlignAxis<A> roi_align_axis(A roi_start, A roi_size,
   axis.count = curoi_clamp_to_int(axis.grid, (A)0, (A)CUROI_MAX_GRID);
   axis.first = 0;
   axis.last = axis.count;
+  return axis;
+}
+
+template <typename A>
+CUROI_DEVICE RoiAlignAxis<A> roi_align_axis(A roi_start, A roi_size,
+                                            int64_t p, int64_t pooled,
+                                            int sampling_ratio, int64_t size) {
+  RoiAlignAxis<A> axis =
+      roi_align_bin_axis(roi_start, roi_size, p, pooled, sampling_ratio);
   if (axis.count <= CUROI_SCAN_SAMPLES) return axis;
   if (!(curoi_isfinite(axis.base) && curoi_isfinite(axis.bin))) {
     axis.last = 0;  // positions not finite: no sample can land on the map
@@ -137,12 +157,11 @@ struct RoiAlignTap {
   A w_lo, w_hi;
 };
 
-// Sample i as torchvision interpolates it: outside [-1, size] it adds
+// Position v as torchvision interpolates it: outside [-1, size] it adds
 // nothing; below 0 it reads the first pixel, at or past size-1 the last.
 template <typename A>
-CUROI_DEVICE bool roi_align_sample_tap(const RoiAlignAxis<A>& axis, int64_t i,
-                                       int64_t size, RoiAlignTap<A>* tap) {
-  A v = roi_align_position(axis, i);
+CUROI_DEVICE bool roi_align_bilinear_tap(A v, int64_t size,
+                                         RoiAlignTap<A>* tap) {
   if (!(v >= (A)-1 && v <= (A)size)) return false;
   if (v <= (A)0) v = (A)0;
   tap->lo = (int64_t)v;
@@ -156,6 +175,13 @@ CUROI_DEVICE bool roi_align_sample_tap(const RoiAlignAxis<A>& axis, int64_t i,
   tap->w_lo = (A)1 - l;
   tap->w_hi = l;
   return true;
+}
+
+// Sample i of an axis-aligned bin.
+template <typename A>
+CUROI_DEVICE bool roi_align_sample_tap(const RoiAlignAxis<A>& axis, int64_t i,
+                                       int64_t size, RoiAlignTap<A>* tap) {
+  return roi_align_bilinear_tap(roi_align_position(axis, i), size, tap);
 }
 
 // The sum of the sample taps over one zone of the axis, in closed form: zone

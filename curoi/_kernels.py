@@ -60,6 +60,15 @@ SIGNATURES = {
     # total (N*C*H*W), grad_input
     "ps_roi_pool_fixed_finish": (PTR, PTR, I64, I64, PTR),
     "ps_roi_align_fixed_finish": (PTR, PTR, I64, I64, PTR),
+    # Rotated boxes [K, 6] (batch index, cx, cy, w, h, angle). input (or
+    # grad_output), rois, shape, spatial_scale, sampling_ratio, convention,
+    # aligned, clockwise, channels_last, output (or grad_input); the fixed
+    # backward then max_abs, fixed, grad_input as above.
+    "roi_align_rotated_forward": (PTR, PTR) + _SHAPE + (ACC,) + (I32,) * 5 + (PTR,),
+    "roi_align_rotated_backward": (PTR, PTR) + _SHAPE + (ACC,) + (I32,) * 5 + (PTR,),
+    "roi_align_rotated_backward_fixed": (PTR, PTR) + _SHAPE + (ACC,) + (I32,) * 5
+    + (PTR, PTR, PTR),
+    "roi_align_rotated_fixed_finish": (PTR, PTR, I64, I64, PTR),
 }
 
 #: data_format -> the kernels' channels_last argument.
@@ -74,6 +83,10 @@ ALIGN_MAX_MODES = {"onnx": 0, "interpolated": 1}
 
 #: roi_pool conventions, as the kernels number them.
 POOL_CONVENTIONS = {"torchvision": 0, "mmcv": 1}
+
+#: Rotated RoI Align conventions, as the kernels number them
+#: (roi_align_rotated.cu): detectron2's degrees, mmcv's radians.
+ROTATED_CONVENTIONS = {"detectron2": 0, "mmcv": 1}
 
 
 #: What a kernel does, the last part of its SIGNATURES key.

@@ -6,8 +6,9 @@ CuPy arrays (GPU backend, run on the current CuPy device and stream):
 
 - features and gradients of outputs in a kernel dtype: float32 or float64
   on the CPU, also float16 and bfloat16 on the GPU;
-- ``rois``: ``[K, 5]`` (batch index, x1, y1, x2, y2) in the accumulation
-  dtype (float64 for float64 features, else float32);
+- ``rois``: ``[K, 5]`` (batch index, x1, y1, x2, y2), rotated boxes
+  ``[K, 6]`` (batch index, cx, cy, w, h, angle), in the accumulation dtype
+  (float64 for float64 features, else float32);
 - outputs are written entirely: forward outputs ``[K, C, PH, PW]`` in the
   features' dtype (``argmax`` int64), gradients of the features
   ``[N, C, H, W]`` in the accumulation dtype;
@@ -184,6 +185,42 @@ def argmax_32(argmax):
     """The kernels' argmax_32 argument: 1 for int32 entries, 0 for int64 (or
     no argmax)."""
     return int(argmax is not None and argmax.dtype == _INT32)
+
+
+def roi_align_rotated_forward(x, rois, out, spatial_scale, sampling_ratio,
+                              convention, aligned, clockwise,
+                              channels_last=False):
+    """``out[K, C, PH, PW]`` = RoI Align of ``x[N, C, H, W]`` on rotated
+    boxes ``rois[K, 6]`` (batch index, cx, cy, w, h, angle), channels-last
+    as in :func:`roi_align_forward`. ``convention`` is "detectron2" (angle
+    in degrees; ``aligned`` and ``clockwise`` ignored) or "mmcv" (radians);
+    see roi_align_rotated.cu."""
+    n, c, h, w = _nchw(x.shape, channels_last)
+    k, _, ph, pw = _nchw(out.shape, channels_last)
+    if h * w == 0:
+        out.fill(0)
+        return
+    _run("roi_align_rotated", "forward", _name(x.dtype),
+         (x, rois, k, n, c, h, w, ph, pw, spatial_scale, sampling_ratio,
+          _kernels.ROTATED_CONVENTIONS[convention], int(aligned),
+          int(clockwise), int(channels_last), out),
+         out.size, _is_cuda(x))
+
+
+def roi_align_rotated_backward(grad_output, rois, grad_input, spatial_scale,
+                               sampling_ratio, convention, aligned, clockwise,
+                               deterministic=False, zeroed=False,
+                               channels_last=False):
+    """``grad_input[N, C, H, W]`` = gradient of rotated RoI Align for
+    ``grad_output[K, C, PH, PW]`` (both channels-last with
+    ``channels_last``); ``zeroed`` as in :func:`roi_align_backward`."""
+    n, c, h, w = _nchw(grad_input.shape, channels_last)
+    k, _, ph, pw = _nchw(grad_output.shape, channels_last)
+    _backward("roi_align_rotated",
+              (grad_output, rois, k, n, c, h, w, ph, pw, spatial_scale,
+               sampling_ratio, _kernels.ROTATED_CONVENTIONS[convention],
+               int(aligned), int(clockwise), int(channels_last)),
+              grad_output, grad_input, deterministic, zeroed, k * ph * pw)
 
 
 def roi_pool_forward(x, rois, out, argmax, spatial_scale, convention,

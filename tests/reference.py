@@ -31,6 +31,9 @@ __all__ = [
     "roi_align_max_interpolated",
     "roi_align_max_interpolated_backward",
     "roi_align_max_interpolated_gather",
+    "roi_align_rotated",
+    "roi_align_rotated_backward",
+    "roi_align_rotated_weights",
     "roi_align_weights",
     "roi_pool",
     "roi_pool_backward",
@@ -384,6 +387,210 @@ def roi_align_backward(grad_output, boxes, input_shape, output_size,
             for pw in range(pooled_w):
                 for r, c, w in taps[ph][pw]:
                     gx[n, :, r, c] += w * g[k, :, ph, pw]
+    return gx
+
+
+# --------------------------------------------------------------------------
+# RoI Align (average) on rotated boxes, detectron2 / mmcv semantics
+# --------------------------------------------------------------------------
+
+ROTATED_CONVENTIONS = ("detectron2", "mmcv")
+
+# curoi's documented limit: a box whose scaled centre or size exceeds this
+# magnitude reads nothing (float resolves nothing on the map there).
+ROTATED_MAX_EXTENT = 1e30
+
+
+def _rotated_geometry(box, spatial_scale, convention, aligned, clockwise):
+    """A rotated box (batch index, cx, cy, w, h, angle) in feature-map
+    coordinates: ``(cy, cx, h, w, theta)``, or None when it reads nothing.
+
+    detectron2 (ROIAlignRotated): the centre always shifted by half a pixel,
+    no minimum size, the angle in degrees (counter-clockwise); it has no
+    ``aligned`` or ``clockwise``. mmcv (RoIAlignRotated): the shift only
+    when ``aligned``, sizes of at least 1 x 1 pixel when not, the angle in
+    radians, negated when ``clockwise``.
+    """
+    _, x, y, width, height, angle = (float(v) for v in box)
+    s = float(spatial_scale)
+    if convention == "detectron2":
+        shifted = True
+        theta = angle * math.pi / 180.0
+    elif convention == "mmcv":
+        shifted = bool(aligned)
+        theta = -angle if clockwise else angle
+    else:
+        raise ValueError(convention)
+    offset = 0.5 if shifted else 0.0
+    cx, cy = x * s - offset, y * s - offset
+    w, h = width * s, height * s
+    if not shifted:
+        w, h = max(w, 1.0), max(h, 1.0)
+    if max(abs(cx), abs(cy), abs(w), abs(h)) > ROTATED_MAX_EXTENT:
+        return None
+    return cy, cx, h, w, theta
+
+
+def _linear_range(a, b, lo, hi):
+    """The real t with lo <= a*t + b <= hi, as (t0, t1); None if empty."""
+    if a == 0:
+        return (-math.inf, math.inf) if lo <= b <= hi else None
+    t0, t1 = (lo - b) / a, (hi - b) / a
+    return (min(t0, t1), max(t0, t1))
+
+
+def _index_range(t_range, base, bin_size, grid):
+    """The indices i in [0, grid) with base + (i + 0.5)*bin_size/grid in
+    t_range, padded by two on each side (the exact test is made per
+    sample)."""
+    if t_range is None or grid <= 0:
+        return range(0)
+    step = bin_size / grid
+    if step == 0:
+        return range(grid)
+    i0, i1 = ((t - base) / step - 0.5 for t in t_range)
+    i0, i1 = min(i0, i1), max(i0, i1)
+    if i1 < 0 or i0 >= grid:
+        return range(0)
+    start = max(int(math.floor(max(i0, -1.0))) - 2, 0)
+    stop = min(int(math.ceil(min(i1, float(grid)))) + 3, grid)
+    return range(start, stop)
+
+
+def _roi_align_rotated_samples(boxes, input_shape, output_size, spatial_scale,
+                               sampling_ratio, convention, aligned, clockwise,
+                               clip):
+    """As :func:`_roi_align_samples` for rotated boxes: ``None`` for a box
+    that reads nothing, else ``(n, count, bins)`` where ``bins[ph][pw]``
+    lists the taps of every sample of the bin's grid.
+
+    ``clip=True`` lists only the samples that can land on the map: rows of
+    samples (one yy each) whose line does not cross the map, widened by a
+    pixel, are skipped, and in the others only the samples whose xx lies
+    where the line crosses the widened map are taken (closed form: each map
+    coordinate is linear in xx). That changes no sum, and it makes boxes far
+    larger than the map computable here."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
+    n_images, _, height, width = (int(v) for v in input_shape)
+    pooled_h, pooled_w = _pair(output_size)
+    result = []
+    for box in boxes:
+        n = _batch_index(box, n_images)
+        geometry = None if n is None else _rotated_geometry(
+            box, spatial_scale, convention, aligned, clockwise)
+        if geometry is None:
+            result.append(None)
+            continue
+        cy, cx, h, w, theta = geometry
+        cos_t, sin_t = math.cos(theta), math.sin(theta)
+        bin_h, bin_w = h / pooled_h, w / pooled_w
+        if sampling_ratio > 0:
+            grid_h = grid_w = int(sampling_ratio)
+        else:
+            grid_h, grid_w = int(math.ceil(h / pooled_h)), int(math.ceil(w / pooled_w))
+        count = max(grid_h * grid_w, 1)
+        if not clip and max(grid_h, 0) * max(grid_w, 0) * pooled_h * pooled_w > 10**7:
+            raise ValueError("too many samples for the brute-force reference: clip=True")
+        margin = 1.0
+        corners = [(y - cy) * cos_t + (x - cx) * sin_t
+                   for y in (-1.0, float(height)) for x in (-1.0, float(width))]
+        yy_range = (min(corners) - margin, max(corners) + margin)
+        bins = []
+        for ph in range(pooled_h):
+            row = []
+            base_h = -h / 2 + ph * bin_h
+            rows = (_index_range(yy_range, base_h, bin_h, grid_h) if clip
+                    else range(grid_h))
+            for pw in range(pooled_w):
+                base_w = -w / 2 + pw * bin_w
+                samples = []
+                for iy in rows:
+                    yy = -h / 2 + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+                    columns = range(grid_w)
+                    if clip:
+                        on_x = _linear_range(cos_t, yy * sin_t + cx, -1 - margin,
+                                             width + margin)
+                        on_y = _linear_range(-sin_t, yy * cos_t + cy, -1 - margin,
+                                             height + margin)
+                        both = None
+                        if on_x is not None and on_y is not None:
+                            t0, t1 = max(on_x[0], on_y[0]), min(on_x[1], on_y[1])
+                            both = (t0, t1) if t0 <= t1 else None
+                        columns = _index_range(both, base_w, bin_w, grid_w)
+                    for ix in columns:
+                        xx = -w / 2 + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+                        y = yy * cos_t - xx * sin_t + cy
+                        x = yy * sin_t + xx * cos_t + cx
+                        samples.append(_bilinear_taps(y, x, height, width))
+                row.append(samples)
+            bins.append(row)
+        result.append((n, count, bins))
+    return result
+
+
+def roi_align_rotated_weights(boxes, input_shape, output_size, spatial_scale=1.0,
+                              sampling_ratio=-1, convention="detectron2",
+                              aligned=True, clockwise=False, clip=False):
+    """Rotated RoI Align as an explicit sparse linear map, as
+    :func:`roi_align_weights`: per box ``None`` or ``(n, taps)`` with
+    ``taps[ph][pw]`` a list of ``(row, col, weight / count)``."""
+    result = []
+    for entry in _roi_align_rotated_samples(boxes, input_shape, output_size,
+                                            spatial_scale, sampling_ratio,
+                                            convention, aligned, clockwise, clip):
+        if entry is None:
+            result.append(None)
+            continue
+        n, count, bins = entry
+        result.append((n, [[[(r, c, wt / count) for taps in samples
+                             for r, c, wt in taps]
+                            for samples in row] for row in bins]))
+    return result
+
+
+def roi_align_rotated(x, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
+                      convention="detectron2", aligned=True, clockwise=False,
+                      clip=False):
+    """Rotated RoI Align forward, in float64. ``x`` is ``[N, C, H, W]``,
+    ``boxes`` ``[K, 6]`` (batch index, cx, cy, w, h, angle)."""
+    x = np.asarray(x).astype(np.float64)
+    pooled_h, pooled_w = _pair(output_size)
+    ops = roi_align_rotated_weights(boxes, x.shape, output_size, spatial_scale,
+                                    sampling_ratio, convention, aligned, clockwise,
+                                    clip)
+    out = np.zeros((len(ops), x.shape[1], pooled_h, pooled_w), np.float64)
+    for k, op in enumerate(ops):
+        if op is None:
+            continue
+        n, taps = op
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                acc = np.zeros(x.shape[1], np.float64)
+                for r, c, wt in taps[ph][pw]:
+                    acc += wt * x[n, :, r, c]
+                out[k, :, ph, pw] = acc
+    return out
+
+
+def roi_align_rotated_backward(grad_output, boxes, input_shape, output_size,
+                               spatial_scale=1.0, sampling_ratio=-1,
+                               convention="detectron2", aligned=True,
+                               clockwise=False, clip=False):
+    """Gradient of rotated RoI Align with respect to its input, in float64."""
+    g = np.asarray(grad_output).astype(np.float64)
+    pooled_h, pooled_w = _pair(output_size)
+    ops = roi_align_rotated_weights(boxes, input_shape, output_size, spatial_scale,
+                                    sampling_ratio, convention, aligned, clockwise,
+                                    clip)
+    gx = np.zeros(tuple(int(v) for v in input_shape), np.float64)
+    for k, op in enumerate(ops):
+        if op is None:
+            continue
+        n, taps = op
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                for r, c, wt in taps[ph][pw]:
+                    gx[n, :, r, c] += wt * g[k, :, ph, pw]
     return gx
 
 
