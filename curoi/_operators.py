@@ -253,5 +253,65 @@ PS_ROI_ALIGN = Operator(
     output_channels=position_sensitive_channels,
 )
 
+# ------------------------------------------------------ rotated RoI Align
+ROTATED_CONVENTIONS = tuple(_kernels.ROTATED_CONVENTIONS)
+
+
+def _rotated_forward(x, rois, out, saved, v, channels_last):
+    _ops.roi_align_rotated_forward(x, rois, out, v.spatial_scale, v.sampling_ratio,
+                                   v.convention, v.aligned, v.clockwise,
+                                   channels_last)
+
+
+def _rotated_backward(g, rois, saved, grad_input, v, deterministic, zeroed,
+                      channels_last):
+    _ops.roi_align_rotated_backward(g, rois, grad_input, v.spatial_scale,
+                                    v.sampling_ratio, v.convention, v.aligned,
+                                    v.clockwise, deterministic, zeroed=zeroed,
+                                    channels_last=channels_last)
+
+
+#: The largest fixed sampling_ratio of rotated RoI Align. Its samples are
+#: not axis-aligned, so the dense-axis shortcut that bounds roi_align's work
+#: for any ratio does not apply: the work grows with the samples that land
+#: on the map, and a ratio beyond this would run for hours.
+MAX_ROTATED_SAMPLING_RATIO = 1024
+
+
+def _check_rotated(values):
+    if values.sampling_ratio > MAX_ROTATED_SAMPLING_RATIO:
+        raise ValueError(
+            f"sampling_ratio={values.sampling_ratio}: rotated RoI Align takes at "
+            f"most {MAX_ROTATED_SAMPLING_RATIO} samples per bin side (or <= 0, "
+            "adaptive)")
+    # detectron2's ROIAlignRotated always shifts by half a pixel and turns
+    # counter-clockwise: its convention has no such switches to set.
+    if values.convention == "detectron2":
+        for name, default in (("aligned", True), ("clockwise", False)):
+            if getattr(values, name) != default:
+                raise ValueError(
+                    f"{name}={getattr(values, name)} is for convention='mmcv'; "
+                    f"detectron2's ROIAlignRotated has {name}={default} always")
+
+
+ROI_ALIGN_ROTATED = Operator(
+    name="roi_align_rotated",
+    params=(
+        SPATIAL_SCALE,
+        dataclasses.replace(SAMPLING_RATIO, default=0),
+        Param("convention", "detectron2",
+              lambda value: _validate.choice(value, "convention", ROTATED_CONVENTIONS),
+              "str"),
+        dataclasses.replace(ALIGNED, default=True),
+        Param("clockwise", False,
+              lambda value: _validate.flag(value, "clockwise"), "bool"),
+    ),
+    forward=_rotated_forward,
+    backward=_rotated_backward,
+    box_columns=6,
+    box_layout="(batch index, centre x, centre y, width, height, angle)",
+    check=_check_rotated,
+)
+
 OPERATORS = {op.name: op for op in (ROI_ALIGN, ROI_ALIGN_MAX, ROI_POOL, PS_ROI_POOL,
-                                    PS_ROI_ALIGN)}
+                                    PS_ROI_ALIGN, ROI_ALIGN_ROTATED)}

@@ -90,9 +90,9 @@ except ImportError as error:  # pragma: no cover - only without JAX
 from . import _boxes, _gpu, _validate
 from ._interop import FLOAT_DTYPES, HALF_DTYPES
 from ._operators import (ALIGN_MODES, PS_ROI_ALIGN, PS_ROI_POOL, ROI_ALIGN,
-                         ROI_ALIGN_MAX, ROI_POOL)
+                         ROI_ALIGN_MAX, ROI_ALIGN_ROTATED, ROI_POOL)
 
-__all__ = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool"]
+__all__ = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "roi_align_rotated"]
 
 #: The JAX release that curoi.jax needs: the first with a public
 #: ``jax.experimental.buffer_callback`` carrying XLA's stream.
@@ -727,4 +727,19 @@ def ps_roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1
     output_size = _validate.output_size(output_size)
     values = PS_ROI_ALIGN.values(spatial_scale, sampling_ratio)
     return _run(PS_ROI_ALIGN, input, boxes, output_size, values, deterministic,
+                data_format)
+
+
+def roi_align_rotated(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=0, *,
+                      convention="detectron2", aligned=True, clockwise=False,
+                      deterministic=False, data_format="NCHW"):
+    """Rotated RoI Align of JAX arrays: :func:`curoi.roi_align_rotated` for
+    ``jax.jit``, ``jax.grad`` and ``jax.vmap``. Boxes are ``[K, 6]`` rows of
+    ``(batch index, centre x, centre y, width, height, angle)`` or a list of
+    ``[L, 5]`` arrays; the other arguments are the NumPy function's, and
+    ``deterministic`` and ``data_format`` as in :func:`roi_align`."""
+    output_size = _validate.output_size(output_size)
+    values = ROI_ALIGN_ROTATED.values(spatial_scale, sampling_ratio, convention,
+                                      aligned, clockwise)
+    return _run(ROI_ALIGN_ROTATED, input, boxes, output_size, values, deterministic,
                 data_format)

@@ -41,8 +41,8 @@ from torch.utils import _python_dispatch
 
 from . import _frontend, _operators, _torch_onnx, _validate
 
-__all__ = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "RoIAlign",
-           "RoIPool", "PSRoIAlign", "PSRoIPool"]
+__all__ = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "roi_align_rotated",
+           "RoIAlign", "RoIPool", "PSRoIAlign", "PSRoIPool", "RoIAlignRotated"]
 
 
 # --------------------------------------------------------------- arguments
@@ -392,6 +392,7 @@ _ROI_ALIGN_MAX = _TorchOperator(_operators.ROI_ALIGN_MAX, _torch_onnx.refuse_roi
 _ROI_POOL = _TorchOperator(_operators.ROI_POOL, _torch_onnx.roi_pool_symbolic)
 _PS_ROI_POOL = _TorchOperator(_operators.PS_ROI_POOL)
 _PS_ROI_ALIGN = _TorchOperator(_operators.PS_ROI_ALIGN)
+_ROI_ALIGN_ROTATED = _TorchOperator(_operators.ROI_ALIGN_ROTATED)
 # The ops under their former names, for the tests and the ONNX symbolics.
 _roi_align_op, _roi_align_backward_op = _ROI_ALIGN.forward_op, _ROI_ALIGN.backward_op
 _roi_pool_op, _roi_pool_backward_op = _ROI_POOL.forward_op, _ROI_POOL.backward_op
@@ -511,6 +512,31 @@ def ps_roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
     return _PS_ROI_ALIGN(input, boxes, output_size, spatial_scale, sampling_ratio)
 
 
+def roi_align_rotated(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
+                      sampling_ratio: int = 0, *, convention: str = "detectron2",
+                      aligned: bool = True, clockwise: bool = False) -> Tensor:
+    """RoI Align on rotated boxes, as detectron2's ``ROIAlignRotated``
+    (``convention="detectron2"``: angles in degrees, counter-clockwise) or
+    mmcv's ``RoIAlignRotated`` (``convention="mmcv"``: radians, ``aligned``
+    and ``clockwise`` honoured); see :func:`curoi.roi_align_rotated`.
+
+    Args:
+        input: features ``[N, C, H, W]`` (any float dtype, CPU or CUDA;
+            ``torch.channels_last`` runs in place).
+        boxes: ``Tensor[K, 6]`` of ``(batch index, centre x, centre y, width,
+            height, angle)``, or a list of ``Tensor[L, 5]``, one per image.
+        output_size, spatial_scale, sampling_ratio: as in :func:`roi_align`
+            (``sampling_ratio`` 0, adaptive, by default as in detectron2).
+
+    Returns:
+        ``Tensor[K, C, PH, PW]``; its gradient flows to ``input`` (None for
+        the boxes), deterministic under
+        ``torch.use_deterministic_algorithms(True)``.
+    """
+    return _ROI_ALIGN_ROTATED(input, boxes, output_size, spatial_scale, sampling_ratio,
+                              convention, aligned, clockwise)
+
+
 _torch_onnx.register_torchscript_symbolics()
 
 
@@ -597,3 +623,33 @@ class PSRoIAlign(nn.Module):
         return (f"{self.__class__.__name__}(output_size={self.output_size}, "
                 f"spatial_scale={self.spatial_scale}, "
                 f"sampling_ratio={self.sampling_ratio})")
+
+
+class RoIAlignRotated(nn.Module):
+    """:func:`roi_align_rotated` as a module, as detectron2's
+    ``ROIAlignRotated(output_size, spatial_scale, sampling_ratio)`` (and, with
+    ``convention="mmcv"``, mmcv's ``RoIAlignRotated``)."""
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, *,
+                 convention: str = "detectron2", aligned: bool = True,
+                 clockwise: bool = False):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.convention = convention
+        self.aligned = aligned
+        self.clockwise = clockwise
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        return roi_align_rotated(input, rois, self.output_size, self.spatial_scale,
+                                 self.sampling_ratio, convention=self.convention,
+                                 aligned=self.aligned, clockwise=self.clockwise)
+
+    def __repr__(self) -> str:
+        extra = ("" if self.convention == "detectron2" else
+                 f", convention={self.convention!r}, aligned={self.aligned}, "
+                 f"clockwise={self.clockwise}")
+        return (f"{self.__class__.__name__}(output_size={self.output_size}, "
+                f"spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}{extra})")
