@@ -13,7 +13,8 @@ Workloads (``--workload``, comma-separated):
   roi_align forward and backward (sampling_ratio 2) and roi_pool forward
   also channels-last (``data_format="NHWC"``, rows marked NHWC) next to
   their NCHW rows; then the rest of the family on the same boxes: RoI
-  Align's max mode (sampling_ratio 2), and position-sensitive RoI Pool and
+  Align's max mode (sampling_ratio 2), rotated RoI Align (the boxes turned
+  by random angles in [-90, 90] degrees), and position-sensitive RoI Pool and
   RoI Align (sampling_ratio 2) on features of C = 10 x 7 x 7 = 490 channels,
   as R-FCN's;
 - ``W2``, a Mask R-CNN mask head: [2, 256, 100, 136], 256 boxes,
@@ -391,6 +392,19 @@ def family_operations(work, x, boxes, gy, rng, torch, quick, xp=np):
         peers = {"ps_roi_pool": lambda: tv.ps_roi_pool(tx_ps, tboxes, scale, size, size),
                  "ps_roi_align": lambda: tv.ps_roi_align(tx_ps, tboxes, scale, size, size,
                                                          ratio)}
+    # W1's boxes as rotated boxes (centre, size) turned by random angles.
+    b = np.asarray(boxes.get() if hasattr(boxes, "get") else boxes, dtype=np.float64)
+    angles = np.random.default_rng(1).uniform(-90, 90, len(b))
+    rotated = np.stack([b[:, 0], (b[:, 1] + b[:, 3]) / 2, (b[:, 2] + b[:, 4]) / 2,
+                        b[:, 3] - b[:, 1], b[:, 4] - b[:, 2], angles], axis=1)
+    rotated = xp.asarray(rotated.astype(b.dtype if boxes.dtype == np.float64 else np.float32))
+    rows += [
+        Operation(f"roi_align_rotated forward, sampling_ratio {ratio}", {
+            "curoi": lambda: curoi.roi_align_rotated(x, rotated, size, scale, ratio)}),
+        Operation(f"roi_align_rotated backward, sampling_ratio {ratio}", {
+            "curoi": lambda: curoi.roi_align_rotated_backward(gy, rotated, x.shape, size,
+                                                              scale, ratio)}),
+    ]
     channels = f"C = {c_out * size * size}"
     rows += [
         Operation(f"ps_roi_pool forward, {channels}", {

@@ -26,6 +26,8 @@ BOX_ROWS = [
     "roi_pool backward, int64 argmax",
     "roi_align forward, max, sampling_ratio 2",
     "roi_align backward, max, sampling_ratio 2",
+    "roi_align_rotated forward, sampling_ratio 2",
+    "roi_align_rotated backward, sampling_ratio 2",
     # --quick: one output channel per bin, C = 1 x 7 x 7
     "ps_roi_pool forward, C = 49",
     "ps_roi_pool backward, C = 49",

@@ -770,7 +770,19 @@ def _family_forward(op, x, rois, out, data_format):
                                return_argmax=True, data_format=data_format)
     if op == "ps_roi_pool":
         return curoi.ps_roi_pool(x, rois, out, SCALE, data_format=data_format), None
+    if op == "roi_align_rotated":
+        return curoi.roi_align_rotated(x, _rotated(rois), out, SCALE, 2,
+                                       data_format=data_format), None
     return curoi.ps_roi_align(x, rois, out, SCALE, 0, data_format=data_format), None
+
+
+def _rotated(rois):
+    """The boxes as rotated boxes (centre, size), turned by fixed angles."""
+    xp = cupy.get_array_module(rois)
+    angles = xp.linspace(-170, 170, len(rois), dtype=rois.dtype)
+    return xp.stack([rois[:, 0], (rois[:, 1] + rois[:, 3]) / 2, (rois[:, 2] + rois[:, 4]) / 2,
+                     xp.abs(rois[:, 3] - rois[:, 1]), xp.abs(rois[:, 4] - rois[:, 2]),
+                     angles], axis=1)
 
 
 def _family_backward(op, g, rois, shape, out, argmax, data_format, deterministic):
@@ -780,12 +792,15 @@ def _family_backward(op, g, rois, shape, out, argmax, data_format, deterministic
                                         mode="max", argmax=argmax, **kw)
     if op == "ps_roi_pool":
         return curoi.ps_roi_pool_backward(g, rois, shape, out, SCALE, **kw)
+    if op == "roi_align_rotated":
+        return curoi.roi_align_rotated_backward(g, _rotated(rois), shape, out, SCALE, 2, **kw)
     return curoi.ps_roi_align_backward(g, rois, shape, out, SCALE, 0, **kw)
 
 
 @pytest.mark.parametrize("data_format", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("op", ["roi_align_max", "ps_roi_pool", "ps_roi_align"])
+@pytest.mark.parametrize("op", ["roi_align_max", "ps_roi_pool", "ps_roi_align",
+                                "roi_align_rotated"])
 def test_roi_family_matches_cpu(op, dtype, data_format):
     x, rois, out = _family_case(op, dtype, [40, DTYPES.index(dtype)])
     if data_format == "NHWC":
