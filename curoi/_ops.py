@@ -137,6 +137,32 @@ def roi_align_backward(grad_output, rois, grad_input, spatial_scale,
               grad_output, grad_input, deterministic, zeroed, k * ph * pw)
 
 
+def roi_align_boxes_backward(grad_output, x, rois, grad_rois, spatial_scale,
+                             sampling_ratio, aligned, channels_last=False):
+    """``grad_rois[K, 5]`` (accumulation dtype, the rois' dtype) = gradient
+    of RoI Align with respect to its boxes for ``grad_output[K, C, PH, PW]``
+    and the forward's input ``x[N, C, H, W]`` (both channels-last with
+    ``channels_last``): d/d(x1, y1, x2, y2) in columns 1-4, 0 in the batch
+    column and for a box that reads nothing. The geometry arguments are the
+    forward's. The conventions (clamped bands, pixel edges, aligned=False's
+    minimum size) are in roi_align_geometry.cuh. Bitwise deterministic: per
+    (box, bin) partial sums in a fixed order, then each box's bins in order
+    (roi_align_boxes.cuh)."""
+    n, c, h, w = _nchw(x.shape, channels_last)
+    k, _, ph, pw = _nchw(grad_output.shape, channels_last)
+    if h * w == 0:
+        grad_rois.fill(0)
+        return
+    cuda = _is_cuda(x)
+    partial = _xp(x).empty((k, ph * pw, 4), dtype=grad_rois.dtype)
+    _run("roi_align", "boxes_backward", _name(x.dtype),
+         (grad_output, x, rois, k, n, c, h, w, ph, pw, spatial_scale,
+          sampling_ratio, int(aligned), int(channels_last), partial),
+         partial.size // 4, cuda)
+    _run("roi_align", "boxes_backward_finish", _name(x.dtype),
+         (partial, k, ph * pw, grad_rois), k, cuda)
+
+
 def roi_align_max_forward(x, rois, out, argmax, spatial_scale, sampling_ratio,
                           aligned, mode, channels_last=False):
     """``out[K, C, PH, PW]`` = the largest sample of each bin of
