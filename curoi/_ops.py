@@ -308,3 +308,57 @@ def ps_roi_align_backward(grad_output, rois, grad_input, spatial_scale,
               (grad_output, rois, k, n, c, h, w, ph, pw, spatial_scale,
                sampling_ratio, int(channels_last)),
               grad_output, grad_input, deterministic, zeroed, k)
+
+
+# Spatial pyramid pooling (SPPnet): for each box, RoI Pool's bins (either
+# convention) over an l x l grid for each level l of ``levels`` (an int64
+# array on the kernels' device, e.g. [1, 2, 4]). Outputs are [K, C * bins],
+# bins = sum(l * l), each row the levels' [C, l, l] blocks in turn: the
+# concatenation of roi_pool(x, boxes, (l, l)).reshape(K, -1) over the
+# levels, in this order whatever the input's layout (channels_last moves
+# only x and its gradient). The kernels take bins from the output's shape.
+
+
+def _spp_bins(row, channels):
+    return row // channels if channels else 0
+
+
+def roi_spp_forward(x, rois, levels, out, argmax, spatial_scale, convention,
+                    mode, channels_last=False):
+    """``out[K, C * bins]`` = spatial pyramid pooling of ``x[N, C, H, W]``
+    (channels-last: ``x[N, H, W, C]``); ``convention`` "torchvision" or
+    "mmcv", ``mode`` "max" (each bin's maximum, its flat ``h * W + w`` in
+    ``argmax[K, C * bins]`` int32 unless None, -1 for an empty bin) or "avg"
+    (each bin's mean, 0 for an empty bin; argmax is left alone)."""
+    n, c, h, w = _nchw(x.shape, channels_last)
+    k = out.shape[0]
+    if h * w == 0 or c == 0:
+        out.fill(0)
+        if argmax is not None:
+            argmax.fill(-1)
+        return
+    _run("roi_spp", "forward", _name(x.dtype),
+         (x, rois, levels, levels.size, k, n, c, h, w,
+          _spp_bins(out.shape[1], c), spatial_scale,
+          _kernels.POOL_CONVENTIONS[convention], _kernels.SPP_MODES[mode],
+          int(channels_last), out, argmax),
+         out.size, _is_cuda(x))
+
+
+def roi_spp_backward(grad_output, argmax, rois, levels, grad_input,
+                     spatial_scale, convention, mode, deterministic=False,
+                     zeroed=False, channels_last=False):
+    """``grad_input[N, C, H, W]`` (channels-last: ``[N, H, W, C]``) =
+    gradient of :func:`roi_spp_forward` for ``grad_output[K, C * bins]``:
+    "max" sends each entry to its ``argmax`` pixel (the forward's, int32),
+    "avg" spreads it evenly over its bin (``argmax`` may be None). The
+    geometry arguments are the forward's; ``zeroed`` as in
+    :func:`roi_align_backward`."""
+    n, c, h, w = _nchw(grad_input.shape, channels_last)
+    k = grad_output.shape[0]
+    bins = _spp_bins(grad_output.shape[1], c)
+    _backward("roi_spp",
+              (grad_output, argmax, rois, levels, levels.size, k, n, c, h, w,
+               bins, spatial_scale, _kernels.POOL_CONVENTIONS[convention],
+               _kernels.SPP_MODES[mode], int(channels_last)),
+              grad_output, grad_input, deterministic, zeroed, k * bins)

@@ -35,6 +35,8 @@ __all__ = [
     "roi_align_weights",
     "roi_pool",
     "roi_pool_backward",
+    "roi_spp",
+    "roi_spp_backward",
     "round_half_away",
 ]
 
@@ -619,6 +621,86 @@ def roi_pool_backward(grad_output, argmax, boxes, input_shape):
                     if a >= 0:
                         gx[n, c, a] += g[k, c, ph, pw]
     return gx.reshape(n_images, channels, height, width)
+
+
+# --------------------------------------------------------------------------
+# Spatial pyramid pooling (SPPnet) over boxes
+# --------------------------------------------------------------------------
+#
+# For each level l, RoI Pool's l x l bins; the output row of a box is the
+# levels' [C, l, l] blocks one after the other: [K, C * sum(l * l)].
+
+
+def roi_spp(x, boxes, levels, spatial_scale=1.0, convention="torchvision",
+            mode="max"):
+    """Spatial pyramid pooling forward, ``(y, argmax)``: ``y`` float64 ``[K,
+    C * sum(l*l)]``. "max" concatenates :func:`roi_pool` per level (argmax
+    as there, int64); "avg" takes the mean of each of the same bins
+    (:func:`_pool_bins`), 0 for an empty bin or an ignored box, and its
+    argmax is all -1."""
+    x = np.asarray(x).astype(np.float64)
+    boxes = normalize_boxes(boxes)
+    n_images, channels, height, width = x.shape
+    ys, args = [], []
+    for l in (int(v) for v in levels):
+        if mode == "max":
+            y, a = roi_pool(x, boxes, (l, l), spatial_scale, convention)
+        else:
+            y = np.zeros((len(boxes), channels, l, l))
+            a = np.full(y.shape, -1, np.int64)
+            for k, box in enumerate(boxes):
+                n = _batch_index(box, n_images)
+                if n is None:
+                    continue
+                bins = _pool_bins(box, height, width, l, l, float(spatial_scale),
+                                  convention)
+                if bins is None:
+                    continue
+                for ph in range(l):
+                    for pw in range(l):
+                        h0, h1, w0, w1 = bins[ph][pw]
+                        if h1 > h0 and w1 > w0:
+                            y[k, :, ph, pw] = x[n, :, h0:h1, w0:w1].mean(axis=(1, 2))
+        ys.append(y.reshape(len(boxes), -1))
+        args.append(a.reshape(len(boxes), -1))
+    if not ys:
+        return np.zeros((len(boxes), 0)), np.zeros((len(boxes), 0), np.int64)
+    return np.concatenate(ys, axis=1), np.concatenate(args, axis=1)
+
+
+def roi_spp_backward(grad_output, argmax, boxes, levels, input_shape,
+                     spatial_scale=1.0, convention="torchvision", mode="max"):
+    """Spatial pyramid pooling backward, in float64: "max" is
+    :func:`roi_pool_backward` of each level's block with its argmax; "avg"
+    spreads each entry evenly over its bin."""
+    g = np.asarray(grad_output).astype(np.float64)
+    boxes = normalize_boxes(boxes)
+    n_images, channels, height, width = (int(v) for v in input_shape)
+    gx = np.zeros((n_images, channels, height, width))
+    first = 0
+    for l in (int(v) for v in levels):
+        size = channels * l * l
+        g_l = g[:, first:first + size].reshape(len(boxes), channels, l, l)
+        if mode == "max":
+            a_l = np.asarray(argmax)[:, first:first + size].reshape(g_l.shape)
+            gx += roi_pool_backward(g_l, a_l, boxes, input_shape)
+        else:
+            for k, box in enumerate(boxes):
+                n = _batch_index(box, n_images)
+                if n is None:
+                    continue
+                bins = _pool_bins(box, height, width, l, l, float(spatial_scale),
+                                  convention)
+                if bins is None:
+                    continue
+                for ph in range(l):
+                    for pw in range(l):
+                        h0, h1, w0, w1 = bins[ph][pw]
+                        if h1 > h0 and w1 > w0:
+                            area = (h1 - h0) * (w1 - w0)
+                            gx[n, :, h0:h1, w0:w1] += (g_l[k, :, ph, pw] / area)[:, None, None]
+        first += size
+    return gx
 
 
 # --------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The adversarial suites (test_adversarial.py, test_ps_roi_kernels.py for
 the position-sensitive kernels, test_roi_align_boxes_backward.py for the
-gradient with respect to the boxes) under AddressSanitizer and
+gradient with respect to the boxes, test_roi_spp_kernels.py for spatial
+pyramid pooling) under AddressSanitizer and
 UndefinedBehaviorSanitizer, with the CPU's loops and again with the GPU's
 (CUROI_CPU_LOOPS=gpu, see test_gpu_loops.py).
 
@@ -93,7 +94,7 @@ def _clear(logs):
 # The suites that run under the sanitizers: hostile boxes, sizes and argmax
 # for every kernel family. They import only NumPy, curoi and the references.
 SUITES = ("test_adversarial.py", "test_ps_roi_kernels.py",
-          "test_roi_align_boxes_backward.py")
+          "test_roi_align_boxes_backward.py", "test_roi_spp_kernels.py")
 
 # Records which kernels the suite launches, so that a family the suite
 # forgets is noticed rather than silently left out of the sanitized run.
