@@ -299,4 +299,99 @@ CUROI_DEVICE RoiAlignElement<A> roi_align_element(
   return e;
 }
 
+// ------------------------------------------- how a sample moves with its box
+// The gradient with respect to the boxes (roi_align_boxes.cuh). Along one
+// axis, sample i of bin p lies at
+//   position = x1*s - offset + size * f_i,  f_i = (p + (i + 0.5)/grid) / pooled,
+//   size = (x2 - x1)*s,
+// so d position/d x1 = s * (1 - t*f_i) and d position/d x2 = s * t*f_i, where
+// t = 1 when the size follows the corners and t = 0 where aligned=False's
+// max(size, 1) picks 1 (the size is then a constant). The grid (adaptive:
+// ceil(size / pooled)) and the divisor are piecewise constant in the box:
+// their derivative is 0 wherever it exists, and they are treated as constants.
+//
+// The bilinear value moves with the position only strictly inside the map's
+// interpolation range: for 0 < v < size - 1 it is (1 - l) * x[lo] + l * x[lo+1]
+// with lo = floor(v), l = v - lo, of slope x[lo+1] - x[lo]. Elsewhere the
+// derivative is 0: off the map (v < -1 or v > size) the sample adds nothing,
+// and in the clamped bands (v <= 0 reads row 0, v >= size - 1 the last row)
+// its value does not depend on v. At a pixel edge (v an integer) the cell is
+// the one that the forward's branch takes: [v, v + 1], the right/lower one
+// (floor), except v = 0 and v = size - 1, where the forward clamps (slope 0).
+
+// Where a sample (or, on a dense axis, a zone of samples) moves the value:
+// rows lo and lo + 1 (weights -1 and +1 per unit of position), n samples
+// whose fractions f_i sum to f.
+template <typename A>
+struct RoiAlignSlope {
+  int64_t lo;
+  A n, f;
+};
+
+// Per sample: the rule above.
+template <typename A>
+CUROI_DEVICE bool roi_align_sample_slope(const RoiAlignAxis<A>& axis,
+                                         int64_t i, int64_t p, int64_t pooled,
+                                         int64_t size, RoiAlignSlope<A>* slope) {
+  const A v = roi_align_position(axis, i);
+  if (!(v > (A)0 && v < (A)(size - 1))) return false;
+  slope->lo = (int64_t)v;
+  slope->n = (A)1;
+  slope->f = ((A)p + ((A)i + (A)0.5) / axis.grid) / (A)pooled;
+  return true;
+}
+
+// On a dense axis (see roi_align_axis), per cell z in [0, size - 2]: the
+// samples with z <= v < z + 1 (0 < v < 1 for cell 0), found by binary search
+// with the per-sample rule's comparisons, and the sum of their fractions in
+// closed form (an arithmetic series: n times the fraction of the mean index).
+// The cells partition (0, size - 1) as floor does; cells -1 and size - 1 are
+// the clamped bands.
+template <typename A>
+CUROI_DEVICE bool roi_align_zone_slope(const RoiAlignAxis<A>& axis, int64_t z,
+                                       int64_t p, int64_t pooled, int64_t size,
+                                       RoiAlignSlope<A>* slope) {
+  if (z < 0 || z > size - 2) return false;
+  int64_t i0, i1;
+  if (axis.bin >= (A)0) {
+    i0 = roi_align_first_beyond(axis, (A)z, z == 0);
+    i1 = roi_align_first_beyond(axis, (A)(z + 1), false);
+  } else {
+    i0 = roi_align_first_beyond(axis, (A)(z + 1), true);
+    i1 = roi_align_first_beyond(axis, (A)z, z > 0);
+  }
+  if (i1 <= i0) return false;
+  slope->lo = z;
+  slope->n = (A)(i1 - i0);
+  const A mean = (A)0.5 * ((A)i0 + (A)(i1 - 1)) + (A)0.5;
+  slope->f = slope->n * (((A)p + mean / axis.grid) / (A)pooled);
+  return true;
+}
+
+// Element e of an axis (a sample, or a zone/cell of a dense axis): the same
+// elements that roi_align_tap visits.
+template <typename A>
+CUROI_DEVICE bool roi_align_slope(const RoiAlignAxis<A>& axis, int64_t e,
+                                  int64_t p, int64_t pooled, int64_t size,
+                                  RoiAlignSlope<A>* slope) {
+  return axis.dense ? roi_align_zone_slope(axis, e, p, pooled, size, slope)
+                    : roi_align_sample_slope(axis, e, p, pooled, size, slope);
+}
+
+// t above, per axis: 1 where the box's size follows its corners, 0 where
+// aligned=False's max(size, 1) picks 1 (curoi_max keeps the size itself
+// when it equals 1, so there t = 1).
+template <typename A>
+CUROI_DEVICE void roi_align_box_follows(const A* box, A spatial_scale,
+                                        int aligned, A* follow_w,
+                                        A* follow_h) {
+  const A offset = aligned ? (A)0.5 : (A)0;
+  const A start_w = box[1] * spatial_scale - offset;
+  const A start_h = box[2] * spatial_scale - offset;
+  const A size_w = box[3] * spatial_scale - offset - start_w;
+  const A size_h = box[4] * spatial_scale - offset - start_h;
+  *follow_w = aligned || !(size_w < (A)1) ? (A)1 : (A)0;
+  *follow_h = aligned || !(size_h < (A)1) ? (A)1 : (A)0;
+}
+
 #endif  // CUROI_ROI_ALIGN_GEOMETRY_CUH

@@ -14,10 +14,8 @@
 // argmax is the flat index h*W + w inside the feature plane of the maximum,
 // the first one in row-major order on ties. A NaN counts as larger than any
 // number (as in numpy.argmax and torch.max), so NaNs propagate.
-#include "curoi_common.cuh"
-
-#define CUROI_POOL_TORCHVISION 0
-#define CUROI_POOL_MMCV 1
+// The bins and the maximum of a bin are in roi_pool_bins.cuh.
+#include "roi_pool_bins.cuh"
 
 // Where the forward writes its argmax: nowhere (data null), or int64 or
 // int32 entries.
@@ -32,90 +30,6 @@ CUROI_DEVICE void roi_pool_store_argmax(const RoiPoolArgmax& argmax, int64_t i,
     static_cast<int32_t*>(argmax.data)[i] = (int32_t)where;
   else
     static_cast<int64_t*>(argmax.data)[i] = where;
-}
-
-// Bin [start, end) along one axis, already clipped to [0, size].
-template <typename A>
-CUROI_DEVICE void roi_pool_bin(A box_lo, A box_hi, A scale, int64_t p,
-                               int64_t pooled, int64_t size, int convention,
-                               int64_t* start, int64_t* end) {
-  A s, e;
-  if (convention == CUROI_POOL_MMCV) {
-    const A lo = box_lo * scale;
-    const A bin = ((box_hi + (A)1) * scale - lo) / (A)pooled;
-    s = floor((A)p * bin + lo);
-    e = ceil((A)(p + 1) * bin + lo);
-  } else {
-    const A lo = round(box_lo * scale);
-    const A hi = round(box_hi * scale);
-    const A bin = curoi_max(hi - lo + (A)1, (A)1) / (A)pooled;
-    s = floor((A)p * bin) + lo;
-    e = ceil((A)(p + 1) * bin) + lo;
-  }
-  // A box whose scaled corners overflow the arithmetic type (float32 boxes
-  // times a large spatial_scale) gives inf or NaN here: it reads nothing, as
-  // in roi_align, rather than letting NaN clamp to the map's first pixel.
-  if (!(curoi_isfinite(s) && curoi_isfinite(e))) {
-    *start = *end = 0;
-    return;
-  }
-  *start = curoi_clamp_to_int(s, (A)0, (A)size);
-  *end = curoi_clamp_to_int(e, (A)0, (A)size);
-}
-
-// The bins of one box along both axes: rows [hstart, hend) and columns
-// [wstart, wend) of bin (ph, pw); batch_index -1 for a box that reads nothing.
-template <typename A>
-CUROI_DEVICE int64_t roi_pool_box(const A* box, int64_t batch, A spatial_scale,
-                                  int convention) {
-  const int64_t b = curoi_box_batch(box, batch);
-  if (b < 0) return -1;
-  // mmcv gives a box of no positive extent no bins at all.
-  if (convention == CUROI_POOL_MMCV &&
-      !((box[3] + (A)1) * spatial_scale - box[1] * spatial_scale > (A)0 &&
-        (box[4] + (A)1) * spatial_scale - box[2] * spatial_scale > (A)0))
-    return -1;
-  return b;
-}
-
-// The maximum of rows [hstart, hend) x columns [wstart, wend) of a plane
-// whose pixel (h, w) is plane[(h * width + w) * step] (step 1 in NCHW, C
-// channels-last), and its flat index h * width + w (-1 and 0 for an empty
-// bin). The first maximum in row-major order wins; a NaN beats any number
-// and the first NaN wins.
-template <typename T, typename A>
-CUROI_DEVICE A roi_pool_max(const T* plane, int64_t width, int64_t step,
-                            int64_t hstart, int64_t hend, int64_t wstart,
-                            int64_t wend, int64_t* best_index) {
-  if (!(hend > hstart && wend > wstart)) {
-    *best_index = -1;
-    return (A)0;
-  }
-  // First the maximum, without branches that depend on the data (a NaN is
-  // only noted); then the first position that holds it.
-  A best = curoi_load<A>(plane[(hstart * width + wstart) * step]);
-  bool nan = false;
-  for (int64_t h = hstart; h < hend; ++h) {
-    const T* row = plane + h * width * step;
-    for (int64_t w = wstart; w < wend; ++w) {
-      const A v = curoi_load<A>(row[w * step]);
-      nan |= v != v;
-      best = v > best ? v : best;
-    }
-  }
-  for (int64_t h = hstart; h < hend; ++h) {
-    const T* row = plane + h * width * step;
-    for (int64_t w = wstart; w < wend; ++w) {
-      const A v = curoi_load<A>(row[w * step]);
-      // The first NaN, if there is one, else the first maximum.
-      if (nan ? v != v : v == best) {
-        *best_index = h * width + w;
-        return v;
-      }
-    }
-  }
-  *best_index = -1;  // unreachable: the maximum is in the bin
-  return best;
 }
 
 #if defined(CUROI_GPU_LOOPS)

@@ -10,8 +10,11 @@ double for float64).
 PTR, I64, I32, ACC = "ptr", "i64", "i32", "acc"
 
 _SHAPE = (I64,) * 7  # num_rois, batch, channels, height, width, pooled h, pooled w
+# num_levels, num_rois, batch, channels, height, width, bins
+_SPP_SHAPE = (I64,) * 7
 
-# Every kernel but fixed_finish (elementwise) takes an int channels_last
+# Every kernel but the finishing passes (fixed_finish, elementwise, and
+# boxes_backward_finish, per box) takes an int channels_last
 # after its other scalars: 0 for features [N, C, H, W] and outputs
 # [K, C, PH, PW], 1 for [N, H, W, C] and [K, PH, PW, C].
 SIGNATURES = {
@@ -39,6 +42,28 @@ SIGNATURES = {
     "roi_align_backward_fixed": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, PTR, PTR, PTR),
     "roi_align_max_backward_fixed": (PTR, PTR, PTR) + _SHAPE
     + (ACC, I32, I32, I32, PTR, PTR, PTR),
+    # The gradient with respect to the boxes, in two passes (see
+    # roi_align_boxes.cuh): grad_output, input, rois, shape, spatial_scale,
+    # sampling_ratio, aligned, channels_last, partial ([K, PH*PW, 4] in the
+    # accumulation type: each bin's share of d/d(x1, y1, x2, y2))
+    "roi_align_boxes_backward": (PTR, PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, PTR),
+    # partial, num_rois, bins (PH*PW), grad_rois ([K, 5], 0 in the batch
+    # column): each box's bins added in order
+    "roi_align_boxes_backward_finish": (PTR, I64, I64, PTR),
+    # Spatial pyramid pooling (roi_spp.cu): levels (int64 grid sizes),
+    # num_levels, then num_rois, batch, channels, height, width, bins (sum of
+    # l*l); outputs [K, C * bins] in either layout.
+    # input, rois, levels, num_levels, shape, spatial_scale, convention,
+    # mode, channels_last, output, argmax (int32; may be null)
+    "roi_spp_forward": (PTR, PTR, PTR) + _SPP_SHAPE + (ACC, I32, I32, I32, PTR, PTR),
+    # grad_output, argmax (int32; may be null for avg), rois, levels,
+    # num_levels, shape, spatial_scale, convention, mode, channels_last,
+    # grad_input
+    "roi_spp_backward": (PTR, PTR, PTR, PTR) + _SPP_SHAPE + (ACC, I32, I32, I32, PTR),
+    "roi_spp_backward_fixed": (PTR, PTR, PTR, PTR) + _SPP_SHAPE
+    + (ACC, I32, I32, I32, PTR, PTR, PTR),
+    # fixed, max_abs, terms (K * bins), total (N*C*H*W), grad_input
+    "roi_spp_fixed_finish": (PTR, PTR, I64, I64, PTR),
     # fixed, max_abs, terms (K*PH*PW), total (N*C*H*W), grad_input
     "roi_pool_fixed_finish": (PTR, PTR, I64, I64, PTR),
     "roi_align_fixed_finish": (PTR, PTR, I64, I64, PTR),
@@ -88,9 +113,13 @@ POOL_CONVENTIONS = {"torchvision": 0, "mmcv": 1}
 #: (roi_align_rotated.cu): detectron2's degrees, mmcv's radians.
 ROTATED_CONVENTIONS = {"detectron2": 0, "mmcv": 1}
 
+#: What a spatial pyramid pooling bin gives, as roi_spp.cu numbers it.
+SPP_MODES = {"max": 0, "avg": 1}
+
 
 #: What a kernel does, the last part of its SIGNATURES key.
-DIRECTIONS = ("forward", "backward", "backward_fixed", "fixed_finish")
+DIRECTIONS = ("forward", "backward", "backward_fixed", "fixed_finish",
+              "boxes_backward", "boxes_backward_finish")
 
 
 def directions(family: str):

@@ -138,6 +138,32 @@ def roi_align_backward(grad_output, rois, grad_input, spatial_scale,
               grad_output, grad_input, deterministic, zeroed, k * ph * pw)
 
 
+def roi_align_boxes_backward(grad_output, x, rois, grad_rois, spatial_scale,
+                             sampling_ratio, aligned, channels_last=False):
+    """``grad_rois[K, 5]`` (accumulation dtype, the rois' dtype) = gradient
+    of RoI Align with respect to its boxes for ``grad_output[K, C, PH, PW]``
+    and the forward's input ``x[N, C, H, W]`` (both channels-last with
+    ``channels_last``): d/d(x1, y1, x2, y2) in columns 1-4, 0 in the batch
+    column and for a box that reads nothing. The geometry arguments are the
+    forward's. The conventions (clamped bands, pixel edges, aligned=False's
+    minimum size) are in roi_align_geometry.cuh. Bitwise deterministic: per
+    (box, bin) partial sums in a fixed order, then each box's bins in order
+    (roi_align_boxes.cuh)."""
+    n, c, h, w = _nchw(x.shape, channels_last)
+    k, _, ph, pw = _nchw(grad_output.shape, channels_last)
+    if h * w == 0:
+        grad_rois.fill(0)
+        return
+    cuda = _is_cuda(x)
+    partial = _xp(x).empty((k, ph * pw, 4), dtype=grad_rois.dtype)
+    _run("roi_align", "boxes_backward", _name(x.dtype),
+         (grad_output, x, rois, k, n, c, h, w, ph, pw, spatial_scale,
+          sampling_ratio, int(aligned), int(channels_last), partial),
+         partial.size // 4, cuda)
+    _run("roi_align", "boxes_backward_finish", _name(x.dtype),
+         (partial, k, ph * pw, grad_rois), k, cuda)
+
+
 def roi_align_max_forward(x, rois, out, argmax, spatial_scale, sampling_ratio,
                           aligned, mode, channels_last=False):
     """``out[K, C, PH, PW]`` = the largest sample of each bin of
@@ -319,3 +345,57 @@ def ps_roi_align_backward(grad_output, rois, grad_input, spatial_scale,
               (grad_output, rois, k, n, c, h, w, ph, pw, spatial_scale,
                sampling_ratio, int(channels_last)),
               grad_output, grad_input, deterministic, zeroed, k)
+
+
+# Spatial pyramid pooling (SPPnet): for each box, RoI Pool's bins (either
+# convention) over an l x l grid for each level l of ``levels`` (an int64
+# array on the kernels' device, e.g. [1, 2, 4]). Outputs are [K, C * bins],
+# bins = sum(l * l), each row the levels' [C, l, l] blocks in turn: the
+# concatenation of roi_pool(x, boxes, (l, l)).reshape(K, -1) over the
+# levels, in this order whatever the input's layout (channels_last moves
+# only x and its gradient). The kernels take bins from the output's shape.
+
+
+def _spp_bins(row, channels):
+    return row // channels if channels else 0
+
+
+def roi_spp_forward(x, rois, levels, out, argmax, spatial_scale, convention,
+                    mode, channels_last=False):
+    """``out[K, C * bins]`` = spatial pyramid pooling of ``x[N, C, H, W]``
+    (channels-last: ``x[N, H, W, C]``); ``convention`` "torchvision" or
+    "mmcv", ``mode`` "max" (each bin's maximum, its flat ``h * W + w`` in
+    ``argmax[K, C * bins]`` int32 unless None, -1 for an empty bin) or "avg"
+    (each bin's mean, 0 for an empty bin; argmax is left alone)."""
+    n, c, h, w = _nchw(x.shape, channels_last)
+    k = out.shape[0]
+    if h * w == 0 or c == 0:
+        out.fill(0)
+        if argmax is not None:
+            argmax.fill(-1)
+        return
+    _run("roi_spp", "forward", _name(x.dtype),
+         (x, rois, levels, levels.size, k, n, c, h, w,
+          _spp_bins(out.shape[1], c), spatial_scale,
+          _kernels.POOL_CONVENTIONS[convention], _kernels.SPP_MODES[mode],
+          int(channels_last), out, argmax),
+         out.size, _is_cuda(x))
+
+
+def roi_spp_backward(grad_output, argmax, rois, levels, grad_input,
+                     spatial_scale, convention, mode, deterministic=False,
+                     zeroed=False, channels_last=False):
+    """``grad_input[N, C, H, W]`` (channels-last: ``[N, H, W, C]``) =
+    gradient of :func:`roi_spp_forward` for ``grad_output[K, C * bins]``:
+    "max" sends each entry to its ``argmax`` pixel (the forward's, int32),
+    "avg" spreads it evenly over its bin (``argmax`` may be None). The
+    geometry arguments are the forward's; ``zeroed`` as in
+    :func:`roi_align_backward`."""
+    n, c, h, w = _nchw(grad_input.shape, channels_last)
+    k = grad_output.shape[0]
+    bins = _spp_bins(grad_output.shape[1], c)
+    _backward("roi_spp",
+              (grad_output, argmax, rois, levels, levels.size, k, n, c, h, w,
+               bins, spatial_scale, _kernels.POOL_CONVENTIONS[convention],
+               _kernels.SPP_MODES[mode], int(channels_last)),
+              grad_output, grad_input, deterministic, zeroed, k * bins)

@@ -28,6 +28,7 @@ __all__ = [
     "ps_roi_pool_backward",
     "roi_align",
     "roi_align_backward",
+    "roi_align_boxes_backward",
     "roi_align_max_interpolated",
     "roi_align_max_interpolated_backward",
     "roi_align_max_interpolated_gather",
@@ -37,6 +38,8 @@ __all__ = [
     "roi_align_weights",
     "roi_pool",
     "roi_pool_backward",
+    "roi_spp",
+    "roi_spp_backward",
     "round_half_away",
 ]
 
@@ -390,6 +393,100 @@ def roi_align_backward(grad_output, boxes, input_shape, output_size,
     return gx
 
 
+def _bilinear_slopes(y, x, height, width):
+    """d value/d y and d value/d x of the bilinear interpolation of
+    :func:`_bilinear_taps` at (y, x), each as ``(row, col, weight)`` taps.
+
+    Off the map (y < -1, y > H, x likewise) the sample adds nothing, so it
+    moves nothing. Along y the value is ``(1 - ly) * v[y0] + ly * v[y0 + 1]``
+    with ``y0 = floor(y)`` strictly inside ``(0, H - 1)``, of slope ``v[y0 +
+    1] - v[y0]``; in the clamped bands (``y <= 0`` reads row 0, ``y >= H -
+    1`` the last row) it does not depend on y: slope 0. So at an integer y
+    inside the map the slope is that of the cell below it, ``[y, y + 1]``
+    (the cell the forward's ``floor`` picks), and at ``y = 0`` and ``y = H -
+    1`` it is 0. The other axis weighs the columns as the value does.
+    """
+    if y < -1.0 or y > height or x < -1.0 or x > width:
+        return [], []
+
+    def value_weights(v, size):
+        v = max(v, 0.0)
+        lo = int(math.floor(v))
+        if lo >= size - 1:
+            return [(size - 1, 1.0)]
+        return [(lo, 1.0 - (v - lo)), (lo + 1, v - lo)]
+
+    def slope_weights(v, size):
+        if not 0.0 < v < size - 1:
+            return []
+        lo = int(math.floor(v))
+        return [(lo, -1.0), (lo + 1, 1.0)]
+
+    d_y = [(r, c, wr * wc) for r, wr in slope_weights(y, height)
+           for c, wc in value_weights(x, width)]
+    d_x = [(r, c, wr * wc) for r, wr in value_weights(y, height)
+           for c, wc in slope_weights(x, width)]
+    return d_y, d_x
+
+
+def roi_align_boxes_backward(grad_output, x, boxes, output_size,
+                             spatial_scale=1.0, sampling_ratio=-1,
+                             aligned=False):
+    """Gradient of RoI Align with respect to its boxes, in float64: ``[K,
+    5]``, d/d(x1, y1, x2, y2) in columns 1-4, 0 in the batch column and for
+    an ignored box.
+
+    By the chain rule through each sample's position. Along one axis,
+    ``start = x1*s - offset`` and ``size = (x2 - x1)*s`` (not aligned:
+    ``max(size, 1)``, a constant where the max picks 1), and sample ``i`` of
+    bin ``p`` lies at ``start + size * a`` with ``a = (p + (i + 0.5)/grid) /
+    pooled``; so ``d pos/d x1 = s - s*a`` and ``d pos/d x2 = s*a`` (``s`` and
+    0 where the size is the constant 1). The sampling grid and the divisor
+    are piecewise constant in the box and count as constants; the value's
+    slope at each sample is :func:`_bilinear_slopes`.
+    """
+    x = np.asarray(x).astype(np.float64)
+    g = np.asarray(grad_output).astype(np.float64)
+    boxes = normalize_boxes(boxes)
+    n_images, _, height, width = x.shape
+    pooled_h, pooled_w = _pair(output_size)
+    s = float(spatial_scale)
+    offset = 0.5 if aligned else 0.0
+    result = np.zeros((len(boxes), 5))
+    for k, box in enumerate(boxes):
+        grid = _roi_align_grid(box, n_images, output_size, spatial_scale,
+                               sampling_ratio, aligned)
+        if grid is None:
+            continue
+        n, start_h, start_w, bin_h, bin_w, grid_h, grid_w = grid
+        count = max(grid_h * grid_w, 1)
+        _, x1, y1, x2, y2 = (float(v) for v in box)
+        # d size / d (far corner): s, or 0 where max(size, 1) picked 1.
+        raw_w = (x2 * s - offset) - (x1 * s - offset)
+        raw_h = (y2 * s - offset) - (y1 * s - offset)
+        ds_w = 0.0 if (not aligned and raw_w < 1.0) else s
+        ds_h = 0.0 if (not aligned and raw_h < 1.0) else s
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                gk = g[k, :, ph, pw] / count
+                for iy in range(grid_h):
+                    y = _sample_position(start_h, ph, bin_h, iy, grid_h)
+                    a_y = (ph + (iy + 0.5) / grid_h) / pooled_h
+                    for ix in range(grid_w):
+                        xx = _sample_position(start_w, pw, bin_w, ix, grid_w)
+                        a_x = (pw + (ix + 0.5) / grid_w) / pooled_w
+                        d_y, d_x = _bilinear_slopes(y, xx, height, width)
+                        dv_dy = float(sum(w * np.dot(gk, x[n, :, r, c])
+                                          for r, c, w in d_y))
+                        dv_dx = float(sum(w * np.dot(gk, x[n, :, r, c])
+                                          for r, c, w in d_x))
+                        result[k, 1] += dv_dx * (s - ds_w * a_x)
+                        result[k, 2] += dv_dy * (s - ds_h * a_y)
+                        result[k, 3] += dv_dx * ds_w * a_x
+                        result[k, 4] += dv_dy * ds_h * a_y
+    return result
+
+
 # --------------------------------------------------------------------------
 # RoI Align (average) on rotated boxes, detectron2 / mmcv semantics
 # --------------------------------------------------------------------------
@@ -731,6 +828,86 @@ def roi_pool_backward(grad_output, argmax, boxes, input_shape):
                     if a >= 0:
                         gx[n, c, a] += g[k, c, ph, pw]
     return gx.reshape(n_images, channels, height, width)
+
+
+# --------------------------------------------------------------------------
+# Spatial pyramid pooling (SPPnet) over boxes
+# --------------------------------------------------------------------------
+#
+# For each level l, RoI Pool's l x l bins; the output row of a box is the
+# levels' [C, l, l] blocks one after the other: [K, C * sum(l * l)].
+
+
+def roi_spp(x, boxes, levels, spatial_scale=1.0, convention="torchvision",
+            mode="max"):
+    """Spatial pyramid pooling forward, ``(y, argmax)``: ``y`` float64 ``[K,
+    C * sum(l*l)]``. "max" concatenates :func:`roi_pool` per level (argmax
+    as there, int64); "avg" takes the mean of each of the same bins
+    (:func:`_pool_bins`), 0 for an empty bin or an ignored box, and its
+    argmax is all -1."""
+    x = np.asarray(x).astype(np.float64)
+    boxes = normalize_boxes(boxes)
+    n_images, channels, height, width = x.shape
+    ys, args = [], []
+    for l in (int(v) for v in levels):
+        if mode == "max":
+            y, a = roi_pool(x, boxes, (l, l), spatial_scale, convention)
+        else:
+            y = np.zeros((len(boxes), channels, l, l))
+            a = np.full(y.shape, -1, np.int64)
+            for k, box in enumerate(boxes):
+                n = _batch_index(box, n_images)
+                if n is None:
+                    continue
+                bins = _pool_bins(box, height, width, l, l, float(spatial_scale),
+                                  convention)
+                if bins is None:
+                    continue
+                for ph in range(l):
+                    for pw in range(l):
+                        h0, h1, w0, w1 = bins[ph][pw]
+                        if h1 > h0 and w1 > w0:
+                            y[k, :, ph, pw] = x[n, :, h0:h1, w0:w1].mean(axis=(1, 2))
+        ys.append(y.reshape(len(boxes), -1))
+        args.append(a.reshape(len(boxes), -1))
+    if not ys:
+        return np.zeros((len(boxes), 0)), np.zeros((len(boxes), 0), np.int64)
+    return np.concatenate(ys, axis=1), np.concatenate(args, axis=1)
+
+
+def roi_spp_backward(grad_output, argmax, boxes, levels, input_shape,
+                     spatial_scale=1.0, convention="torchvision", mode="max"):
+    """Spatial pyramid pooling backward, in float64: "max" is
+    :func:`roi_pool_backward` of each level's block with its argmax; "avg"
+    spreads each entry evenly over its bin."""
+    g = np.asarray(grad_output).astype(np.float64)
+    boxes = normalize_boxes(boxes)
+    n_images, channels, height, width = (int(v) for v in input_shape)
+    gx = np.zeros((n_images, channels, height, width))
+    first = 0
+    for l in (int(v) for v in levels):
+        size = channels * l * l
+        g_l = g[:, first:first + size].reshape(len(boxes), channels, l, l)
+        if mode == "max":
+            a_l = np.asarray(argmax)[:, first:first + size].reshape(g_l.shape)
+            gx += roi_pool_backward(g_l, a_l, boxes, input_shape)
+        else:
+            for k, box in enumerate(boxes):
+                n = _batch_index(box, n_images)
+                if n is None:
+                    continue
+                bins = _pool_bins(box, height, width, l, l, float(spatial_scale),
+                                  convention)
+                if bins is None:
+                    continue
+                for ph in range(l):
+                    for pw in range(l):
+                        h0, h1, w0, w1 = bins[ph][pw]
+                        if h1 > h0 and w1 > w0:
+                            area = (h1 - h0) * (w1 - w0)
+                            gx[n, :, h0:h1, w0:w1] += (g_l[k, :, ph, pw] / area)[:, None, None]
+        first += size
+    return gx
 
 
 # --------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""The adversarial suites (test_adversarial.py, and the position-sensitive
-and rotated kernels' suites, test_ps_roi_kernels.py and
-test_roi_align_rotated_kernels.py) under AddressSanitizer and
+"""The adversarial suites (test_adversarial.py, and the suites of the
+position-sensitive, rotated, box-gradient and spatial pyramid kernels:
+test_ps_roi_kernels.py, test_roi_align_rotated_kernels.py,
+test_roi_align_boxes_backward.py, test_roi_spp_kernels.py) under AddressSanitizer and
 UndefinedBehaviorSanitizer, with the CPU's loops and again with the GPU's
 (CUROI_CPU_LOOPS=gpu, see test_gpu_loops.py).
 
@@ -93,7 +94,8 @@ def _clear(logs):
 # The suites that run under the sanitizers: hostile boxes, sizes and argmax
 # for every kernel family. They import only NumPy, curoi and the references.
 SUITES = ("test_adversarial.py", "test_ps_roi_kernels.py",
-          "test_roi_align_rotated_kernels.py")
+          "test_roi_align_rotated_kernels.py", "test_roi_align_boxes_backward.py",
+          "test_roi_spp_kernels.py")
 
 # Records which kernels the suite launches, so that a family the suite
 # forgets is noticed rather than silently left out of the sanitized run.
@@ -142,9 +144,10 @@ def _adversarial_suite_under_sanitizers(env, logs, loops):
     assert b"__asan_report_store" in data and b"__ubsan_handle_" in data
     assert b"__ubsan_handle_float_cast_overflow" in data
     assert info["loops"] == loops
-    # Every family's forward and backward ran under the sanitizers.
+    # Every family's forward and backward (and gradient with respect to the
+    # boxes, where it has one) ran under the sanitizers.
     expected = {f"{family}_{direction}" for family in _sources.FAMILIES
-                for direction in ("forward", "backward")
+                for direction in ("forward", "backward", "boxes_backward")
                 if direction in _kernels.directions(family)}
     assert expected <= set(result["launched"]), sorted(expected - set(result["launched"]))
 
