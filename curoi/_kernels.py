@@ -60,6 +60,20 @@ SIGNATURES = {
     # total (N*C*H*W), grad_input
     "ps_roi_pool_fixed_finish": (PTR, PTR, I64, I64, PTR),
     "ps_roi_align_fixed_finish": (PTR, PTR, I64, I64, PTR),
+    # Precise RoI Pooling (prroi_pool.cu).
+    # input, rois, shape, spatial_scale, channels_last, output
+    "prroi_pool_forward": (PTR, PTR) + _SHAPE + (ACC, I32, PTR),
+    # grad_output, rois, shape, spatial_scale, channels_last, grad_input
+    "prroi_pool_backward": (PTR, PTR) + _SHAPE + (ACC, I32, PTR),
+    "prroi_pool_backward_fixed": (PTR, PTR) + _SHAPE + (ACC, I32, PTR, PTR, PTR),
+    # fixed, max_abs, terms (K*PH*PW), total (N*C*H*W), grad_input
+    "prroi_pool_fixed_finish": (PTR, PTR, I64, I64, PTR),
+    # The gradient with respect to the boxes: grad_output, input, rois,
+    # shape, spatial_scale, channels_last, grad_rois ([K, 5] in the
+    # accumulation type, written entirely: 0 in the batch-index column and
+    # for unusable boxes). Deterministic: each box's row is summed by one
+    # thread in a fixed order.
+    "prroi_pool_boxes_backward": (PTR, PTR, PTR) + _SHAPE + (ACC, I32, PTR),
 }
 
 #: data_format -> the kernels' channels_last argument.
@@ -76,8 +90,9 @@ ALIGN_MAX_MODES = {"onnx": 0, "interpolated": 1}
 POOL_CONVENTIONS = {"torchvision": 0, "mmcv": 1}
 
 
-#: What a kernel does, the last part of its SIGNATURES key.
-DIRECTIONS = ("forward", "backward", "backward_fixed", "fixed_finish")
+#: What a kernel does, the last part of its SIGNATURES key. boxes_backward:
+#: the gradient with respect to the boxes.
+DIRECTIONS = ("forward", "backward", "backward_fixed", "fixed_finish", "boxes_backward")
 
 
 def directions(family: str):
