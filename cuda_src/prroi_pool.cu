@@ -90,24 +90,33 @@ CUROI_DEVICE PrRoiAxis<A> prroi_axis(A start, A bin, int64_t p, int64_t size) {
   return axis;
 }
 
-// The integral of hat(t) = 1 - |t| over [a, b], -1 <= a <= b <= 1. On one
-// side of 0 it is written as (b - a) times the mean of hat, so that a
-// narrow interval keeps its relative precision (the difference of the
-// antiderivative at a and b would cancel); across 0 both parts are positive.
-template <typename A>
-CUROI_DEVICE A prroi_hat_integral(A a, A b) {
-  if (a >= (A)0) return (b - a) * ((A)1 - (A)0.5 * (a + b));
-  if (b <= (A)0) return (b - a) * ((A)1 + (A)0.5 * (a + b));
-  return (b - (A)0.5 * b * b) - (a + (A)0.5 * a * a);
-}
-
-// Pixel i's weight in a bin: the mean of hat(y - i) over [lo, hi].
+// Pixel i's weight in a bin: the mean of hat(y - i) over [lo, hi], as the
+// integrals over the two unit cells that meet at i. In a cell [c, c + 1]
+// the coordinate u = y - c is exact for c >= 0 (a difference of numbers
+// within a factor 2 of each other), and each integral is written as the
+// overlap's length times the mean weight over it: a narrow bin keeps its
+// relative precision, where the difference of antiderivatives would cancel.
+// In the cell [-1, 0], left of pixel 0, y itself is the coordinate
+// (u = y + 1 would round).
 template <typename A>
 CUROI_DEVICE A prroi_weight(const PrRoiAxis<A>& axis, int64_t i) {
   const A at = (A)i;
-  const A a = curoi_min(curoi_max(axis.lo - at, (A)-1), (A)1);
-  const A b = curoi_min(curoi_max(axis.hi - at, (A)-1), (A)1);
-  return prroi_hat_integral(a, b) * axis.inv;
+  A w = (A)0;
+  if (i == 0) {
+    // hat(y) = 1 + y on [-1, 0].
+    const A a = curoi_max(axis.lo, (A)-1), b = curoi_min(axis.hi, (A)0);
+    if (b > a) w += (b - a) * ((A)1 + (A)0.5 * (a + b));
+  } else {
+    // The cell [i - 1, i], whose upper corner i weighs u.
+    const A c = (A)(i - 1);
+    const A s = curoi_max(axis.lo, c) - c, t = curoi_min(axis.hi, at) - c;
+    if (t > s) w += (t - s) * ((A)0.5 * (s + t));
+  }
+  // The cell [i, i + 1], whose lower corner i weighs 1 - u.
+  const A s = curoi_max(axis.lo, at) - at;
+  const A t = curoi_min(axis.hi, at + (A)1) - at;
+  if (t > s) w += (t - s) * ((A)1 - (A)0.5 * (s + t));
+  return w * axis.inv;
 }
 
 // The linear interpolation at v along one axis, with 0 outside the map:

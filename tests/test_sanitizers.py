@@ -1,7 +1,8 @@
-"""The adversarial suites (test_adversarial.py, and test_ps_roi_kernels.py
-for the position-sensitive kernels) under AddressSanitizer and
-UndefinedBehaviorSanitizer, with the CPU's loops and again with the GPU's
-(CUROI_CPU_LOOPS=gpu, see test_gpu_loops.py).
+"""The adversarial suites (test_adversarial.py, test_ps_roi_kernels.py for
+the position-sensitive kernels and test_prroi_pool_kernels.py for Precise
+RoI Pooling) under AddressSanitizer and UndefinedBehaviorSanitizer, with the
+CPU's loops and again with the GPU's (CUROI_CPU_LOOPS=gpu, see
+test_gpu_loops.py).
 
 CUROI_SANITIZE makes curoi build its CPU library instrumented (under its own
 cache key). Python itself is not instrumented, so the ASan runtime has to be
@@ -14,8 +15,8 @@ files under tmp_path (log_path), so that pytest's output capture in the
 subprocess cannot swallow them; any such file fails the test.
 
 The driver records which kernels the suite launched: every family's forward
-and backward must be among them, so that a new family is not silently left
-out of the sanitized run.
+and backward (and box gradient, where it has one) must be among them, so
+that a new family is not silently left out of the sanitized run.
 
 Two more tests show that the harness can fail: the sanitized library refuses
 to load without the runtime, and an out-of-bounds write (the kernel handed an
@@ -91,7 +92,7 @@ def _clear(logs):
 
 # The suites that run under the sanitizers: hostile boxes, sizes and argmax
 # for every kernel family. They import only NumPy, curoi and the references.
-SUITES = ("test_adversarial.py", "test_ps_roi_kernels.py")
+SUITES = ("test_adversarial.py", "test_ps_roi_kernels.py", "test_prroi_pool_kernels.py")
 
 # Records which kernels the suite launches, so that a family the suite
 # forgets is noticed rather than silently left out of the sanitized run.
@@ -142,7 +143,7 @@ def _adversarial_suite_under_sanitizers(env, logs, loops):
     assert info["loops"] == loops
     # Every family's forward and backward ran under the sanitizers.
     expected = {f"{family}_{direction}" for family in _sources.FAMILIES
-                for direction in ("forward", "backward")
+                for direction in ("forward", "backward", "boxes_backward")
                 if direction in _kernels.directions(family)}
     assert expected <= set(result["launched"]), sorted(expected - set(result["launched"]))
 
