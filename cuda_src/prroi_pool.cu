@@ -25,13 +25,14 @@
 // y0). Only the pixels of the map with a non-zero weight are visited: a bin
 // costs at most H x W per channel, however large the box.
 //
-// Box gradient (mmcv's coor backward): d value / d x1 of a bin is the
-// derivative of the integral by its lower x limit (minus the line integral
-// of f along the bin's left edge) and of the area, which together give
-// (value - L_x0) / (x1 - x0) with L_x0 the mean of f along the left edge;
-// the right edge gives (L_x1 - value) / (x1 - x0), and likewise down. A bin
-// edge moves with the box corners as bin_x0 = X1 (1 - pw / PW) + X2 pw / PW
-// and bin_x1 = X1 (1 - (pw + 1) / PW) + X2 (pw + 1) / PW, times s.
+// Box gradient (mmcv's coor backward): moving a bin's left edge `left` to
+// the right takes the line integral of f along that edge off the integral
+// and shrinks the area, so d value / d left = (value - L_left) / (right -
+// left), L_left being the mean of f along the left edge; likewise
+// d value / d right = (L_right - value) / (right - left), and the same down.
+// The edges move with the box's corners as left = X1 (1 - pw / PW) +
+// X2 pw / PW and right = X1 (1 - (pw + 1) / PW) + X2 (pw + 1) / PW, and
+// X1 = x1 * s: the chain rule gives d/dx1 and d/dx2 (rows: d/dy1, d/dy2).
 #include "curoi_common.cuh"
 
 // One box: its image and where its bins start. batch_index -1: unusable.
@@ -174,21 +175,21 @@ CUROI_DEVICE A prroi_separable_sum(const T* plane, int64_t step, int64_t width,
 }
 
 // A bin's gradient with respect to its four edges, summed over channels:
-// sum_c g_c (value_c - L_c) for the lower edges and sum_c g_c (L_c -
-// value_c) for the upper ones (see the top), before the division by the
-// bin's size.
+// sum_c g_c (value_c - L_c) for the left and top edges and
+// sum_c g_c (L_c - value_c) for the right and bottom ones (see the top),
+// before the division by the bin's size.
 template <typename A>
 struct PrRoiEdgeGrad {
-  A x0, x1, y0, y1;
+  A left, right, top, bottom;
 };
 
 template <typename A>
 CUROI_DEVICE void prroi_edge_grad_add(PrRoiEdgeGrad<A>* e, A g, A value,
                                       A left, A right, A top, A bottom) {
-  e->x0 += g * (value - left);
-  e->x1 += g * (right - value);
-  e->y0 += g * (value - top);
-  e->y1 += g * (bottom - value);
+  e->left += g * (value - left);
+  e->right += g * (right - value);
+  e->top += g * (value - top);
+  e->bottom += g * (bottom - value);
 }
 
 // The box's gradient (before the factor s), in the order x1, y1, x2, y2.
@@ -206,8 +207,8 @@ CUROI_DEVICE void prroi_box_grad_add(PrRoiBoxGrad<A>* box,
                                      const PrRoiAxis<A>& ax, int64_t ph,
                                      int64_t pw, int64_t pooled_height,
                                      int64_t pooled_width) {
-  const A gx0 = e.x0 * ax.inv, gx1 = e.x1 * ax.inv;
-  const A gy0 = e.y0 * ay.inv, gy1 = e.y1 * ay.inv;
+  const A gx0 = e.left * ax.inv, gx1 = e.right * ax.inv;
+  const A gy0 = e.top * ay.inv, gy1 = e.bottom * ay.inv;
   const A PW = (A)pooled_width, PH = (A)pooled_height;
   const A pw0 = (A)pw, pw1 = (A)(pw + 1), ph0 = (A)ph, ph1 = (A)(ph + 1);
   box->x1 += (gx0 * (PW - pw0) + gx1 * (PW - pw1)) / PW;
@@ -327,7 +328,7 @@ CUROI_DEVICE void prroi_pool_boxes_backward_loop(
       const PrRoiEdge<A> top = prroi_edge(ay.lo, height);
       const PrRoiEdge<A> bottom = prroi_edge(ay.hi, height);
       PrRoiEdgeGrad<A> e;
-      e.x0 = e.x1 = e.y0 = e.y1 = (A)0;
+      e.left = e.right = e.top = e.bottom = (A)0;
       for (int64_t c = 0; c < channels; ++c) {
         const int64_t image = g.batch_index * channels * plane_size;
         const T* plane = input + image + (channels_last ? c : c * plane_size);
@@ -711,7 +712,7 @@ static void prroi_pool_boxes_backward(
       const PrRoiSpan<A> b = prroi_edge_span(wy.upper[ph], w_bottom);
       const T* image = input + g.batch_index * channels * plane_size;
       PrRoiEdgeGrad<A> e;
-      e.x0 = e.x1 = e.y0 = e.y1 = (A)0;
+      e.left = e.right = e.top = e.bottom = (A)0;
       prroi_lanes(channels_last, 0, channels, [&](int64_t c, int64_t lanes,
                                                   auto u_const) {
         constexpr int U = decltype(u_const)::value;
