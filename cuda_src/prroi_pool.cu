@@ -669,8 +669,11 @@ static void prroi_pool_backward(
 }
 
 // The box gradient: boxes are shared among the threads, each box's row
-// summed by one thread, bin after bin and channel after channel within a
-// bin (the GPU loops' order), in both layouts: the same bits whatever the
+// summed by one thread. Every bin's edge gradient receives its channels in
+// channel order and the box's row its bins in bin order (the GPU loops'
+// order), whichever loop runs outside: in NCHW a few channel planes at a
+// time go through every bin (each plane's pixels read while in the cache),
+// channels-last every channel of a bin at once. The same bits whatever the
 // number of threads or the layout.
 template <typename T>
 static void prroi_pool_boxes_backward(
@@ -687,55 +690,61 @@ static void prroi_pool_boxes_backward(
   const int64_t cost = channels * bins * 16;
   curoi_parallel_for(num_rois, 1, cost, [&](int64_t k) {
     static thread_local PrRoiGroup<A> group;
+    static thread_local std::vector<PrRoiEdgeGrad<A> > edges;
     // Per lane: the bin's value and the means along its four edges.
     static thread_local std::vector<A> value, left, right, top, bottom, part;
     const size_t lanes_max =
         (size_t)curoi_max(channels, (int64_t)CUROI_PRROI_LANES);
     for (std::vector<A>* v : {&value, &left, &right, &top, &bottom, &part})
       v->resize(lanes_max);
+    const PrRoiEdgeGrad<A> zero = {(A)0, (A)0, (A)0, (A)0};
+    edges.assign((size_t)bins, zero);
     group.build(rois, k, k + 1, batch, height, width, pooled_height,
                 pooled_width, spatial_scale, true);
     const PrRoiBox<A>& g = group.box[0];
-    PrRoiBoxGrad<A> d;
-    d.x1 = d.y1 = d.x2 = d.y2 = (A)0;
-    for (int64_t bin = 0; g.batch_index >= 0 && bin < bins; ++bin) {
-      const int64_t ph = bin / pooled_width, pw = bin % pooled_width;
-      const PrRoiWeights<A>& wy = group.y[0];
-      const PrRoiWeights<A>& wx = group.x[0];
-      if (wy.axis[ph].inv == (A)0 || wx.axis[pw].inv == (A)0) continue;
-      A w_left[2], w_right[2], w_top[2], w_bottom[2];
-      const PrRoiSpan<A> rows = prroi_bin_span(wy, ph);
-      const PrRoiSpan<A> cols = prroi_bin_span(wx, pw);
-      const PrRoiSpan<A> l = prroi_edge_span(wx.lower[pw], w_left);
-      const PrRoiSpan<A> r = prroi_edge_span(wx.upper[pw], w_right);
-      const PrRoiSpan<A> t = prroi_edge_span(wy.lower[ph], w_top);
-      const PrRoiSpan<A> b = prroi_edge_span(wy.upper[ph], w_bottom);
+    const PrRoiWeights<A>& wy = group.y[0];
+    const PrRoiWeights<A>& wx = group.x[0];
+    PrRoiBoxGrad<A> d = {(A)0, (A)0, (A)0, (A)0};
+    if (g.batch_index >= 0) {
       const T* image = input + g.batch_index * channels * plane_size;
-      PrRoiEdgeGrad<A> e;
-      e.left = e.right = e.top = e.bottom = (A)0;
       prroi_lanes(channels_last, 0, channels, [&](int64_t c, int64_t lanes,
                                                   auto u_const) {
         constexpr int U = decltype(u_const)::value;
         const T* pixels = image + c * lane_stride;
-        prroi_sum_lanes<U, T, A>(pixels, lanes, lane_stride, width, step,
-                                 rows, cols, value.data(), part.data());
-        prroi_sum_lanes<U, T, A>(pixels, lanes, lane_stride, width, step,
-                                 rows, l, left.data(), part.data());
-        prroi_sum_lanes<U, T, A>(pixels, lanes, lane_stride, width, step,
-                                 rows, r, right.data(), part.data());
-        prroi_sum_lanes<U, T, A>(pixels, lanes, lane_stride, width, step, t,
-                                 cols, top.data(), part.data());
-        prroi_sum_lanes<U, T, A>(pixels, lanes, lane_stride, width, step, b,
-                                 cols, bottom.data(), part.data());
-        for (int64_t u = 0; u < lanes; ++u)
-          prroi_edge_grad_add(
-              &e,
-              curoi_load<A>(grad_output[prroi_output_at(
-                  channels_last, k, c + u, bin, channels, bins)]),
-              value[u], left[u], right[u], top[u], bottom[u]);
+        for (int64_t bin = 0; bin < bins; ++bin) {
+          const int64_t ph = bin / pooled_width, pw = bin % pooled_width;
+          if (wy.axis[ph].inv == (A)0 || wx.axis[pw].inv == (A)0) continue;
+          A w_left[2], w_right[2], w_top[2], w_bottom[2];
+          const PrRoiSpan<A> rows = prroi_bin_span(wy, ph);
+          const PrRoiSpan<A> cols = prroi_bin_span(wx, pw);
+          const PrRoiSpan<A> l = prroi_edge_span(wx.lower[pw], w_left);
+          const PrRoiSpan<A> r = prroi_edge_span(wx.upper[pw], w_right);
+          const PrRoiSpan<A> t = prroi_edge_span(wy.lower[ph], w_top);
+          const PrRoiSpan<A> b = prroi_edge_span(wy.upper[ph], w_bottom);
+          prroi_sum_lanes<U, T, A>(pixels, lanes, lane_stride, width, step,
+                                   rows, cols, value.data(), part.data());
+          prroi_sum_lanes<U, T, A>(pixels, lanes, lane_stride, width, step,
+                                   rows, l, left.data(), part.data());
+          prroi_sum_lanes<U, T, A>(pixels, lanes, lane_stride, width, step,
+                                   rows, r, right.data(), part.data());
+          prroi_sum_lanes<U, T, A>(pixels, lanes, lane_stride, width, step,
+                                   t, cols, top.data(), part.data());
+          prroi_sum_lanes<U, T, A>(pixels, lanes, lane_stride, width, step,
+                                   b, cols, bottom.data(), part.data());
+          for (int64_t u = 0; u < lanes; ++u)
+            prroi_edge_grad_add(
+                &edges[bin],
+                curoi_load<A>(grad_output[prroi_output_at(
+                    channels_last, k, c + u, bin, channels, bins)]),
+                value[u], left[u], right[u], top[u], bottom[u]);
+        }
       });
-      prroi_box_grad_add(&d, e, wy.axis[ph], wx.axis[pw], ph, pw,
-                         pooled_height, pooled_width);
+      for (int64_t bin = 0; bin < bins; ++bin) {
+        const int64_t ph = bin / pooled_width, pw = bin % pooled_width;
+        if (wy.axis[ph].inv == (A)0 || wx.axis[pw].inv == (A)0) continue;
+        prroi_box_grad_add(&d, edges[bin], wy.axis[ph], wx.axis[pw], ph, pw,
+                           pooled_height, pooled_width);
+      }
     }
     prroi_store_box_grad(grad_rois + k * 5, d, spatial_scale);
   });
