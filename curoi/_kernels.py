@@ -94,6 +94,20 @@ SIGNATURES = {
     "roi_align_rotated_backward_fixed": (PTR, PTR) + _SHAPE + (ACC,) + (I32,) * 5
     + (PTR, PTR, PTR),
     "roi_align_rotated_fixed_finish": (PTR, PTR, I64, I64, PTR),
+    # Precise RoI Pooling (prroi_pool.cu).
+    # input, rois, shape, spatial_scale, channels_last, output
+    "prroi_pool_forward": (PTR, PTR) + _SHAPE + (ACC, I32, PTR),
+    # grad_output, rois, shape, spatial_scale, channels_last, grad_input
+    "prroi_pool_backward": (PTR, PTR) + _SHAPE + (ACC, I32, PTR),
+    "prroi_pool_backward_fixed": (PTR, PTR) + _SHAPE + (ACC, I32, PTR, PTR, PTR),
+    # fixed, max_abs, terms (K*PH*PW), total (N*C*H*W), grad_input
+    "prroi_pool_fixed_finish": (PTR, PTR, I64, I64, PTR),
+    # The gradient with respect to the boxes: grad_output, input, rois,
+    # shape, spatial_scale, channels_last, grad_rois ([K, 5] in the
+    # accumulation type, written entirely: 0 in the batch-index column and
+    # for unusable boxes). Deterministic: each box's row is summed by one
+    # thread in a fixed order.
+    "prroi_pool_boxes_backward": (PTR, PTR, PTR) + _SHAPE + (ACC, I32, PTR),
 }
 
 #: data_format -> the kernels' channels_last argument.

@@ -399,3 +399,57 @@ def roi_spp_backward(grad_output, argmax, rois, levels, grad_input,
                bins, spatial_scale, _kernels.POOL_CONVENTIONS[convention],
                _kernels.SPP_MODES[mode], int(channels_last)),
               grad_output, grad_input, deterministic, zeroed, k * bins)
+
+
+# Precise RoI Pooling (mmcv's PrRoIPool; see prroi_pool.cu): each bin's value
+# is the integral of the bilinearly interpolated map (0 beyond the cells
+# around it) over the bin, divided by the bin's area; corners x * s, no
+# half-pixel shift, no rounding. Outputs [K, C, PH, PW] ([K, PH, PW, C]
+# channels-last).
+
+
+def prroi_pool_forward(x, rois, out, spatial_scale, channels_last=False):
+    """``out[K, C, PH, PW]`` = Precise RoI Pooling of ``x[N, C, H, W]``
+    (channels-last: ``out[K, PH, PW, C]`` of ``x[N, H, W, C]``)."""
+    n, c, h, w = _nchw(x.shape, channels_last)
+    k, _, ph, pw = _nchw(out.shape, channels_last)
+    if h * w == 0:
+        out.fill(0)
+        return
+    _run("prroi_pool", "forward", _name(x.dtype),
+         (x, rois, k, n, c, h, w, ph, pw, spatial_scale, int(channels_last), out),
+         out.size, _is_cuda(x))
+
+
+def prroi_pool_backward(grad_output, rois, grad_input, spatial_scale,
+                        deterministic=False, zeroed=False, channels_last=False):
+    """``grad_input[N, C, H, W]`` = gradient of :func:`prroi_pool_forward`
+    with respect to its input for ``grad_output[K, C, PH, PW]`` (both
+    channels-last with ``channels_last``); ``zeroed`` as in
+    :func:`roi_align_backward`."""
+    n, c, h, w = _nchw(grad_input.shape, channels_last)
+    k, _, ph, pw = _nchw(grad_output.shape, channels_last)
+    _backward("prroi_pool",
+              (grad_output, rois, k, n, c, h, w, ph, pw, spatial_scale,
+               int(channels_last)),
+              grad_output, grad_input, deterministic, zeroed, k * ph * pw)
+
+
+def prroi_pool_boxes_backward(grad_output, x, rois, grad_rois, spatial_scale,
+                              channels_last=False):
+    """``grad_rois[K, 5]`` (the accumulation dtype, as ``rois``) = gradient of
+    :func:`prroi_pool_forward` with respect to the boxes for
+    ``grad_output[K, C, PH, PW]`` and the forward's input ``x[N, C, H, W]``
+    (both channels-last with ``channels_last``): d/dx1, d/dy1, d/dx2, d/dy2
+    in columns 1-4, 0 in the batch-index column and in the rows of unusable
+    boxes. Written entirely, and the same bits on every run (each box's row
+    is summed by one thread in a fixed order)."""
+    n, c, h, w = _nchw(x.shape, channels_last)
+    k, _, ph, pw = _nchw(grad_output.shape, channels_last)
+    if h * w == 0:
+        grad_rois.fill(0)
+        return
+    _run("prroi_pool", "boxes_backward", _name(x.dtype),
+         (grad_output, x, rois, k, n, c, h, w, ph, pw, spatial_scale,
+          int(channels_last), grad_rois),
+         k, _is_cuda(x))

@@ -26,6 +26,10 @@ __all__ = [
     "ps_roi_align_backward",
     "ps_roi_pool",
     "ps_roi_pool_backward",
+    "prroi_pool",
+    "prroi_pool_backward",
+    "prroi_pool_boxes_backward",
+    "prroi_pool_quadrature",
     "roi_align",
     "roi_align_backward",
     "roi_align_boxes_backward",
@@ -1062,6 +1066,292 @@ def ps_roi_align_backward(grad_output, boxes, input_shape, output_size,
                 for r, col, w in taps[ph][pw]:
                     gx[n, channels, r, col] += w * g[k, :, ph, pw]
     return gx
+
+
+# --------------------------------------------------------------------------
+# Precise RoI Pooling (Jiang et al., ECCV 2018; mmcv's PrRoIPool)
+# --------------------------------------------------------------------------
+#
+# The map is extended by zeros beyond its pixels and interpolated bilinearly
+# everywhere: on the unit cell [i, i+1] x [j, j+1] the surface is bilinear
+# between its four corner pixels, a corner off the map counting 0 (so the
+# surface falls to 0 across the cells around the map, and is 0 beyond). A
+# bin's value is the integral of that surface over the bin, summed cell by
+# cell as mmcv's PrRoIPoolingMatCalculation does, divided by the bin's area.
+# Corners are x * spatial_scale (no half-pixel shift); the box's size is
+# max(x2 - x1, 0) * s split into equal bins: bin p spans [start + b * p,
+# that + b]. A bin of zero width or height (or not finite edges) gives 0.
+
+
+def _prroi_bin(lo_corner, hi_corner, p, pooled, s):
+    """Bin p along one axis, as its (lo, hi) edges in float64, or None when
+    it is empty."""
+    start = lo_corner * s
+    size = hi_corner * s - start
+    size = size if size > 0 or math.isnan(size) else 0.0
+    b = size / pooled
+    lo = start + b * p
+    hi = lo + b
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi - lo > 0
+            and math.isfinite(1.0 / (hi - lo))):
+        return None
+    return lo, hi
+
+
+def _prroi_cells(lo, hi, size):
+    """The unit cells [c, c + 1] that [lo, hi] overlaps and that touch the
+    map (c from -1 to size - 1), as (c, s, t): the overlap is [c + s, c + t].
+    Cells further out have all four corners off the map."""
+    cells = []
+    for c in range(max(math.floor(lo), -1), min(math.ceil(hi), size)):
+        s = max(lo, c) - c
+        t = min(hi, c + 1) - c
+        if t > s:
+            cells.append((c, s, t))
+    return cells
+
+
+def _prroi_corner_weights(s, t):
+    """The integrals over [s, t] (within one cell) of the linear weights of
+    the cell's two corners, 1 - u and u, each written as the length times
+    the mean weight (no cancellation for a narrow interval)."""
+    return (t - s) * (1.0 - 0.5 * (s + t)), (t - s) * 0.5 * (s + t)
+
+
+def _prroi_taps(lo, hi, size):
+    """The (pixel, weight) pairs of one axis's integral over [lo, hi]: the
+    corners of every cell, pixels off the map left out."""
+    taps = []
+    for c, s, t in _prroi_cells(lo, hi, size):
+        for pixel, weight in zip((c, c + 1), _prroi_corner_weights(s, t)):
+            if 0 <= pixel < size:
+                taps.append((pixel, weight))
+    return taps
+
+
+def _prroi_boxes(boxes, input_shape, output_size, spatial_scale):
+    """Per box, None (ignored) or ``(n, bins)``, ``bins[ph][pw]`` None
+    (empty) or ``((y_lo, y_hi), (x_lo, x_hi))``."""
+    n_images = int(input_shape[0])
+    pooled_h, pooled_w = _pair(output_size)
+    s = float(spatial_scale)
+    result = []
+    for box in normalize_boxes(boxes):
+        n = _batch_index(box, n_images)
+        if n is None:
+            result.append(None)
+            continue
+        _, x1, y1, x2, y2 = (float(v) for v in box)
+        bins = [[None] * pooled_w for _ in range(pooled_h)]
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                ey = _prroi_bin(y1, y2, ph, pooled_h, s)
+                ex = _prroi_bin(x1, x2, pw, pooled_w, s)
+                if ey is not None and ex is not None:
+                    bins[ph][pw] = (ey, ex)
+        result.append((n, bins))
+    return result
+
+
+def _prroi_bin_taps(ey, ex, height, width):
+    """The (row, col, weight) taps of a bin's value: cell-corner
+    coefficients over the area."""
+    area = (ey[1] - ey[0]) * (ex[1] - ex[0])
+    return [(r, c, wy * wx / area) for r, wy in _prroi_taps(*ey, height)
+            for c, wx in _prroi_taps(*ex, width)]
+
+
+def prroi_pool(x, boxes, output_size, spatial_scale=1.0):
+    """Precise RoI Pooling forward, in float64. ``x`` is ``[N, C, H, W]``."""
+    x = np.asarray(x).astype(np.float64)
+    _, channels, height, width = x.shape
+    pooled_h, pooled_w = _pair(output_size)
+    entries = _prroi_boxes(boxes, x.shape, output_size, spatial_scale)
+    out = np.zeros((len(entries), channels, pooled_h, pooled_w), np.float64)
+    for k, entry in enumerate(entries):
+        if entry is None:
+            continue
+        n, bins = entry
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                if bins[ph][pw] is None:
+                    continue
+                for r, c, w in _prroi_bin_taps(*bins[ph][pw], height, width):
+                    out[k, :, ph, pw] += w * x[n, :, r, c]
+    return out
+
+
+def prroi_pool_backward(grad_output, boxes, input_shape, output_size,
+                        spatial_scale=1.0):
+    """Gradient of :func:`prroi_pool` with respect to its input, in float64:
+    the transpose of the same taps."""
+    g = np.asarray(grad_output).astype(np.float64)
+    shape = tuple(int(v) for v in input_shape)
+    _, _, height, width = shape
+    gx = np.zeros(shape, np.float64)
+    pooled_h, pooled_w = _pair(output_size)
+    for k, entry in enumerate(_prroi_boxes(boxes, shape, output_size, spatial_scale)):
+        if entry is None:
+            continue
+        n, bins = entry
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                if bins[ph][pw] is None:
+                    continue
+                for r, c, w in _prroi_bin_taps(*bins[ph][pw], height, width):
+                    gx[n, :, r, c] += w * g[k, :, ph, pw]
+    return gx
+
+
+def _zero_padded_lerp(line, v):
+    """Linear interpolation of a 1-D array of values (``[..., L]``) at v,
+    with 0 for the positions off it: values at floor(v) and floor(v) + 1."""
+    size = line.shape[-1]
+    i = math.floor(v)
+    t = v - i
+    total = np.zeros(line.shape[:-1], np.float64)
+    if 0 <= i < size:
+        total = total + (1.0 - t) * line[..., i]
+    if 0 <= i + 1 < size:
+        total = total + t * line[..., i + 1]
+    return total
+
+
+def _prroi_line_integral(plane, lo, hi, at, along_rows):
+    """The integral of the surface along a segment, channels at once:
+    ``plane`` is ``[C, H, W]``; along_rows: x = at, y from lo to hi; else
+    y = at, x from lo to hi. Cell by cell, as mmcv's
+    PrRoIPoolingSingleCoorIntegral: the surface is linear on the segment's
+    piece in a cell, between its values c1 and c2 on the cell's grid lines."""
+    size = plane.shape[1] if along_rows else plane.shape[2]
+    total = np.zeros(plane.shape[0], np.float64)
+    for c, s, t in _prroi_cells(lo, hi, size):
+        values = []
+        for line in (c, c + 1):
+            if not 0 <= line < size:
+                values.append(np.zeros(plane.shape[0]))
+            elif along_rows:
+                values.append(_zero_padded_lerp(plane[:, line, :], at))
+            else:
+                values.append(_zero_padded_lerp(plane[:, :, line], at))
+        c1, c2 = values
+        total += (t - s) * (c1 + (c2 - c1) * 0.5 * (s + t))
+    return total
+
+
+def prroi_pool_boxes_backward(grad_output, x, boxes, output_size,
+                              spatial_scale=1.0):
+    """Gradient of :func:`prroi_pool` with respect to the boxes, ``[K, 5]``
+    in float64 (0 in the batch-index column and for unusable boxes), as
+    mmcv's prroi_pool_coor_backward: moving a bin's right edge changes its
+    integral by the line integral along that edge, I_right, and its area by
+    its height, so d value / d right = (I_right - height * value) / area;
+    the left edge likewise with the opposite sign, and the same down.
+    The edges move with the corners X1 = x1 * s, X2 = x2 * s as
+    left = X1 + (X2 - X1) * pw / PW and right = X1 + (X2 - X1) * (pw + 1) / PW."""
+    g = np.asarray(grad_output).astype(np.float64)
+    x = np.asarray(x).astype(np.float64)
+    pooled_h, pooled_w = _pair(output_size)
+    s = float(spatial_scale)
+    values = prroi_pool(x, boxes, output_size, spatial_scale)
+    entries = _prroi_boxes(boxes, x.shape, output_size, spatial_scale)
+    grad = np.zeros((len(entries), 5), np.float64)
+    for k, entry in enumerate(entries):
+        if entry is None:
+            continue
+        n, bins = entry
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                if bins[ph][pw] is None:
+                    continue
+                (y0, y1), (x0, x1) = bins[ph][pw]
+                area = (y1 - y0) * (x1 - x0)
+                value = values[k, :, ph, pw]
+                left = _prroi_line_integral(x[n], y0, y1, x0, True)
+                right = _prroi_line_integral(x[n], y0, y1, x1, True)
+                top = _prroi_line_integral(x[n], x0, x1, y0, False)
+                bottom = _prroi_line_integral(x[n], x0, x1, y1, False)
+                d_left = (value * (y1 - y0) - left) / area
+                d_right = (right - value * (y1 - y0)) / area
+                d_top = (value * (x1 - x0) - top) / area
+                d_bottom = (bottom - value * (x1 - x0)) / area
+                gk = g[k, :, ph, pw]
+                a, b = pw / pooled_w, (pw + 1) / pooled_w
+                grad[k, 1] += s * np.sum(gk * (d_left * (1 - a) + d_right * (1 - b)))
+                grad[k, 3] += s * np.sum(gk * (d_left * a + d_right * b))
+                a, b = ph / pooled_h, (ph + 1) / pooled_h
+                grad[k, 2] += s * np.sum(gk * (d_top * (1 - a) + d_bottom * (1 - b)))
+                grad[k, 4] += s * np.sum(gk * (d_top * a + d_bottom * b))
+    return grad
+
+
+# Gauss-Legendre nodes and weights on [0, 1], 3 points: exact for
+# polynomials of degree 5.
+_GAUSS_NODES = 0.5 + 0.5 * np.array([-math.sqrt(0.6), 0.0, math.sqrt(0.6)])
+_GAUSS_WEIGHTS = np.array([5.0, 8.0, 5.0]) / 18.0
+
+
+def _bilinear_zero_padded(plane, y, x):
+    """The surface at the points (y[a], x[b]) for all a, b: ``plane`` is
+    ``[C, H, W]``, the result ``[C, len(y), len(x)]``. Four pixels around
+    each point, those off the map reading 0."""
+    _, height, width = plane.shape
+    padded = np.zeros((plane.shape[0], height + 2, width + 2))
+    padded[:, 1:-1, 1:-1] = plane  # pixel i at i + 1; -1 and H read 0
+    inside_y = (y > -1) & (y < height)
+    inside_x = (x > -1) & (x < width)
+    yc = np.where(inside_y, y, -1.0)
+    xc = np.where(inside_x, x, -1.0)
+    i0, j0 = np.floor(yc).astype(np.int64), np.floor(xc).astype(np.int64)
+    ty, tx = yc - i0, xc - j0
+    wy = [(1 - ty) * inside_y, ty * inside_y]
+    wx = [(1 - tx) * inside_x, tx * inside_x]
+    out = np.zeros((plane.shape[0], len(y), len(x)))
+    for dy in (0, 1):
+        for dx in (0, 1):
+            rows = padded[:, i0 + dy + 1, :][:, :, j0 + dx + 1]
+            out += wy[dy][None, :, None] * wx[dx][None, None, :] * rows
+    return out
+
+
+def _quadrature_nodes(lo, hi):
+    """Nodes and weights of Gauss-Legendre on every piece of [lo, hi]
+    between integer lines (where the surface has kinks)."""
+    cuts = [lo] + [float(c) for c in range(math.floor(lo) + 1, math.ceil(hi))] + [hi]
+    nodes, weights = [], []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        if b > a:
+            nodes.append(a + (b - a) * _GAUSS_NODES)
+            weights.append((b - a) * _GAUSS_WEIGHTS)
+    return np.concatenate(nodes), np.concatenate(weights)
+
+
+def prroi_pool_quadrature(x, boxes, output_size, spatial_scale=1.0):
+    """:func:`prroi_pool` by numerical integration instead of the per-cell
+    closed form: the surface evaluated point by point (zero-padded
+    bilinear interpolation) at Gauss-Legendre nodes, on pieces split at the
+    integer lines. The surface is a polynomial of degree 1 per axis on each
+    piece, so this is exact up to rounding. For boxes of moderate size
+    (the nodes cover the whole bin, on the map or not)."""
+    x = np.asarray(x).astype(np.float64)
+    pooled_h, pooled_w = _pair(output_size)
+    entries = _prroi_boxes(boxes, x.shape, output_size, spatial_scale)
+    out = np.zeros((len(entries), x.shape[1], pooled_h, pooled_w), np.float64)
+    for k, entry in enumerate(entries):
+        if entry is None:
+            continue
+        n, bins = entry
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                if bins[ph][pw] is None:
+                    continue
+                (y0, y1), (x0, x1) = bins[ph][pw]
+                ny, wy = _quadrature_nodes(y0, y1)
+                nx, wx = _quadrature_nodes(x0, x1)
+                f = _bilinear_zero_padded(x[n], ny, nx)
+                integral = np.einsum("cab,a,b->c", f, wy, wx)
+                out[k, :, ph, pw] = integral / ((y1 - y0) * (x1 - x0))
+    return out
 
 
 # --------------------------------------------------------------------------

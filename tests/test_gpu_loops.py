@@ -46,6 +46,7 @@ SUITES = (
     "test_roi_align_rotated_kernels.py",  # roi_align_rotated.cu
     "test_roi_align_boxes_backward.py",  # roi_align_boxes.cuh
     "test_roi_spp_kernels.py",  # roi_spp.cu
+    "test_prroi_pool_kernels.py",  # prroi_pool.cu, box gradient included
 )
 
 # Run in both builds: an roi_align forward and backward big enough that the

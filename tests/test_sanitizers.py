@@ -1,7 +1,8 @@
 """The adversarial suites (test_adversarial.py, and the suites of the
-position-sensitive, rotated, box-gradient and spatial pyramid kernels:
-test_ps_roi_kernels.py, test_roi_align_rotated_kernels.py,
-test_roi_align_boxes_backward.py, test_roi_spp_kernels.py) under AddressSanitizer and
+position-sensitive, rotated, box-gradient, spatial pyramid and Precise RoI
+Pooling kernels: test_ps_roi_kernels.py, test_roi_align_rotated_kernels.py,
+test_roi_align_boxes_backward.py, test_roi_spp_kernels.py,
+test_prroi_pool_kernels.py) under AddressSanitizer and
 UndefinedBehaviorSanitizer, with the CPU's loops and again with the GPU's
 (CUROI_CPU_LOOPS=gpu, see test_gpu_loops.py).
 
@@ -16,8 +17,8 @@ files under tmp_path (log_path), so that pytest's output capture in the
 subprocess cannot swallow them; any such file fails the test.
 
 The driver records which kernels the suite launched: every family's forward
-and backward must be among them, so that a new family is not silently left
-out of the sanitized run.
+and backward (and box gradient, where it has one) must be among them, so
+that a new family is not silently left out of the sanitized run.
 
 Two more tests show that the harness can fail: the sanitized library refuses
 to load without the runtime, and an out-of-bounds write (the kernel handed an
@@ -95,7 +96,7 @@ def _clear(logs):
 # for every kernel family. They import only NumPy, curoi and the references.
 SUITES = ("test_adversarial.py", "test_ps_roi_kernels.py",
           "test_roi_align_rotated_kernels.py", "test_roi_align_boxes_backward.py",
-          "test_roi_spp_kernels.py")
+          "test_roi_spp_kernels.py", "test_prroi_pool_kernels.py")
 
 # Records which kernels the suite launches, so that a family the suite
 # forgets is noticed rather than silently left out of the sanitized run.
