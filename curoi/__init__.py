@@ -8,7 +8,7 @@ from ._info import backend_info
 from ._onnx_ops import onnx_roi_align
 from ._ps_roi import (ps_roi_align, ps_roi_align_backward, ps_roi_pool,
                       ps_roi_pool_backward)
-from ._roi_align import roi_align, roi_align_backward
+from ._roi_align import roi_align, roi_align_backward, roi_align_boxes_backward
 from ._roi_align_rotated import roi_align_rotated, roi_align_rotated_backward
 from ._roi_pool import roi_pool, roi_pool_backward
 
@@ -24,6 +24,7 @@ __all__ = [
     "ps_roi_pool_backward",
     "roi_align",
     "roi_align_backward",
+    "roi_align_boxes_backward",
     "roi_align_rotated",
     "roi_align_rotated_backward",
     "roi_pool",

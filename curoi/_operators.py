@@ -129,11 +129,17 @@ SAMPLING_RATIO = Param("sampling_ratio", -1, _validate.sampling_ratio, "int")
 ALIGNED = Param("aligned", False,
                 lambda value: _validate.flag(value, "aligned"), "bool")
 
+def _align_boxes_backward(g, x, rois, grad_rois, v, channels_last):
+    _ops.roi_align_boxes_backward(g, x, rois, grad_rois, v.spatial_scale,
+                                  v.sampling_ratio, v.aligned, channels_last)
+
+
 ROI_ALIGN = Operator(
     name="roi_align",
     params=(SPATIAL_SCALE, SAMPLING_RATIO, ALIGNED),
     forward=_align_forward,
     backward=_align_backward,
+    boxes_backward=_align_boxes_backward,
 )
 
 

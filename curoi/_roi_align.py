@@ -125,3 +125,35 @@ def roi_align_backward(grad_output, boxes, input_shape, output_size,
                               output_size, values, deterministic,
                               _validate.data_format(data_format),
                               saved=() if argmax is None else (argmax,))
+
+
+def roi_align_boxes_backward(grad_output, input, boxes, output_size, spatial_scale=1.0,
+                             sampling_ratio=-1, aligned=False, *, data_format="NCHW"):
+    """Gradient of :func:`roi_align` (average mode) with respect to its boxes.
+
+    Args:
+        grad_output: ``[K, C, PH, PW]`` (NHWC: ``[K, PH, PW, C]``).
+        input: the forward's features.
+        boxes: as given to the forward.
+        output_size, spatial_scale, sampling_ratio, aligned, data_format: as
+            in the forward.
+
+    Returns:
+        The shape of ``boxes``: ``[K, 5]`` with 0 in the batch-index column,
+        or a list of ``[L, 4]``; in the boxes' dtype (computed in float32,
+        float64 for float64 features).
+
+    Each sample's bilinear value moves with its position, which moves
+    linearly with the corners; the sampling grid (adaptive or not) and the
+    divisor are held fixed, and with ``aligned=False`` a box held at the
+    1-pixel minimum size does not grow with its corners. The slope is that
+    of the forward's own branches: 0 off the map and in the clamped band
+    (a position at or beyond the first or last pixel centre), and inside,
+    at an integer position, that of the cell below and to the right.
+    Boxes that read nothing get 0. The sums are in a fixed order: bitwise
+    the same on every run, thread count and device launch.
+    """
+    ph, pw = _validate.output_size(output_size)
+    values = ROI_ALIGN.values(spatial_scale, sampling_ratio, aligned)
+    return _frontend.boxes_backward(ROI_ALIGN, grad_output, input, boxes, ph, pw, values,
+                                    _validate.data_format(data_format))

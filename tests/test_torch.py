@@ -171,13 +171,51 @@ def test_roi_pool_op_saves_int32_argmax_as_torchvision(channels_last):
     np.testing.assert_array_equal(argmax.numpy(), expected)
 
 
-def test_no_gradient_for_boxes():
-    x, rois = _case(6)
+def test_boxes_get_roi_align_gradient_and_no_roi_pool_gradient():
+    # roi_align's gradient with respect to the boxes is the reference's;
+    # roi_pool's maxima do not move with the boxes: no gradient (None).
+    x, rois = _case(6, torch.float64)
     x.requires_grad_()
     rois.requires_grad_()
-    (ct.roi_align(x, rois, 2, 0.5).sum() + ct.roi_pool(x, rois, 2, 0.5).sum()).backward()
-    assert rois.grad is None
+    g = torch.randn(rois.shape[0], x.shape[1], 2, 2, dtype=torch.float64)
+    (ct.roi_align(x, rois, 2, 0.5, 2) * g).sum().backward()
+    expected = ref.roi_align_boxes_backward(g.numpy(), x.detach().numpy(),
+                                            rois.detach().numpy(), 2, 0.5, 2)
+    np.testing.assert_allclose(rois.grad.numpy(), expected, rtol=1e-10, atol=1e-12)
+    assert (rois.grad[:, 0] == 0).all()
+    rois2 = rois.detach().clone().requires_grad_()
+    y = ct.roi_pool(x, rois2, 2, 0.5)
+    y.sum().backward()
+    assert rois2.grad is None
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_gradcheck_with_respect_to_the_boxes():
+    # Boxes inside the map whose samples are not on pixel edges (where the
+    # slope changes): the value is smooth around them.
+    x, _ = _case(17, torch.float64, shape=(2, 2, 8, 9), k=3, scale=1.0)
+    rois = torch.tensor([[0, 1.31, 1.13, 6.73, 5.97], [1, 2.23, 0.61, 4.93, 6.37],
+                         [1, 0.47, 3.29, 7.61, 6.83]], dtype=torch.float64,
+                        requires_grad=True)
+    # The batch index is a whole number, not a coordinate: only the corners
+    # are perturbed (its own gradient is 0).
+    batch, corners = rois[:, :1].detach(), rois[:, 1:].detach().clone().requires_grad_()
+    for aligned in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda c: ct.roi_align(x, torch.cat([batch, c], 1), (2, 3), 1.0, 2, aligned),
+            (corners,), eps=1e-7, atol=1e-6)
+    per_image = [rois[:1, 1:].detach().clone().requires_grad_(),
+                 rois[1:, 1:].detach().clone().requires_grad_()]
+    assert torch.autograd.gradcheck(
+        lambda a, b: ct.roi_align(x, [a, b], (2, 3), 1.0, 2, True), tuple(per_image),
+        eps=1e-7, atol=1e-6)
+
+
+def test_opcheck_boxes_backward():
+    x, rois = _case(18)
+    g = torch.randn(rois.shape[0], x.shape[1], 2, 3)
+    opcheck(torch.ops.curoi.roi_align_boxes_backward.default,
+            (g, x, rois, 0.5, 2, 3, 2, True))
 
 
 def test_gradcheck_roi_align():
