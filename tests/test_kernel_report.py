@@ -212,7 +212,7 @@ def _f64_cases():
     for family in _sources.FAMILIES:
         # Only the plain kernels: the deterministic ones (*_fixed*) scale
         # terms into an int64 fixed-point sum through double on purpose.
-        for direction in ("forward", "backward"):
+        for direction in ("forward", "backward", "boxes_backward", "boxes_finish"):
             if f"{family}_{direction}" not in _kernels.SIGNATURES:
                 continue
             for dtype in SINGLE_AND_HALF:
