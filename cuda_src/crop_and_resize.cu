@@ -20,6 +20,10 @@
 // Each output element is one sample, so the work is bounded by the output's
 // size whatever the boxes say: there is no sampling grid to bound.
 //
+// Arithmetic is in the accumulation type: float for float32 and half
+// precision, which gives TF's float32 numbers, and double for float64 (TF
+// computes its float64 images in float, with float32 boxes and crops).
+//
 // A box index outside [0, N) reads nothing: its crop is extrapolation_value
 // and it gets no gradient. TF raises an error there; curoi cannot check on
 // the device without making the host wait for the result.
