@@ -1,7 +1,8 @@
-"""The adversarial suites (test_adversarial.py, and test_ps_roi_kernels.py
-for the position-sensitive kernels) under AddressSanitizer and
-UndefinedBehaviorSanitizer, with the CPU's loops and again with the GPU's
-(CUROI_CPU_LOOPS=gpu, see test_gpu_loops.py).
+"""The adversarial suites (test_adversarial.py, test_ps_roi_kernels.py for
+the position-sensitive kernels and test_crop_and_resize_kernels.py for crop
+and resize) under AddressSanitizer and UndefinedBehaviorSanitizer, with the
+CPU's loops and again with the GPU's (CUROI_CPU_LOOPS=gpu, see
+test_gpu_loops.py).
 
 CUROI_SANITIZE makes curoi build its CPU library instrumented (under its own
 cache key). Python itself is not instrumented, so the ASan runtime has to be
@@ -90,8 +91,10 @@ def _clear(logs):
 
 
 # The suites that run under the sanitizers: hostile boxes, sizes and argmax
-# for every kernel family. They import only NumPy, curoi and the references.
-SUITES = ("test_adversarial.py", "test_ps_roi_kernels.py")
+# for every kernel family. They import only NumPy, curoi and the references
+# (test_crop_and_resize_kernels.py skips its TensorFlow comparisons here).
+SUITES = ("test_adversarial.py", "test_ps_roi_kernels.py",
+          "test_crop_and_resize_kernels.py")
 
 # Records which kernels the suite launches, so that a family the suite
 # forgets is noticed rather than silently left out of the sanitized run.
@@ -140,9 +143,11 @@ def _adversarial_suite_under_sanitizers(env, logs, loops):
     assert b"__asan_report_store" in data and b"__ubsan_handle_" in data
     assert b"__ubsan_handle_float_cast_overflow" in data
     assert info["loops"] == loops
-    # Every family's forward and backward ran under the sanitizers.
+    # Every family's forward and backward (and box gradient, where it has
+    # one) ran under the sanitizers.
     expected = {f"{family}_{direction}" for family in _sources.FAMILIES
-                for direction in ("forward", "backward")
+                for direction in ("forward", "backward", "boxes_backward",
+                                  "boxes_finish")
                 if direction in _kernels.directions(family)}
     assert expected <= set(result["launched"]), sorted(expected - set(result["launched"]))
 
