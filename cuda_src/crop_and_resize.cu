@@ -23,6 +23,9 @@
 // Arithmetic is in the accumulation type: float for float32 and half
 // precision, which gives TF's float32 numbers, and double for float64 (TF
 // computes its float64 images in float, with float32 boxes and crops).
+// The coordinates are those of TF's CPU kernel, on both backends: TF's own
+// GPU forward computes y1*(H-1) + y*(y2-y1)*((H-1)/(crop_height-1)), which
+// may differ in the last bit (and so, for nearest, by a pixel at a tie).
 //
 // A box index outside [0, N) reads nothing: its crop is extrapolation_value
 // and it gets no gradient. TF raises an error there; curoi cannot check on
