@@ -153,9 +153,42 @@ CUROI_DEVICE A crop_and_resize_value(const T* plane, int64_t width,
       crop_and_resize_corners<A>(plane, width, step, ty, tx), ty, tx);
 }
 
-// The adjoint of crop_and_resize_value for one output gradient g: pixel `at`
-// + (row * width + column) * step of the gradient gets each term, in the
-// order tl, tr, bl, br (TF's terms: (1-xl)*(1-yl)*g and so on).
+// The adjoint of the bilinear read for one output gradient g: TF's terms
+// for the top left, top right, bottom left and bottom right pixels,
+// dtop = (1-yl)*g shared as (1-xl)*dtop and xl*dtop, and dbottom = yl*g
+// likewise.
+template <typename A>
+struct CropTerms {
+  A tl, tr, bl, br;
+};
+
+template <typename A>
+CUROI_DEVICE CropTerms<A> crop_and_resize_terms(A yl, A xl, A g) {
+  const A dtop = ((A)1 - yl) * g, dbottom = yl * g;
+  CropTerms<A> t;
+  t.tl = ((A)1 - xl) * dtop;
+  t.tr = xl * dtop;
+  t.bl = ((A)1 - xl) * dbottom;
+  t.br = xl * dbottom;
+  return t;
+}
+
+// The terms added to gradient elements tl, tr, bl, br, in that order.
+template <typename A, typename Sum>
+CUROI_DEVICE void crop_and_resize_scatter_bilinear(const Sum& grad, int64_t tl,
+                                                   int64_t tr, int64_t bl,
+                                                   int64_t br, A yl, A xl,
+                                                   A g) {
+  const CropTerms<A> t = crop_and_resize_terms(yl, xl, g);
+  curoi_sum_add(grad, tl, t.tl);
+  curoi_sum_add(grad, tr, t.tr);
+  curoi_sum_add(grad, bl, t.bl);
+  curoi_sum_add(grad, br, t.br);
+}
+
+// The adjoint of crop_and_resize_value for one output gradient g, into the
+// gradient plane whose pixel (row, column) is at + (row * width + column) *
+// step.
 template <typename A, typename Sum>
 CUROI_DEVICE void crop_and_resize_scatter(const Sum& grad, int64_t at,
                                           int64_t width, int64_t step,
@@ -169,12 +202,9 @@ CUROI_DEVICE void crop_and_resize_scatter(const Sum& grad, int64_t at,
   const int64_t top = at + ty.lo * width * step;
   const int64_t bottom = at + ty.hi * width * step;
   const int64_t left = tx.lo * step, right = tx.hi * step;
-  const A dtop = ((A)1 - ty.lerp) * g;
-  curoi_sum_add(grad, top + left, ((A)1 - tx.lerp) * dtop);
-  curoi_sum_add(grad, top + right, tx.lerp * dtop);
-  const A dbottom = ty.lerp * g;
-  curoi_sum_add(grad, bottom + left, ((A)1 - tx.lerp) * dbottom);
-  curoi_sum_add(grad, bottom + right, tx.lerp * dbottom);
+  crop_and_resize_scatter_bilinear(grad, top + left, top + right,
+                                   bottom + left, bottom + right, ty.lerp,
+                                   tx.lerp, g);
 }
 
 // The multipliers of a point's gy (gx) in dy1 and dy2 (dx1 and dx2): the
@@ -570,6 +600,46 @@ static void crop_and_resize_forward(
   });
 }
 
+// Channels-last: the terms of n contiguous channels of one point, whose
+// pixels' channel 0 lie at tl, tr, bl, br of the gradient and whose output
+// gradients are g[0 .. n-1].
+template <typename T, typename A, typename Sum>
+static void crop_and_resize_scatter_channels(const Sum& grad, int64_t tl,
+                                             int64_t tr, int64_t bl,
+                                             int64_t br, A yl, A xl,
+                                             const T* g, int64_t n) {
+  for (int64_t c = 0; c < n; ++c)
+    crop_and_resize_scatter_bilinear(grad, tl + c, tr + c, bl + c, br + c, yl,
+                                     xl, curoi_load<A>(g[c]));
+}
+
+// The plain sum, when the four pixels differ (the point is not on a pixel
+// row or column): no two adds of a channel touch one element, so the loop
+// can be vectorised. Each element still gets the same single term.
+template <typename T, typename A>
+static void crop_and_resize_scatter_channels(const CuroiFloatSum<A>& grad,
+                                             int64_t tl, int64_t tr,
+                                             int64_t bl, int64_t br, A yl,
+                                             A xl, const T* g, int64_t n) {
+  if (tl == tr || tl == bl) {
+    for (int64_t c = 0; c < n; ++c)
+      crop_and_resize_scatter_bilinear(grad, tl + c, tr + c, bl + c, br + c,
+                                       yl, xl, curoi_load<A>(g[c]));
+    return;
+  }
+  A* __restrict__ p_tl = grad.grad + tl;
+  A* __restrict__ p_tr = grad.grad + tr;
+  A* __restrict__ p_bl = grad.grad + bl;
+  A* __restrict__ p_br = grad.grad + br;
+  for (int64_t c = 0; c < n; ++c) {
+    const CropTerms<A> t = crop_and_resize_terms(yl, xl, curoi_load<A>(g[c]));
+    p_tl[c] += t.tl;
+    p_tr[c] += t.tr;
+    p_bl[c] += t.bl;
+    p_br[c] += t.br;
+  }
+}
+
 // The image gradient of boxes k0 .. k1-1 in the owned channels c0 .. c1-1.
 // Every gradient pixel receives its terms in (box, crop row, crop column)
 // order, in either layout, so the two layouts give the same bits.
@@ -587,16 +657,28 @@ static void crop_and_resize_backward_block(
     const CropAxisTable<A>& ty = group.y[k - k0];
     const CropAxisTable<A>& tx = group.x[k - k0];
     if (channels_last) {
+      // The point's four pixels and weights once, then a loop over
+      // contiguous channels.
       const int64_t img = b * plane_size * channels;
       for (int64_t y = 0; y < crop_height; ++y) {
         if (!ty.inside[y]) continue;
+        const CropTap<A>& ry = ty.tap[y];
         for (int64_t x = 0; x < crop_width; ++x) {
           if (!tx.inside[x]) continue;
+          const CropTap<A>& rx = tx.tap[x];
           const T* g = grad_output + (k * bins + y * crop_width + x) * channels;
-          for (int64_t c = c0; c < c1; ++c)
-            crop_and_resize_scatter(grad_image, img + c, width, channels,
-                                    ty.tap[y], tx.tap[x], method,
-                                    curoi_load<A>(g[c]));
+          if (method == CROP_AND_RESIZE_NEAREST) {
+            const int64_t at = img + (ry.nearest * width + rx.nearest) * channels;
+            for (int64_t c = c0; c < c1; ++c)
+              curoi_sum_add(grad_image, at + c, curoi_load<A>(g[c]));
+            continue;
+          }
+          crop_and_resize_scatter_channels(
+              grad_image, img + (ry.lo * width + rx.lo) * channels + c0,
+              img + (ry.lo * width + rx.hi) * channels + c0,
+              img + (ry.hi * width + rx.lo) * channels + c0,
+              img + (ry.hi * width + rx.hi) * channels + c0, ry.lerp, rx.lerp,
+              g + c0, c1 - c0);
         }
       }
       continue;
