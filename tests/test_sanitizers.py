@@ -172,6 +172,12 @@ OUT_OF_BOUNDS = textwrap.dedent("""
     # buffer is large enough that NumPy takes it from malloc, which ASan
     # watches, not from its small-block cache.
     out = np.empty(4096 - 64, np.float32)
+    # More buffers of its size class: ASan maps its heap in steps, and a
+    # buffer carved last would end where nothing is mapped yet, so that the
+    # stray write faults (SEGV) instead of landing in the next chunk's
+    # redzone. Which buffer comes last depends on everything the process
+    # allocated before (the size of the library, for one).
+    after = [np.empty(4096 - 64, np.float32) for _ in range(8)]
     _cpu.launch("roi_align", "forward", "float32",
                 (x, rois, 1, 1, 1, 8, 8, 64, 64, 1.0, 2, 1, 0, out))
     print("no report")
