@@ -64,7 +64,7 @@
   CUROI_KERNEL void roi_align_boxes_backward_finish_##suffix(                  \
       const AccType<T>::type* partial, int64_t num_rois, int64_t bins,         \
       AccType<T>::type* grad_rois) {                                           \
-    roi_align_boxes_finish(partial, num_rois, bins, grad_rois);                \
+    curoi_boxes_finish(partial, num_rois, bins, 5, 1, grad_rois);              \
   }
 
 CUROI_INSTANTIATE(CUROI_DEFINE_ROI_ALIGN)

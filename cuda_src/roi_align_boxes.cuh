@@ -21,19 +21,6 @@
 
 #include "roi_align_loops.cuh"
 
-// grad_rois[k] = (0, sum over bins of partial[k, bin]), the bins in order.
-template <typename A>
-CUROI_DEVICE void roi_align_boxes_finish(const A* partial, int64_t num_rois,
-                                         int64_t bins, A* grad_rois) {
-  CUDA_1D_KERNEL_LOOP(k, num_rois) {
-    A sum[4] = {(A)0, (A)0, (A)0, (A)0};
-    for (int64_t bin = 0; bin < bins; ++bin)
-      for (int j = 0; j < 4; ++j) sum[j] += partial[(k * bins + bin) * 4 + j];
-    grad_rois[k * 5] = (A)0;
-    for (int j = 0; j < 4; ++j) grad_rois[k * 5 + 1 + j] = sum[j];
-  }
-}
-
 #if defined(CUROI_GPU_LOOPS)
 // ------------------------------------------------------------- GPU loops
 // One thread per (box, bin): channel after channel, the y slopes against the

@@ -108,6 +108,27 @@ SIGNATURES = {
     # for unusable boxes). Deterministic: each box's row is summed by one
     # thread in a fixed order.
     "prroi_pool_boxes_backward": (PTR, PTR, PTR) + _SHAPE + (ACC, I32, PTR),
+    # Crop and resize (TensorFlow's tf.image.crop_and_resize,
+    # crop_and_resize.cu): boxes [K, 4] (y1, x1, y2, x2) normalised, in the
+    # accumulation type, box_indices [K] int32; the shape's pooled h, w are
+    # the crop size; image [N, H, W, C] and outputs [K, PH, PW, C] with
+    # channels_last = 1 (TF's layout), else [N, C, H, W] and [K, C, PH, PW].
+    # image, boxes, box_indices, shape, extrapolation_value, method,
+    # channels_last, output
+    "crop_and_resize_forward": (PTR, PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR),
+    # grad_output, boxes, box_indices, shape, method, channels_last, grad_image
+    "crop_and_resize_backward": (PTR, PTR, PTR) + _SHAPE + (I32, I32, PTR),
+    "crop_and_resize_backward_fixed": (PTR, PTR, PTR) + _SHAPE
+    + (I32, I32, PTR, PTR, PTR),
+    # fixed, max_abs, terms (K*PH*PW), total (N*C*H*W), grad_image
+    "crop_and_resize_fixed_finish": (PTR, PTR, I64, I64, PTR),
+    # The gradient of the boxes, in two passes of fixed order (no atomics):
+    # grad_output, image, boxes, box_indices, shape, method, channels_last,
+    # partial ([K, PH, PW, 4] in the accumulation type: each bin's share of
+    # its box's (dy1, dx1, dy2, dx2))
+    "crop_and_resize_boxes_backward": (PTR, PTR, PTR, PTR) + _SHAPE + (I32, I32, PTR),
+    # partial, num_boxes, bins (PH*PW), grad_boxes [K, 4]: the bins added in order
+    "crop_and_resize_boxes_backward_finish": (PTR, I64, I64, PTR),
 }
 
 #: data_format -> the kernels' channels_last argument.
@@ -131,7 +152,14 @@ ROTATED_CONVENTIONS = {"detectron2": 0, "mmcv": 1}
 SPP_MODES = {"max": 0, "avg": 1}
 
 
-#: What a kernel does, the last part of its SIGNATURES key.
+#: crop_and_resize's interpolation methods, as the kernels number them.
+CROP_AND_RESIZE_METHODS = {"bilinear": 0, "nearest": 1}
+
+
+#: What a kernel does, the last part of its SIGNATURES key. boxes_backward
+#: is a gradient with respect to the boxes; boxes_backward_finish completes
+#: it where a family computes it in two passes (partial sums per box and
+#: bin, then each box's bins added in order).
 DIRECTIONS = ("forward", "backward", "backward_fixed", "fixed_finish",
               "boxes_backward", "boxes_backward_finish")
 

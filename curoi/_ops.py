@@ -453,3 +453,60 @@ def prroi_pool_boxes_backward(grad_output, x, rois, grad_rois, spatial_scale,
          (grad_output, x, rois, k, n, c, h, w, ph, pw, spatial_scale,
           int(channels_last), grad_rois),
          k, _is_cuda(x))
+
+
+# Crop and resize (TensorFlow's tf.image.crop_and_resize): ``image`` is
+# channels-last [N, H, W, C] by default (TF's layout; [N, C, H, W] with
+# channels_last=False), ``boxes`` [K, 4] normalised (y1, x1, y2, x2) in the
+# accumulation dtype, ``box_indices`` [K] int32, crops [K, PH, PW, C]
+# ([K, C, PH, PW]) whose PH, PW are the crop size. A box index outside
+# [0, N) gives an all-extrapolation_value crop and no gradient.
+
+
+def crop_and_resize_forward(image, boxes, box_indices, out, method,
+                            extrapolation_value, channels_last=True):
+    """``out`` = the crops of ``image`` that ``boxes`` on images
+    ``box_indices`` select, resized to ``out``'s PH x PW by ``method``
+    ("bilinear" or "nearest"); points off the image are
+    ``extrapolation_value`` (see crop_and_resize.cu)."""
+    n, c, h, w = _nchw(image.shape, channels_last)
+    k, _, ph, pw = _nchw(out.shape, channels_last)
+    _run("crop_and_resize", "forward", _name(image.dtype),
+         (image, boxes, box_indices, k, n, c, h, w, ph, pw, extrapolation_value,
+          _kernels.CROP_AND_RESIZE_METHODS[method], int(channels_last), out),
+         out.size, _is_cuda(image))
+
+
+def crop_and_resize_backward(grad_output, boxes, box_indices, grad_image, method,
+                             deterministic=False, zeroed=False, channels_last=True):
+    """``grad_image`` ([N, H, W, C], or [N, C, H, W] without
+    ``channels_last``, in the accumulation dtype) = the gradient of
+    :func:`crop_and_resize_forward` with respect to the image for
+    ``grad_output`` (TF's CropAndResizeGradImage); ``deterministic`` and
+    ``zeroed`` as in :func:`roi_align_backward`."""
+    n, c, h, w = _nchw(grad_image.shape, channels_last)
+    k, _, ph, pw = _nchw(grad_output.shape, channels_last)
+    _backward("crop_and_resize",
+              (grad_output, boxes, box_indices, k, n, c, h, w, ph, pw,
+               _kernels.CROP_AND_RESIZE_METHODS[method], int(channels_last)),
+              grad_output, grad_image, deterministic, zeroed, k * ph * pw)
+
+
+def crop_and_resize_boxes_backward(grad_output, image, boxes, box_indices,
+                                   grad_boxes, method, channels_last=True):
+    """``grad_boxes[K, 4]`` (accumulation dtype, as ``boxes``) = the
+    gradient of :func:`crop_and_resize_forward` with respect to the boxes
+    for ``grad_output``: TF's CropAndResizeGradBoxes, the bilinear
+    derivative whatever ``method`` (as TF). Deterministic: each box's sum
+    runs in a fixed order (see crop_and_resize.cu)."""
+    n, c, h, w = _nchw(image.shape, channels_last)
+    k, _, ph, pw = _nchw(grad_output.shape, channels_last)
+    cuda = _is_cuda(image)
+    dtype = _name(image.dtype)
+    partial = _xp(image).empty((k, ph, pw, 4), dtype=grad_boxes.dtype)
+    _run("crop_and_resize", "boxes_backward", dtype,
+         (grad_output, image, boxes, box_indices, k, n, c, h, w, ph, pw,
+          _kernels.CROP_AND_RESIZE_METHODS[method], int(channels_last), partial),
+         partial.size // 4, cuda)
+    _run("crop_and_resize", "boxes_backward_finish", dtype,
+         (partial, k, ph * pw, grad_boxes), grad_boxes.size, cuda)

@@ -21,6 +21,9 @@ import numpy as np
 
 __all__ = [
     "WORKED_EXAMPLE_MAP",
+    "crop_and_resize",
+    "crop_and_resize_backward",
+    "crop_and_resize_boxes_backward",
     "normalize_boxes",
     "ps_roi_align",
     "ps_roi_align_backward",
@@ -1352,6 +1355,161 @@ def prroi_pool_quadrature(x, boxes, output_size, spatial_scale=1.0):
                 integral = np.einsum("cab,a,b->c", f, wy, wx)
                 out[k, :, ph, pw] = integral / ((y1 - y0) * (x1 - x0))
     return out
+
+
+# Crop and resize, TensorFlow's tf.image.crop_and_resize
+# --------------------------------------------------------------------------
+
+# Written from TensorFlow's CropAndResize, CropAndResizeGradImage and
+# CropAndResizeGradBoxes kernels (tensorflow/core/kernels/image/
+# crop_and_resize_op.cc). Images are channels-last [N, H, W, C] and crops
+# [K, PH, PW, C] (TF's layout); boxes [K, 4] are normalised (y1, x1, y2, x2)
+# on image box_indices[k]. A box index outside [0, N) (an error in TF) gives
+# an all-extrapolation crop and no gradient; a NaN coordinate extrapolates.
+
+
+def _crop_position(lo, hi, i, crop, size):
+    """Image coordinate of crop row (column) i, as TF's forward computes it:
+    lo*(size-1) + i*((hi-lo)*(size-1)/(crop-1)), or the box's centre
+    0.5*(lo+hi)*(size-1) for a crop of one row."""
+    if crop > 1:
+        return lo * (size - 1) + i * ((hi - lo) * (size - 1) / (crop - 1))
+    return 0.5 * (lo + hi) * (size - 1)
+
+
+def _crop_grad_position(lo, hi, i, crop, size):
+    """The coordinate in TF's box gradient: the step as (hi-lo)*ratio with
+    ratio = (size-1)/(crop-1), which rounds differently from the forward's."""
+    if crop > 1:
+        return lo * (size - 1) + i * ((hi - lo) * ((size - 1) / (crop - 1)))
+    return 0.5 * (lo + hi) * (size - 1)
+
+
+def _crop_on_map(v, size):
+    return bool(0 <= v <= size - 1)  # False for NaN
+
+
+def _crop_box(boxes, box_indices, k, n_images):
+    """(y1, x1, y2, x2) as Python floats and the image, or None."""
+    b = int(box_indices[k])
+    if not 0 <= b < n_images:
+        return None
+    return [float(v) for v in boxes[k]], b
+
+
+def _crop_points(box, crop_size, height, width, position=_crop_position):
+    """Yield (y, x, in_y, in_x) for every crop point on the map."""
+    y1, x1, y2, x2 = (np.float64(v) for v in box)
+    ph, pw = crop_size
+    with np.errstate(all="ignore"):  # inf and NaN corners propagate
+        ys = [float(position(y1, y2, y, ph, height)) for y in range(ph)]
+        xs = [float(position(x1, x2, x, pw, width)) for x in range(pw)]
+    for y, in_y in enumerate(ys):
+        if not _crop_on_map(in_y, height):
+            continue
+        for x, in_x in enumerate(xs):
+            if _crop_on_map(in_x, width):
+                yield y, x, in_y, in_x
+
+
+def _crop_taps(in_y, in_x):
+    """((rows), (columns), yl, xl): floor and ceil, and the weights of ceil."""
+    top, left = math.floor(in_y), math.floor(in_x)
+    return ((top, math.ceil(in_y)), (left, math.ceil(in_x)),
+            in_y - top, in_x - left)
+
+
+def crop_and_resize(image, boxes, box_indices, crop_size, method="bilinear",
+                    extrapolation_value=0.0):
+    """``[K, PH, PW, C]`` crops of ``image[N, H, W, C]`` (float64)."""
+    image = np.asarray(image, np.float64)
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    n, h, w, c = image.shape
+    ph, pw = _pair(crop_size)
+    out = np.full((len(boxes), ph, pw, c), float(extrapolation_value))
+    for k in range(len(boxes)):
+        found = _crop_box(boxes, box_indices, k, n)
+        if found is None:
+            continue
+        box, b = found
+        for y, x, in_y, in_x in _crop_points(box, (ph, pw), h, w):
+            if method == "nearest":
+                out[k, y, x] = image[b, round_half_away(in_y), round_half_away(in_x)]
+                continue
+            (t, bt), (lf, rt), yl, xl = _crop_taps(in_y, in_x)
+            top = image[b, t, lf] + (image[b, t, rt] - image[b, t, lf]) * xl
+            bottom = image[b, bt, lf] + (image[b, bt, rt] - image[b, bt, lf]) * xl
+            out[k, y, x] = top + (bottom - top) * yl
+    return out
+
+
+def crop_and_resize_backward(grad_output, boxes, box_indices, image_shape,
+                             method="bilinear"):
+    """Gradient of :func:`crop_and_resize` with respect to the image,
+    ``[N, H, W, C]``: each crop point's gradient goes to the pixels it read,
+    with their weights."""
+    grad_output = np.asarray(grad_output, np.float64)
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    n, h, w, c = image_shape
+    ph, pw = grad_output.shape[1:3]
+    grad = np.zeros((n, h, w, c))
+    for k in range(len(boxes)):
+        found = _crop_box(boxes, box_indices, k, n)
+        if found is None:
+            continue
+        box, b = found
+        for y, x, in_y, in_x in _crop_points(box, (ph, pw), h, w):
+            g = grad_output[k, y, x]
+            if method == "nearest":
+                grad[b, round_half_away(in_y), round_half_away(in_x)] += g
+                continue
+            (t, bt), (lf, rt), yl, xl = _crop_taps(in_y, in_x)
+            grad[b, t, lf] += (1 - xl) * (1 - yl) * g
+            grad[b, t, rt] += xl * (1 - yl) * g
+            grad[b, bt, lf] += (1 - xl) * yl * g
+            grad[b, bt, rt] += xl * yl * g
+    return grad
+
+
+def crop_and_resize_boxes_backward(grad_output, image, boxes, box_indices):
+    """Gradient of :func:`crop_and_resize` with respect to the boxes,
+    ``[K, 4]`` as (dy1, dx1, dy2, dx2): TF's CropAndResizeGradBoxes, the
+    derivative of bilinear interpolation (TF uses it for the nearest method
+    too). At each point on the map, with the four corners,
+    gy = (1-xl)*(bl-tl) + xl*(br-tr) and gx = (1-yl)*(tr-tl) + yl*(br-bl)
+    times the output gradient, summed over channels, go to y1 and y2 with
+    the derivatives of in_y: (H-1) - y*ratio and y*ratio (both 0.5*(H-1)
+    for a crop of one row), and to x1, x2 likewise."""
+    grad_output = np.asarray(grad_output, np.float64)
+    image = np.asarray(image, np.float64)
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    n, h, w, c = image.shape
+    ph, pw = grad_output.shape[1:3]
+    grad = np.zeros((len(boxes), 4))
+
+    def ends(i, crop, size):
+        if crop > 1:
+            step = i * ((size - 1) / (crop - 1))
+            return (size - 1) - step, step
+        return 0.5 * (size - 1), 0.5 * (size - 1)
+
+    for k in range(len(boxes)):
+        found = _crop_box(boxes, box_indices, k, n)
+        if found is None:
+            continue
+        box, b = found
+        for y, x, in_y, in_x in _crop_points(box, (ph, pw), h, w,
+                                             _crop_grad_position):
+            (t, bt), (lf, rt), yl, xl = _crop_taps(in_y, in_x)
+            tl, tr = image[b, t, lf], image[b, t, rt]
+            bl, br = image[b, bt, lf], image[b, bt, rt]
+            g = grad_output[k, y, x]
+            gy = float(np.sum(((1 - xl) * (bl - tl) + xl * (br - tr)) * g))
+            gx = float(np.sum(((1 - yl) * (tr - tl) + yl * (br - bl)) * g))
+            y_lo, y_hi = ends(y, ph, h)
+            x_lo, x_hi = ends(x, pw, w)
+            grad[k] += (gy * y_lo, gx * x_lo, gy * y_hi, gx * x_hi)
+    return grad
 
 
 # --------------------------------------------------------------------------

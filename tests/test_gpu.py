@@ -849,3 +849,90 @@ def test_roi_family_torch_cuda(op):
     assert_close(y, expected, "float32", what=op)
     y.sum().backward()
     assert tx.grad is not None and tx.grad.is_cuda
+
+
+# ------------------------------------------- crop and resize, kernel level
+# Through curoi._ops (the front ends are generated from operator
+# descriptions elsewhere): the GPU against the CPU backend on the same
+# input, every dtype (half precision against the CPU's float32 on the very
+# same values), both layouts and methods, and the deterministic sums bitwise
+# stable across launches and grids.
+CROP_SHAPE = (2, 13, 17, 5)  # N, H, W, C: channels-last, TensorFlow's layout
+CROP_SIZE = (6, 7)
+
+
+def _crop_case(dtype, seed):
+    rng = np.random.default_rng(seed)
+    n, _, _, c = CROP_SHAPE
+    image = rng.standard_normal(CROP_SHAPE).astype(np_dtype(dtype))
+    k = 40
+    boxes = rng.uniform(-0.3, 1.3, (k, 4)).astype(
+        np.float64 if dtype == "float64" else np.float32)
+    box_indices = rng.integers(0, n, k).astype(np.int32)
+    box_indices[0] = n  # reads nothing
+    g = rng.standard_normal((k,) + CROP_SIZE + (c,)).astype(image.dtype)
+    return image, boxes, box_indices, g
+
+
+def _crop_ops(image, boxes, box_indices, g, method, channels_last, deterministic=False):
+    """Forward, image gradient and box gradient through _ops, on the
+    arrays' backend; results channels-last."""
+    from curoi import _ops
+
+    xp = cupy if isinstance(image, cupy.ndarray) else np
+    if not channels_last:
+        image = xp.ascontiguousarray(xp.moveaxis(image, -1, 1))
+        g = xp.ascontiguousarray(xp.moveaxis(g, -1, 1))
+    out = xp.empty(g.shape, image.dtype)
+    _ops.crop_and_resize_forward(image, boxes, box_indices, out, method, 0.5,
+                                 channels_last=channels_last)
+    grad = xp.empty(image.shape, boxes.dtype)
+    _ops.crop_and_resize_backward(g, boxes, box_indices, grad, method,
+                                  deterministic=deterministic, channels_last=channels_last)
+    grad_boxes = xp.empty((len(boxes), 4), boxes.dtype)
+    _ops.crop_and_resize_boxes_backward(g, image, boxes, box_indices, grad_boxes, method,
+                                        channels_last=channels_last)
+    if not channels_last:
+        out = xp.moveaxis(out, 1, -1)
+        grad = xp.moveaxis(grad, 1, -1)
+    return out, grad, grad_boxes
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("method", ["bilinear", "nearest"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_crop_and_resize_kernels_match_cpu(dtype, method, channels_last):
+    image, boxes, box_indices, g = _crop_case(dtype, [50, DTYPES.index(dtype)])
+    cpu_dtype = np.float64 if dtype == "float64" else np.float32
+    want = _crop_ops(image.astype(cpu_dtype), boxes, box_indices, g.astype(cpu_dtype),
+                     method, channels_last)
+    assert np.count_nonzero(want[0] != 0.5) > want[0].size // 4  # not vacuous
+    on_gpu = [cupy.asarray(a) for a in (image, boxes, box_indices, g)]
+    for deterministic in (False, True):
+        out, grad, grad_boxes = _crop_ops(*on_gpu, method, channels_last, deterministic)
+        assert_cupy_result(out, on_gpu[0])
+        assert_close(out, want[0], dtype, what="forward")
+        assert_close(grad, want[1], dtype, backward=True, what="image gradient")
+        # Sums of many terms of either sign: tolerance relative to the largest.
+        scale = float(np.abs(want[2]).max())
+        rtol, atol = _TOL[dtype][1]
+        np.testing.assert_allclose(to_f64(grad_boxes), want[2], rtol=rtol,
+                                   atol=atol * scale, err_msg="box gradient")
+        assert not to_f64(grad_boxes)[0].any()  # the box that reads nothing
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_crop_and_resize_gradients_are_bitwise_stable_across_launches(dtype, monkeypatch):
+    # The same boxes many times over: each pixel receives hundreds of terms
+    # (atomic in the plain sum; fixed point in the deterministic one), and
+    # each box's gradient sums many bins in a fixed order.
+    image, boxes, box_indices, g = _crop_case(dtype, [51, DTYPES.index(dtype)])
+    boxes, box_indices, g = (np.concatenate([a] * 8) for a in (boxes, box_indices, g))
+    on_gpu = [cupy.asarray(a) for a in (image, boxes, box_indices, g)]
+    results = []
+    for _ in _launch_configurations(monkeypatch):
+        for _ in range(2):
+            results.append(_crop_ops(*on_gpu, "bilinear", True, deterministic=True))
+    for other in results[1:]:
+        np.testing.assert_array_equal(_bits(other[1]), _bits(results[0][1]))
+        np.testing.assert_array_equal(_bits(other[2]), _bits(results[0][2]))

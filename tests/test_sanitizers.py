@@ -1,8 +1,9 @@
 """The adversarial suites (test_adversarial.py, and the suites of the
-position-sensitive, rotated, box-gradient, spatial pyramid and Precise RoI
-Pooling kernels: test_ps_roi_kernels.py, test_roi_align_rotated_kernels.py,
-test_roi_align_boxes_backward.py, test_roi_spp_kernels.py,
-test_prroi_pool_kernels.py) under AddressSanitizer and
+position-sensitive, rotated, box-gradient, spatial pyramid, Precise RoI
+Pooling and crop-and-resize kernels: test_ps_roi_kernels.py,
+test_roi_align_rotated_kernels.py, test_roi_align_boxes_backward.py,
+test_roi_spp_kernels.py, test_prroi_pool_kernels.py,
+test_crop_and_resize_kernels.py) under AddressSanitizer and
 UndefinedBehaviorSanitizer, with the CPU's loops and again with the GPU's
 (CUROI_CPU_LOOPS=gpu, see test_gpu_loops.py).
 
@@ -93,10 +94,12 @@ def _clear(logs):
 
 
 # The suites that run under the sanitizers: hostile boxes, sizes and argmax
-# for every kernel family. They import only NumPy, curoi and the references.
+# for every kernel family. They import only NumPy, curoi and the references
+# (test_crop_and_resize_kernels.py skips its TensorFlow comparisons here).
 SUITES = ("test_adversarial.py", "test_ps_roi_kernels.py",
           "test_roi_align_rotated_kernels.py", "test_roi_align_boxes_backward.py",
-          "test_roi_spp_kernels.py", "test_prroi_pool_kernels.py")
+          "test_roi_spp_kernels.py", "test_prroi_pool_kernels.py",
+          "test_crop_and_resize_kernels.py")
 
 # Records which kernels the suite launches, so that a family the suite
 # forgets is noticed rather than silently left out of the sanitized run.
@@ -146,9 +149,10 @@ def _adversarial_suite_under_sanitizers(env, logs, loops):
     assert b"__ubsan_handle_float_cast_overflow" in data
     assert info["loops"] == loops
     # Every family's forward and backward (and gradient with respect to the
-    # boxes, where it has one) ran under the sanitizers.
+    # boxes, in one or two passes, where it has one) ran under the sanitizers.
     expected = {f"{family}_{direction}" for family in _sources.FAMILIES
-                for direction in ("forward", "backward", "boxes_backward")
+                for direction in ("forward", "backward", "boxes_backward",
+                                  "boxes_backward_finish")
                 if direction in _kernels.directions(family)}
     assert expected <= set(result["launched"]), sorted(expected - set(result["launched"]))
 
@@ -173,6 +177,12 @@ OUT_OF_BOUNDS = textwrap.dedent("""
     # buffer is large enough that NumPy takes it from malloc, which ASan
     # watches, not from its small-block cache.
     out = np.empty(4096 - 64, np.float32)
+    # More buffers of its size class: ASan maps its heap in steps, and a
+    # buffer carved last would end where nothing is mapped yet, so that the
+    # stray write faults (SEGV) instead of landing in the next chunk's
+    # redzone. Which buffer comes last depends on everything the process
+    # allocated before (the size of the library, for one).
+    after = [np.empty(4096 - 64, np.float32) for _ in range(8)]
     _cpu.launch("roi_align", "forward", "float32",
                 (x, rois, 1, 1, 1, 8, 8, 64, 64, 1.0, 2, 1, 0, out))
     print("no report")
