@@ -6,6 +6,7 @@ C++ compiler for the CPU; any DLPack array in, the caller's kind of array out.
 from ._cpu import get_num_threads, set_num_threads
 from ._info import backend_info
 from ._onnx_ops import onnx_roi_align
+from ._prroi_pool import prroi_pool, prroi_pool_backward, prroi_pool_boxes_backward
 from ._ps_roi import (ps_roi_align, ps_roi_align_backward, ps_roi_pool,
                       ps_roi_pool_backward)
 from ._roi_align import roi_align, roi_align_backward, roi_align_boxes_backward
@@ -18,6 +19,9 @@ __all__ = [
     "backend_info",
     "get_num_threads",
     "onnx_roi_align",
+    "prroi_pool",
+    "prroi_pool_backward",
+    "prroi_pool_boxes_backward",
     "ps_roi_align",
     "ps_roi_align_backward",
     "ps_roi_pool",

@@ -319,5 +319,29 @@ ROI_ALIGN_ROTATED = Operator(
     check=_check_rotated,
 )
 
+# ------------------------------------------------ Precise RoI Pooling
+def _prroi_forward(x, rois, out, saved, v, channels_last):
+    _ops.prroi_pool_forward(x, rois, out, v.spatial_scale, channels_last)
+
+
+def _prroi_backward(g, rois, saved, grad_input, v, deterministic, zeroed,
+                    channels_last):
+    _ops.prroi_pool_backward(g, rois, grad_input, v.spatial_scale, deterministic,
+                             zeroed=zeroed, channels_last=channels_last)
+
+
+def _prroi_boxes_backward(g, x, rois, grad_rois, v, channels_last):
+    _ops.prroi_pool_boxes_backward(g, x, rois, grad_rois, v.spatial_scale,
+                                   channels_last)
+
+
+PRROI_POOL = Operator(
+    name="prroi_pool",
+    params=(SPATIAL_SCALE,),
+    forward=_prroi_forward,
+    backward=_prroi_backward,
+    boxes_backward=_prroi_boxes_backward,
+)
+
 OPERATORS = {op.name: op for op in (ROI_ALIGN, ROI_ALIGN_MAX, ROI_POOL, PS_ROI_POOL,
-                                    PS_ROI_ALIGN, ROI_ALIGN_ROTATED)}
+                                    PS_ROI_ALIGN, ROI_ALIGN_ROTATED, PRROI_POOL)}

@@ -90,9 +90,10 @@ except ImportError as error:  # pragma: no cover - only without JAX
 from . import _boxes, _gpu, _validate
 from ._interop import FLOAT_DTYPES, HALF_DTYPES
 from ._operators import (ALIGN_MODES, PS_ROI_ALIGN, PS_ROI_POOL, ROI_ALIGN,
-                         ROI_ALIGN_MAX, ROI_ALIGN_ROTATED, ROI_POOL)
+                         ROI_ALIGN_MAX, ROI_ALIGN_ROTATED, ROI_POOL, PRROI_POOL)
 
-__all__ = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "roi_align_rotated"]
+__all__ = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "roi_align_rotated",
+           "prroi_pool"]
 
 #: The JAX release that curoi.jax needs: the first with a public
 #: ``jax.experimental.buffer_callback`` carrying XLA's stream.
@@ -743,3 +744,13 @@ def roi_align_rotated(input, boxes, output_size, spatial_scale=1.0, sampling_rat
                                       aligned, clockwise)
     return _run(ROI_ALIGN_ROTATED, input, boxes, output_size, values, deterministic,
                 data_format)
+
+
+def prroi_pool(input, boxes, output_size, spatial_scale=1.0, *, deterministic=False,
+               data_format="NCHW"):
+    """Precise RoI Pooling of JAX arrays: :func:`curoi.prroi_pool` for
+    ``jax.jit``, ``jax.grad`` (with respect to the features and the boxes)
+    and ``jax.vmap``."""
+    output_size = _validate.output_size(output_size)
+    values = PRROI_POOL.values(spatial_scale)
+    return _run(PRROI_POOL, input, boxes, output_size, values, deterministic, data_format)

@@ -42,7 +42,8 @@ from torch.utils import _python_dispatch
 from . import _frontend, _operators, _torch_onnx, _validate
 
 __all__ = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "roi_align_rotated",
-           "RoIAlign", "RoIPool", "PSRoIAlign", "PSRoIPool", "RoIAlignRotated"]
+           "prroi_pool", "RoIAlign", "RoIPool", "PSRoIAlign", "PSRoIPool", "RoIAlignRotated",
+           "PrRoIPool"]
 
 
 # --------------------------------------------------------------- arguments
@@ -393,6 +394,7 @@ _ROI_POOL = _TorchOperator(_operators.ROI_POOL, _torch_onnx.roi_pool_symbolic)
 _PS_ROI_POOL = _TorchOperator(_operators.PS_ROI_POOL)
 _PS_ROI_ALIGN = _TorchOperator(_operators.PS_ROI_ALIGN)
 _ROI_ALIGN_ROTATED = _TorchOperator(_operators.ROI_ALIGN_ROTATED)
+_PRROI_POOL = _TorchOperator(_operators.PRROI_POOL)
 # The ops under their former names, for the tests and the ONNX symbolics.
 _roi_align_op, _roi_align_backward_op = _ROI_ALIGN.forward_op, _ROI_ALIGN.backward_op
 _roi_pool_op, _roi_pool_backward_op = _ROI_POOL.forward_op, _ROI_POOL.backward_op
@@ -537,6 +539,14 @@ def roi_align_rotated(input: Tensor, boxes, output_size, spatial_scale: float = 
                               convention, aligned, clockwise)
 
 
+def prroi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -> Tensor:
+    """Precise RoI Pooling, as mmcv's ``prroi_pool``: each bin the integral
+    of the bilinear feature surface over the bin, divided by its area (see
+    :func:`curoi.prroi_pool`). Differentiable with respect to ``input`` and
+    to the boxes (their gradient flows when they require grad)."""
+    return _PRROI_POOL(input, boxes, output_size, spatial_scale)
+
+
 _torch_onnx.register_torchscript_symbolics()
 
 
@@ -653,3 +663,20 @@ class RoIAlignRotated(nn.Module):
         return (f"{self.__class__.__name__}(output_size={self.output_size}, "
                 f"spatial_scale={self.spatial_scale}, "
                 f"sampling_ratio={self.sampling_ratio}{extra})")
+
+
+class PrRoIPool(nn.Module):
+    """:func:`prroi_pool` as a module, as mmcv's ``PrRoIPool(output_size,
+    spatial_scale)``."""
+
+    def __init__(self, output_size, spatial_scale: float = 1.0):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        return prroi_pool(input, rois, self.output_size, self.spatial_scale)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(output_size={self.output_size}, "
+                f"spatial_scale={self.spatial_scale})")
