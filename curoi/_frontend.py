@@ -41,7 +41,7 @@ def forward(op, input, boxes, ph, pw, values, channels_last, saved_dtypes=None):
     compute and return too (None: only the output)."""
     fast = _fast.numpy_arrays(input, boxes, op.box_columns)
     if fast is not None:
-        _validate.scale_for(values.spatial_scale, fast)
+        _check_scale(values, fast)
         shape = input.shape
         n, c, h, w = (shape[0], shape[3], shape[1], shape[2]) if channels_last else shape
         c_out = op.output_channels(c, ph, pw)
@@ -63,7 +63,7 @@ def forward(op, input, boxes, ph, pw, values, channels_last, saved_dtypes=None):
     with caller.on_device():
         x, storage = _launch.features(caller, input, "input", FEATURES[channels_last])
         acc = _launch.accumulation_dtype(storage)
-        _validate.scale_for(values.spatial_scale, acc)
+        _check_scale(values, acc)
         n, c, h, w = nchw(x.shape, channels_last)
         c_out = op.output_channels(c, ph, pw)
         _check_saved(op, saved_dtypes, h, w)
@@ -89,6 +89,13 @@ def forward(op, input, boxes, ph, pw, values, channels_last, saved_dtypes=None):
         return (y, *(caller.result(v, nat) for v, nat in zip(saved, natives)))
 
 
+def _check_scale(values, acc):
+    """A spatial_scale (where the operator has one) must be a finite
+    number in the accumulation type."""
+    if "spatial_scale" in values._fields:
+        _validate.scale_for(values.spatial_scale, acc)
+
+
 def _check_saved(op, saved_dtypes, h, w):
     for dtype in saved_dtypes or ():
         _validate.argmax_fits(h * w, dtype)
@@ -106,8 +113,7 @@ def backward(op, grad_output, boxes, input_shape, output_size, values,
         g, storage = _launch.features(caller, grad_output, "grad_output",
                                       GRAD[channels_last])
         acc = _launch.accumulation_dtype(storage)
-        if "spatial_scale" in values._fields:
-            _validate.scale_for(values.spatial_scale, acc)
+        _check_scale(values, acc)
         views = [_saved_view(caller, s, array, g) for s, array in zip(op.saved, saved)]
         rois = _boxes.to_rois(boxes, caller, n, acc, op.box_columns, op.box_layout)
         k = rois.shape[0]
@@ -160,7 +166,7 @@ def boxes_backward(op, grad_output, input, boxes, ph, pw, values, channels_last)
     with caller.on_device():
         x, storage = _launch.features(caller, input, "input", FEATURES[channels_last])
         acc = _launch.accumulation_dtype(storage)
-        _validate.scale_for(values.spatial_scale, acc)
+        _check_scale(values, acc)
         g, _ = _launch.features(caller, grad_output, "grad_output", GRAD[channels_last])
         n, c, h, w = nchw(x.shape, channels_last)
         rois = _boxes.to_rois(boxes, caller, n, acc, op.box_columns, op.box_layout)

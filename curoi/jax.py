@@ -624,7 +624,8 @@ def _run(op, input, boxes, output_size, values, deterministic, data_format):
     deterministic = _validate.flag(deterministic, "deterministic")
     channels_last = _validate.data_format(data_format)
     x = _features(input, channels_last)
-    _validate.scale_for(values.spatial_scale, _accumulation_dtype(_dtype_name(x.dtype)))
+    if "spatial_scale" in values._fields:
+        _validate.scale_for(values.spatial_scale, _accumulation_dtype(_dtype_name(x.dtype)))
     boxes = _checked_boxes(boxes, x.shape[0], op.box_columns, op.box_layout)
     shape = tuple(int(v) for v in x.shape)
     n, c, h, w = (shape[0], shape[3], shape[1], shape[2]) if channels_last else shape

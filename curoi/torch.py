@@ -181,38 +181,39 @@ _SCHEMA_TYPES = {"float": "float", "int": "SymInt", "bool": "bool", "str": "str"
 
 class _TorchOperator:
     """The custom ops of one operator description (``curoi._operators``):
-    ``curoi::<name>`` (features, rois, spatial_scale, pooled_height,
-    pooled_width, then the other params, as torchvision orders them; it also
-    returns the saved results) and ``curoi::<name>_backward`` (grad, rois,
-    the saved results, [spatial_scale, pooled_height, pooled_width,] the
-    features' shape, the backward's other params, deterministic,
-    channels_last), with fake implementations and the autograd formula. The
-    implementations run ``curoi._frontend`` on the tensors."""
+    ``curoi::<name>`` (features, rois, spatial_scale if the operator has
+    one, pooled_height, pooled_width, then the other params, as torchvision
+    orders them; it also returns the saved results),
+    ``curoi::<name>_backward`` (grad, rois, the saved results,
+    [spatial_scale, pooled_height, pooled_width,] the features' shape, the
+    backward's other params, deterministic, channels_last) and, where the
+    operator has a gradient for its boxes, ``curoi::<name>_boxes_backward``
+    (grad, features, rois, then the forward's params), with fake
+    implementations and the autograd formula. The implementations run
+    ``curoi._frontend`` on the tensors."""
 
     def __init__(self, op, onnx_symbolic=None):
         self.op = op
         self.onnx_symbolic = onnx_symbolic
-        rest = op.params[1:]  # spatial_scale comes first in every operator
-        assert op.params[0].name == "spatial_scale"
-        params = ", ".join(f"{_SCHEMA_TYPES[p.schema]} {p.name}" for p in rest)
+        # spatial_scale, where there is one, comes before the output size.
+        self.lead = 1 if op.params and op.params[0].name == "spatial_scale" else 0
+        lead = [f"float {p.name}" for p in op.params[:self.lead]]
+        pooled = ["SymInt pooled_height", "SymInt pooled_width"]
+        rest = [f"{_SCHEMA_TYPES[p.schema]} {p.name}" for p in op.params[self.lead:]]
         results = ", ".join(["Tensor"] * (1 + len(op.saved)))
         self.forward_op = torch.library.custom_op(
             f"curoi::{op.name}", self._forward, mutates_args=(),
-            schema=(f"(Tensor input, Tensor rois, float spatial_scale, "
-                    f"SymInt pooled_height, SymInt pooled_width"
-                    f"{', ' + params if params else ''}) -> "
-                    f"{'(' + results + ')' if op.saved else 'Tensor'}"))
+            schema="(" + ", ".join(["Tensor input", "Tensor rois"] + lead + pooled + rest)
+            + ") -> " + (f"({results})" if op.saved else "Tensor"))
         self.forward_op.register_fake(self._forward_fake)
         # The backward's channels_last defaults to False: a graph that
         # torch.compile cached before the argument existed (its cache key
         # does not cover autograd formulas) still calls it as before.
         before = ["Tensor grad", "Tensor rois"] + [f"Tensor {s.name}" for s in op.saved]
         if op.backward_needs_output_size:
-            before += ["float spatial_scale", "SymInt pooled_height",
-                       "SymInt pooled_width"]
+            before += lead + pooled
         shape = ["SymInt batch_size", "SymInt channels", "SymInt height", "SymInt width"]
-        after = [f"{_SCHEMA_TYPES[p.schema]} {p.name}" for p in op.backward_params
-                 if p.name != "spatial_scale"]
+        after = [f"{_SCHEMA_TYPES[p.schema]} {p.name}" for p in self._backward_rest]
         self.backward_op = torch.library.custom_op(
             f"curoi::{op.name}_backward", self._backward, mutates_args=(),
             schema="(" + ", ".join(before + shape + after + [
@@ -224,19 +225,34 @@ class _TorchOperator:
             self.boxes_op = torch.library.custom_op(
                 f"curoi::{op.name}_boxes_backward", self._boxes_backward,
                 mutates_args=(),
-                schema=(f"(Tensor grad, Tensor input, Tensor rois, float spatial_scale, "
-                        f"SymInt pooled_height, SymInt pooled_width"
-                        f"{', ' + params if params else ''}) -> Tensor"))
+                schema="(" + ", ".join(["Tensor grad", "Tensor input", "Tensor rois"]
+                                       + lead + pooled + rest) + ") -> Tensor")
             self.boxes_op.register_fake(lambda grad, input, rois, *args: rois.new_empty(
                 rois.shape))
         self.forward_op.register_autograd(self._autograd, setup_context=self._setup)
 
-    # ----------------------------------------------------------- forward
-    def _values(self, spatial_scale, rest):
-        return self.op.values(spatial_scale, *rest)
+    @property
+    def _backward_rest(self):
+        """The backward's params that follow the features' shape."""
+        lead = self.op.params[:self.lead] if self.op.backward_needs_output_size else ()
+        return tuple(p for p in self.op.backward_params if p not in lead)
 
-    def _forward(self, input, rois, spatial_scale, ph, pw, *rest):
-        values = self._values(spatial_scale, rest)
+    def _split(self, args):
+        """A forward op's arguments after the tensors -> (ph, pw, params in
+        the description's order)."""
+        lead = tuple(args[:self.lead])
+        ph, pw = args[self.lead], args[self.lead + 1]
+        return ph, pw, lead + tuple(args[self.lead + 2:])
+
+    def _join(self, params, ph, pw):
+        """The reverse of :meth:`_split`."""
+        params = tuple(params)
+        return params[:self.lead] + (ph, pw) + params[self.lead:]
+
+    # ----------------------------------------------------------- forward
+    def _forward(self, input, rois, *args):
+        ph, pw, params = self._split(args)
+        values = self.op.values(*params)
         ph, pw = _validate.output_size((ph, pw))
         channels_last = _channels_last(input)
         h, w = input.shape[2], input.shape[3]
@@ -249,7 +265,8 @@ class _TorchOperator:
             return tuple(_nchw(r) for r in result)
         return _nchw(result)
 
-    def _forward_fake(self, input, rois, spatial_scale, ph, pw, *rest):
+    def _forward_fake(self, input, rois, *args):
+        ph, pw, _ = self._split(args)
         _check_tensors(input, rois, "rois", self.op.box_columns)
         c = self.op.output_channels(input.shape[1], ph, pw)
         shape = (rois.shape[0], c, ph, pw)
@@ -274,14 +291,14 @@ class _TorchOperator:
         given = {}
         output_size = None
         if self.op.backward_needs_output_size:
-            given["spatial_scale"] = args[0]
-            output_size = (args[1], args[2])
-            del args[:3]
+            for p in self.op.params[:self.lead]:
+                given[p.name] = args.pop(0)
+            output_size = (args[0], args[1])
+            del args[:2]
         shape = tuple(args[:4])
         del args[:4]
-        for p in self.op.backward_params:
-            if p.name != "spatial_scale":
-                given[p.name] = args.pop(0)
+        for p in self._backward_rest:
+            given[p.name] = args.pop(0)
         deterministic = args.pop(0)
         channels_last = args.pop(0) if args else False
         return grad, rois, saved, output_size, self.op.values(**given), shape, \
@@ -301,8 +318,9 @@ class _TorchOperator:
         grad, _, _, _, _, shape, _, channels_last = self._backward_args(args)
         return _empty(grad, shape, channels_last)
 
-    def _boxes_backward(self, grad, input, rois, spatial_scale, ph, pw, *rest):
-        values = self._values(spatial_scale, rest)
+    def _boxes_backward(self, grad, input, rois, *args):
+        ph, pw, params = self._split(args)
+        values = self.op.values(*params)
         channels_last = _channels_last(input)
         if channels_last:
             grad, input = _nhwc(grad), _nhwc(input)
@@ -320,35 +338,35 @@ class _TorchOperator:
         ctx.save_for_backward(rois, *saved, *kept)
         ctx.input_shape = tuple(input.shape)
         ctx.channels_last = _channels_last(input)
-        ctx.params = inputs[2:]
+        ctx.args = inputs[2:]
         ctx.count = len(inputs)
 
     def _autograd(self, ctx, grad, *saved_grads):
         rois, *saved = ctx.saved_tensors
-        spatial_scale, ph, pw, *rest = ctx.params
+        ph, pw, params = self._split(ctx.args)
         grad_rois = None
         if self.boxes_op is not None:
             input = saved.pop()
             if ctx.needs_input_grad[1]:
-                grad_rois = self.boxes_op(grad, input, rois, spatial_scale, ph, pw, *rest)
+                grad_rois = self.boxes_op(grad, input, rois, *ctx.args)
         grad_input = None
         if ctx.needs_input_grad[0]:
-            by_name = dict(zip((p.name for p in self.op.params[1:]), rest))
+            by_name = dict(zip((p.name for p in self.op.params), params))
             args = [grad, rois, *saved]
             if self.op.backward_needs_output_size:
-                args += [spatial_scale, ph, pw]
+                args += [by_name[p.name] for p in self.op.params[:self.lead]] + [ph, pw]
             args += list(ctx.input_shape)
-            args += [by_name[p.name] for p in self.op.backward_params
-                     if p.name != "spatial_scale"]
+            args += [by_name[p.name] for p in self._backward_rest]
             args += [torch.are_deterministic_algorithms_enabled(), ctx.channels_last]
             grad_input = self.backward_op(*args)
         return (grad_input, grad_rois) + (None,) * (ctx.count - 2)
 
     # ------------------------------------------------------------- calls
-    def __call__(self, input, boxes, output_size, spatial_scale, *rest):
-        """The public function's body: checks, then the ONNX symbolic while
-        exporting, the kernel directly when nothing else needs to see the
-        call, else the op (its output only)."""
+    def __call__(self, input, boxes, output_size, *params):
+        """The public function's body (``params`` in the description's
+        order): checks, then the kernel directly when nothing else needs to
+        see the call, the ONNX symbolic while exporting, else the op (its
+        output only)."""
         _check_input(input)
         rois = _to_rois(boxes, input, self.op.box_columns)
         _check_tensors(input, rois, "boxes", self.op.box_columns)
@@ -357,16 +375,17 @@ class _TorchOperator:
             # torch.compile(dynamic=True) traces float arguments as symbols
             # that the checks cannot read; the op checks the same values
             # when it runs, with the same messages.
-            values = self._values(spatial_scale, rest)
-            spatial_scale, rest = values[0], tuple(values[1:])
+            values = self.op.values(*params)
+            params = tuple(values)
             # (An exporter's capture sees fake tensors or a dispatch mode,
             # which the direct call leaves alone.)
             out = self._direct(input, rois, ph, pw, values)
             if out is not None:
                 return out
+        args = self._join(params, ph, pw)
         if self.onnx_symbolic is not None and _torch_onnx.dynamo_exporting():
-            return self.onnx_symbolic(input, rois, spatial_scale, ph, pw, *rest)
-        result = self.forward_op(input, rois, spatial_scale, ph, pw, *rest)
+            return self.onnx_symbolic(input, rois, *args)
+        result = self.forward_op(input, rois, *args)
         return result[0] if self.op.saved else result
 
     def _direct(self, input, rois, ph, pw, values):
@@ -379,7 +398,8 @@ class _TorchOperator:
                               dtype=input.dtype)
         except RuntimeError:
             return None  # the op path raises curoi's MemoryError naming it
-        _validate.scale_for(values.spatial_scale, direct)
+        if self.lead:
+            _validate.scale_for(values.spatial_scale, direct)
         # No gradient is needed on this path, so no saved results either.
         # (A tensor that requires grad while grad is off has to be detached
         # to be viewed.)
