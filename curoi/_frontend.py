@@ -59,15 +59,15 @@ def forward(op, input, boxes, ph, pw, values, channels_last, saved_dtypes=None):
             if out is not None and all(s is not None for s in saved):
                 op.forward(input, boxes, out, saved, values, channels_last)
                 return (out, *saved)
-    caller = Caller(input, "input")
+    caller = Caller(input, op.input_name)
     with caller.on_device():
-        x, storage = _launch.features(caller, input, "input", FEATURES[channels_last])
+        x, storage = _launch.features(caller, input, op.input_name, FEATURES[channels_last])
         acc = _launch.accumulation_dtype(storage)
         _check_scale(values, acc)
         n, c, h, w = nchw(x.shape, channels_last)
         c_out = op.output_channels(c, ph, pw)
         _check_saved(op, saved_dtypes, h, w)
-        rois = _boxes.to_rois(boxes, caller, n, acc, op.box_columns, op.box_layout)
+        rois = _rois(op, boxes, caller, n, acc)
         k = rois.shape[0]
         dtype = _launch.kernel_dtype(caller, storage)
         cast = _launch.cast_back(caller, storage, dtype)
@@ -87,6 +87,13 @@ def forward(op, input, boxes, ph, pw, values, channels_last, saved_dtypes=None):
         if not saved_dtypes:
             return y
         return (y, *(caller.result(v, nat) for v, nat in zip(saved, natives)))
+
+
+def _rois(op, boxes, caller, batch, acc):
+    """The kernels' rois from the caller's boxes."""
+    if op.rois_from is not None and isinstance(boxes, tuple):
+        return op.rois_from(boxes, caller, batch, acc)
+    return _boxes.to_rois(boxes, caller, batch, acc, op.box_columns, op.box_layout)
 
 
 def _check_scale(values, acc):
@@ -115,7 +122,7 @@ def backward(op, grad_output, boxes, input_shape, output_size, values,
         acc = _launch.accumulation_dtype(storage)
         _check_scale(values, acc)
         views = [_saved_view(caller, s, array, g) for s, array in zip(op.saved, saved)]
-        rois = _boxes.to_rois(boxes, caller, n, acc, op.box_columns, op.box_layout)
+        rois = _rois(op, boxes, caller, n, acc)
         k = rois.shape[0]
         _, g_channels, gh, gw = nchw(g.shape, channels_last)
         ph, pw = (gh, gw) if output_size is None else output_size
@@ -162,14 +169,14 @@ def boxes_backward(op, grad_output, input, boxes, ph, pw, values, channels_last)
     """``op``'s gradient with respect to the boxes, with their shape: a
     ``[K, columns]`` array (0 in the batch-index column) or a list of
     per-image ``[L, columns - 1]`` arrays, in the boxes' dtype."""
-    caller = Caller(input, "input")
+    caller = Caller(input, op.input_name)
     with caller.on_device():
-        x, storage = _launch.features(caller, input, "input", FEATURES[channels_last])
+        x, storage = _launch.features(caller, input, op.input_name, FEATURES[channels_last])
         acc = _launch.accumulation_dtype(storage)
         _check_scale(values, acc)
         g, _ = _launch.features(caller, grad_output, "grad_output", GRAD[channels_last])
         n, c, h, w = nchw(x.shape, channels_last)
-        rois = _boxes.to_rois(boxes, caller, n, acc, op.box_columns, op.box_layout)
+        rois = _rois(op, boxes, caller, n, acc)
         k = rois.shape[0]
         expected = layout(k, op.output_channels(c, ph, pw), ph, pw, channels_last)
         if tuple(g.shape) != expected:
@@ -183,13 +190,19 @@ def boxes_backward(op, grad_output, input, boxes, ph, pw, values, channels_last)
             op.boxes_backward(_launch.as_kernel_input(g, dtype),
                               _launch.as_kernel_input(x, dtype), rois, grad_rois,
                               values, channels_last)
-        return _like_boxes(caller, boxes, grad_rois)
+        return _like_boxes(op, caller, boxes, grad_rois)
 
 
-def _like_boxes(caller, boxes, grad_rois):
+def _like_boxes(op, caller, boxes, grad_rois):
     """``grad_rois`` in the shape and dtype of ``boxes``, cast by the
-    caller's framework."""
+    caller's framework; boxes in an operator's own form (``rois_from``: a
+    tuple whose first array holds the coordinates) get the gradient of
+    that array."""
     acc = grad_rois.dtype.name
+    if op.rois_from is not None and isinstance(boxes, tuple):
+        xp = _gpu.require_cupy() if caller.device.is_cuda else np
+        grad_rois = xp.ascontiguousarray(grad_rois[:, 1:])
+        boxes = boxes[0]
 
     def handed_back(view, array, name):
         dtype = _validate.storage_dtype(array, caller.view(array, name))

@@ -23,7 +23,9 @@ import dataclasses
 import functools
 from typing import Callable, Tuple
 
-from . import _kernels, _ops, _validate
+import numpy as np
+
+from . import _boxes, _kernels, _ops, _validate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +81,14 @@ class Operator:
     #: gradient with respect to the rois (the batch-index column stays 0);
     #: None for an operator that gives the boxes no gradient.
     boxes_backward: Callable = None
+    #: (boxes, caller, batch, acc_dtype) -> the kernels' rois, for an
+    #: operator whose NumPy functions take its boxes in another form (a
+    #: tuple of arrays, which the front end hands here; torch and JAX build
+    #: the [K, columns] rois themselves); None: a [K, columns] array or a
+    #: list per image.
+    rois_from: Callable = None
+    #: The features' argument name, for messages.
+    input_name: str = "input"
 
     def __post_init__(self):
         # Derived once (the dataclass is frozen): a call checks its values
@@ -343,5 +353,83 @@ PRROI_POOL = Operator(
     boxes_backward=_prroi_boxes_backward,
 )
 
+# ----------------------------------------- TensorFlow's crop_and_resize
+# The front ends carry TensorFlow's boxes [K, 4] (y1, x1, y2, x2) and
+# box_indices [K] as one rois array [K, 5] (box index, y1, x1, y2, x2), so
+# that crop_and_resize is described like the others; the kernels take them
+# apart again.
+CROP_METHODS = tuple(_kernels.CROP_AND_RESIZE_METHODS)
+
+
+def _crop_parts(rois):
+    """rois [K, 5] -> (boxes [K, 4], box_indices [K] int32); an index that
+    is not a whole number in int32's range becomes -1 (reads nothing)."""
+    xp = _ops._xp(rois)
+    index = rois[:, 0]
+    valid = (index >= 0) & (index < 2**31 - 1)  # NaN fails both
+    indices = xp.where(valid, index, -1).astype(np.int32)
+    return xp.ascontiguousarray(rois[:, 1:]), indices
+
+
+def _crop_forward(x, rois, out, saved, v, channels_last):
+    boxes, indices = _crop_parts(rois)
+    _ops.crop_and_resize_forward(x, boxes, indices, out, v.method,
+                                 v.extrapolation_value, channels_last)
+
+
+def _crop_backward(g, rois, saved, grad_input, v, deterministic, zeroed,
+                   channels_last):
+    boxes, indices = _crop_parts(rois)
+    _ops.crop_and_resize_backward(g, boxes, indices, grad_input, v.method,
+                                  deterministic, zeroed=zeroed,
+                                  channels_last=channels_last)
+
+
+def _crop_boxes_backward(g, x, rois, grad_rois, v, channels_last):
+    boxes, indices = _crop_parts(rois)
+    grad = _ops._xp(rois).empty(boxes.shape, grad_rois.dtype)
+    _ops.crop_and_resize_boxes_backward(g, x, boxes, indices, grad, v.method,
+                                        channels_last)
+    grad_rois[:, 0] = 0
+    grad_rois[:, 1:] = grad
+
+
+def _crop_rois(boxes, caller, batch, acc):
+    """(boxes [K, 4], box_indices [K]) viewed and checked -> rois [K, 5]."""
+    boxes, box_indices = boxes
+    view = _boxes._checked_view(caller, boxes, "boxes", 4, CROP_BOX)
+    indices = caller.view(box_indices, "box_indices", allow_int=True)
+    if indices.dtype.kind not in "iu":
+        raise TypeError(f"box_indices must have an integer dtype, got {indices.dtype}")
+    if indices.shape != (view.shape[0],):
+        raise ValueError(f"box_indices must have shape [K] = ({view.shape[0]},) "
+                         f"like boxes, got {tuple(indices.shape)}")
+    xp = _ops._xp(view)
+    rois = xp.empty((view.shape[0], 5), dtype=acc)
+    rois[:, 0] = indices
+    rois[:, 1:] = view
+    return rois
+
+
+CROP_BOX = "(box index, y1, x1, y2, x2)"
+
+CROP_AND_RESIZE = Operator(
+    name="crop_and_resize",
+    params=(
+        Param("method", "bilinear",
+              lambda value: _validate.choice(value, "method", CROP_METHODS), "str"),
+        Param("extrapolation_value", 0.0,
+              lambda value: _validate.real(value, "extrapolation_value"), "float",
+              backward=False),
+    ),
+    forward=_crop_forward,
+    backward=_crop_backward,
+    boxes_backward=_crop_boxes_backward,
+    box_layout=CROP_BOX,
+    rois_from=_crop_rois,
+    input_name="image",
+)
+
 OPERATORS = {op.name: op for op in (ROI_ALIGN, ROI_ALIGN_MAX, ROI_POOL, PS_ROI_POOL,
-                                    PS_ROI_ALIGN, ROI_ALIGN_ROTATED, PRROI_POOL)}
+                                    PS_ROI_ALIGN, ROI_ALIGN_ROTATED, PRROI_POOL,
+                                    CROP_AND_RESIZE)}

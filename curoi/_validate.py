@@ -60,6 +60,14 @@ def sampling_ratio(value, name="sampling_ratio"):
     return value
 
 
+def real(value, name):
+    """A real number (not a bool), as a Python float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
 def flag(value, name):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")

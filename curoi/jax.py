@@ -90,10 +90,11 @@ except ImportError as error:  # pragma: no cover - only without JAX
 from . import _boxes, _gpu, _validate
 from ._interop import FLOAT_DTYPES, HALF_DTYPES
 from ._operators import (ALIGN_MODES, PS_ROI_ALIGN, PS_ROI_POOL, ROI_ALIGN,
-                         ROI_ALIGN_MAX, ROI_ALIGN_ROTATED, ROI_POOL, PRROI_POOL)
+                         ROI_ALIGN_MAX, ROI_ALIGN_ROTATED, ROI_POOL, PRROI_POOL,
+                         CROP_AND_RESIZE)
 
 __all__ = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "roi_align_rotated",
-           "prroi_pool"]
+           "prroi_pool", "crop_and_resize"]
 
 #: The JAX release that curoi.jax needs: the first with a public
 #: ``jax.experimental.buffer_callback`` carrying XLA's stream.
@@ -755,3 +756,32 @@ def prroi_pool(input, boxes, output_size, spatial_scale=1.0, *, deterministic=Fa
     output_size = _validate.output_size(output_size)
     values = PRROI_POOL.values(spatial_scale)
     return _run(PRROI_POOL, input, boxes, output_size, values, deterministic, data_format)
+
+
+def crop_and_resize(image, boxes, box_indices, crop_size, method="bilinear",
+                    extrapolation_value=0.0, *, deterministic=False, data_format="NHWC"):
+    """TensorFlow's ``tf.image.crop_and_resize`` on JAX arrays, for
+    ``jax.jit``, ``jax.grad`` (with respect to the image and the boxes,
+    TensorFlow's gradients) and ``jax.vmap``; the arguments are those of
+    :func:`curoi.crop_and_resize` (NHWC by default, as TensorFlow)."""
+    crop_size = _validate.output_size(crop_size, "crop_size")
+    values = CROP_AND_RESIZE.values(method, extrapolation_value)
+    if isinstance(boxes, np.ndarray):
+        boxes = jnp.asarray(boxes)
+    if (not isinstance(boxes, jax.Array) or boxes.ndim != 2 or boxes.shape[1] != 4
+            or _dtype_name(boxes.dtype) not in FLOAT_DTYPES):
+        raise ValueError(f"boxes must be a floating-point [K, 4] array of normalised "
+                         f"(y1, x1, y2, x2), got {getattr(boxes, 'shape', boxes)!r}")
+    if isinstance(box_indices, np.ndarray):
+        box_indices = jnp.asarray(box_indices)
+    if (not isinstance(box_indices, jax.Array) or box_indices.ndim != 1
+            or box_indices.shape[0] != boxes.shape[0]):
+        raise ValueError(f"box_indices must be a [K] array with K = {boxes.shape[0]} "
+                         f"like boxes, got {getattr(box_indices, 'shape', box_indices)!r}")
+    if not jnp.issubdtype(box_indices.dtype, jnp.integer):
+        raise TypeError(f"box_indices must have an integer dtype, got {box_indices.dtype}")
+    # The box index rides in the rois' first column (see _operators).
+    acc = _accumulation_dtype(_dtype_name(getattr(image, "dtype", np.float32)))
+    rois = jnp.concatenate([box_indices[:, None].astype(acc), boxes.astype(acc)], axis=1)
+    return _run(CROP_AND_RESIZE, image, rois, crop_size, values, deterministic,
+                data_format)

@@ -43,7 +43,7 @@ from . import _frontend, _operators, _torch_onnx, _validate
 
 __all__ = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "roi_align_rotated",
            "prroi_pool", "RoIAlign", "RoIPool", "PSRoIAlign", "PSRoIPool", "RoIAlignRotated",
-           "PrRoIPool"]
+           "PrRoIPool", "crop_and_resize"]
 
 
 # --------------------------------------------------------------- arguments
@@ -415,6 +415,7 @@ _PS_ROI_POOL = _TorchOperator(_operators.PS_ROI_POOL)
 _PS_ROI_ALIGN = _TorchOperator(_operators.PS_ROI_ALIGN)
 _ROI_ALIGN_ROTATED = _TorchOperator(_operators.ROI_ALIGN_ROTATED)
 _PRROI_POOL = _TorchOperator(_operators.PRROI_POOL)
+_CROP_AND_RESIZE = _TorchOperator(_operators.CROP_AND_RESIZE)
 # The ops under their former names, for the tests and the ONNX symbolics.
 _roi_align_op, _roi_align_backward_op = _ROI_ALIGN.forward_op, _ROI_ALIGN.backward_op
 _roi_pool_op, _roi_pool_backward_op = _ROI_POOL.forward_op, _ROI_POOL.backward_op
@@ -565,6 +566,41 @@ def prroi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) ->
     :func:`curoi.prroi_pool`). Differentiable with respect to ``input`` and
     to the boxes (their gradient flows when they require grad)."""
     return _PRROI_POOL(input, boxes, output_size, spatial_scale)
+
+
+def crop_and_resize(image: Tensor, boxes: Tensor, box_indices: Tensor, crop_size,
+                    method: str = "bilinear", extrapolation_value: float = 0.0, *,
+                    data_format: str = "NHWC") -> Tensor:
+    """TensorFlow's ``tf.image.crop_and_resize`` on torch tensors, with
+    gradients for the image and for the boxes (TensorFlow's); see
+    :func:`curoi.crop_and_resize` for the arguments. ``data_format="NHWC"``
+    (the default, as TensorFlow) takes ``image`` ``[N, H, W, C]`` and gives
+    ``[K, crop_height, crop_width, C]``; ``"NCHW"`` takes ``[N, C, H, W]``
+    (``torch.channels_last`` or not) and gives ``[K, C, crop_height,
+    crop_width]``."""
+    channels_last = _validate.data_format(data_format)
+    if not isinstance(image, Tensor):
+        raise TypeError(f"image must be a torch.Tensor, got {type(image).__name__}")
+    if image.dim() != 4:
+        raise ValueError(f"image must be a 4-D tensor, got shape {tuple(image.shape)}")
+    for name, value, dims in (("boxes", boxes, 2), ("box_indices", box_indices, 1)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dim() != dims:
+            raise ValueError(f"{name} must be a {dims}-D tensor, got shape "
+                             f"{tuple(value.shape)}")
+    if boxes.shape[1] != 4 or box_indices.shape[0] != boxes.shape[0]:
+        raise ValueError(
+            f"boxes must be [K, 4] (y1, x1, y2, x2) and box_indices [K], got "
+            f"{tuple(boxes.shape)} and {tuple(box_indices.shape)}")
+    if box_indices.dtype.is_floating_point or box_indices.dtype == torch.bool:
+        raise TypeError(f"box_indices must have an integer dtype, got {box_indices.dtype}")
+    # The box index rides in the rois' first column (see _operators).
+    acc = torch.float64 if image.dtype == torch.float64 else torch.float32
+    rois = torch.cat([box_indices[:, None].to(acc), boxes.to(acc)], dim=1)
+    x = _nchw(image) if channels_last else image
+    y = _CROP_AND_RESIZE(x, rois, crop_size, method, extrapolation_value)
+    return _nhwc(y) if channels_last else y
 
 
 _torch_onnx.register_torchscript_symbolics()
