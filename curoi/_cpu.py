@@ -251,30 +251,86 @@ def _cached_library(stem):
     return None
 
 
+class _FolderLock:
+    """An exclusive lock on the cache folder across processes (flock on
+    the folder itself, so that nothing but libraries is ever left there):
+    concurrent first calls wait for one build instead of each compiling.
+    Where flock does not exist the builds run side by side, each finishing
+    with an atomic rename, which is also safe."""
+
+    def __init__(self, folder):
+        self._folder, self._fd = folder, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+
+            self._fd = os.open(self._folder, os.O_RDONLY)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            self.__exit__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+
 def _compile(argv, flags, stem):
-    """Build the library into the cache; return its path."""
+    """Build the library into the cache (unless another process has just
+    done so); return its path. Each family's source compiles to an object of
+    its own, as many at once as the process has cores, then one link."""
     folder = _library_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=_SUFFIX, dir=folder)
-    os.close(fd)
-    sources = [str(_sources.source_path(f)) for f in _sources.FAMILIES]
-    cmd = argv + ["-x", "c++"] + list(flags) + \
-        ["-I", str(_sources.kernel_dir())] + sources + ["-o", tmp]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
+    with _FolderLock(folder):
+        path = _cached_library(stem)
+        if path is not None:
+            return path
+        work = tempfile.mkdtemp(prefix=".build-", dir=folder)
+        try:
+            return _compile_in(work, folder, argv, flags, stem)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_compiler(cmds, parallel):
+    """Run compiler commands, ``parallel`` at a time; raise on the first
+    failure with its command line and messages."""
+    pending, running = list(cmds), []
+    while pending or running:
+        while pending and len(running) < parallel:
+            cmd = pending.pop(0)
+            running.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                  stderr=subprocess.PIPE, text=True)))
+        cmd, proc = running.pop(0)
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            for _, other in running:
+                other.kill()
+                other.wait()
             raise RuntimeError(
                 "building curoi's CPU kernels failed:\n  "
-                + " ".join(shlex.quote(c) for c in cmd) + "\n" + done.stderr
-            )
-        with open(tmp, "rb") as f:
-            digest = _content_digest(f.read())
-        target = folder / f"{stem}-{digest}{_SUFFIX}"
-        os.replace(tmp, target)  # atomic: readers see all of it or nothing
-        return target
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+                + " ".join(shlex.quote(c) for c in cmd) + "\n" + err)
+
+
+def _compile_in(work, folder, argv, flags, stem):
+    include = ["-I", str(_sources.kernel_dir())]
+    compile_flags = [f for f in flags if f != "-shared"]
+    objects, cmds = [], []
+    for family in _sources.FAMILIES:
+        obj = os.path.join(work, family + ".o")
+        objects.append(obj)
+        cmds.append(argv + ["-x", "c++"] + compile_flags + include
+                    + ["-c", str(_sources.source_path(family)), "-o", obj])
+    _run_compiler(cmds, _available_cores())
+    tmp = os.path.join(work, "library" + _SUFFIX)
+    _run_compiler([argv + list(flags) + objects + ["-o", tmp]], 1)
+    with open(tmp, "rb") as f:
+        digest = _content_digest(f.read())
+    target = folder / f"{stem}-{digest}{_SUFFIX}"
+    os.replace(tmp, target)  # atomic: readers see all of it or nothing
+    return target
 
 
 def _warn_from_caller(message):

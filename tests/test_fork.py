@@ -207,12 +207,13 @@ def test_multiprocessing_fork_pool_maps_over_batches():
 
 
 def test_spawn_and_forkserver_reuse_the_cached_library(tmp_path):
-    # A compiler wrapper logs every build: the parent builds once into an
-    # empty cache; the fresh interpreters of the workers must find it there.
+    # A compiler wrapper logs every build (its link: the one command with
+    # -shared): the parent builds once into an empty cache; the fresh
+    # interpreters of the workers must find it there.
     log = tmp_path / "builds.log"
     wrapper = tmp_path / "logging-c++"
-    wrapper.write_text(  # builds, not the --version queries of the cache key
-        '#!/bin/sh\ncase " $* " in *" -o "*) echo build >> "' + str(log) + '";; esac\n'
+    wrapper.write_text(  # links, not compiles or the --version queries of the cache key
+        '#!/bin/sh\ncase " $* " in *" -shared "*) echo build >> "' + str(log) + '";; esac\n'
         'exec c++ "$@"\n')
     wrapper.chmod(0o755)
     # Workers are fresh interpreters that import this file: a real module.
