@@ -10,7 +10,8 @@ import hashlib
 from pathlib import Path
 
 #: The kernel families: one ``.cu`` file each.
-FAMILIES = ("roi_pool", "roi_align", "roi_align_max", "ps_roi_pool", "ps_roi_align")
+FAMILIES = ("roi_pool", "roi_align", "roi_align_max", "ps_roi_pool", "ps_roi_align",
+            "multiscale_roi_align")
 
 COMMON_HEADER = "curoi_common.cuh"
 
