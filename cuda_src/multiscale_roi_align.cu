@@ -22,9 +22,17 @@
 // where k_min = trunc(-log2(scales[0])) and k_max = trunc(-log2(scales[L-1]))
 // (a pyramid of strides 2^k_min .. 2^k_max, level l at scale 2^-(k_min+l)).
 // The operations are the peers' and in their order: both compute in the
-// boxes' dtype (float32, usually; A is float for float32 boxes). Rule 1 is
-// also older torchvision's (eps 1e-6); detectron2 uses eps 1e-8 or, since
-// 2021, sys.float_info.epsilon.
+// boxes' dtype (float32, usually; A is float for float32 boxes), so float32
+// kernels pick the peers' levels. Where lvl0 + log2(s / s0) (+ eps) lies
+// within float32's rounding (2^-22 .. 2^-21 there) of an integer, float32
+// and float64 may disagree: the box (0, 0, 224, 223.99968) is level 2 (k =
+// 4) in float32 and level 1 in float64 by rule 0 with eps 1e-6, and
+// (0, 0, 448, 447.99994) level 3 in float32, level 2 in float64 by rule 1
+// (4 + log2(s/224) = 5 - 1e-7 rounds to 5 in float32). log2 itself may
+// differ by an ulp between libraries (glibc, CUDA, PyTorch's vectorised
+// one), which can move such boxes too. Rule 1 is also older torchvision's
+// (eps 1e-6 inside the log); detectron2 uses eps 1e-8 or, in later
+// versions, sys.float_info.epsilon.
 //
 // Where the rule gives no level, the box reads nothing (output 0, no
 // gradient), as both peers leave it: a NaN k (a negative area, one of x2 < x1

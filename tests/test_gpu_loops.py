@@ -43,6 +43,7 @@ SUITES = (
     "test_roi_align_max_kernels.py",
     "test_channels_last.py",    # NHWC == NCHW transposed, bit for bit
     "test_ps_roi_kernels.py",   # ps_roi_pool.cu and ps_roi_align.cu
+    "test_multiscale_roi_align_kernels.py",  # multiscale_roi_align.cu
 )
 
 # Run in both builds: an roi_align forward and backward big enough that the

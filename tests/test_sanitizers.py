@@ -1,5 +1,6 @@
-"""The adversarial suites (test_adversarial.py, and test_ps_roi_kernels.py
-for the position-sensitive kernels) under AddressSanitizer and
+"""The adversarial suites (test_adversarial.py, test_ps_roi_kernels.py for
+the position-sensitive kernels and test_multiscale_roi_align_kernels.py for
+multiscale RoI Align) under AddressSanitizer and
 UndefinedBehaviorSanitizer, with the CPU's loops and again with the GPU's
 (CUROI_CPU_LOOPS=gpu, see test_gpu_loops.py).
 
@@ -91,7 +92,8 @@ def _clear(logs):
 
 # The suites that run under the sanitizers: hostile boxes, sizes and argmax
 # for every kernel family. They import only NumPy, curoi and the references.
-SUITES = ("test_adversarial.py", "test_ps_roi_kernels.py")
+SUITES = ("test_adversarial.py", "test_ps_roi_kernels.py",
+          "test_multiscale_roi_align_kernels.py")
 
 # Records which kernels the suite launches, so that a family the suite
 # forgets is noticed rather than silently left out of the sanitized run.
