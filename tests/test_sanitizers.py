@@ -165,10 +165,14 @@ OUT_OF_BOUNDS = textwrap.dedent("""
     from curoi import _cpu
     x = np.ones((1, 1, 8, 8), np.float32)
     rois = np.array([[0, 0, 0, 7, 7]], np.float32)
-    # 64 x 64 outputs need 4096 floats; give the kernel one row fewer. The
-    # buffer is large enough that NumPy takes it from malloc, which ASan
-    # watches, not from its small-block cache.
-    out = np.empty(4096 - 64, np.float32)
+    # 64 x 64 outputs need 4096 floats; give the kernel a row and 8 floats
+    # fewer. The buffer is large enough that NumPy takes it from malloc,
+    # which ASan watches, not from its small-block cache. ASan rounds it up
+    # to its 16 KiB size class with 32 bytes to spare, poisoned: the first
+    # write past the end lands there whatever lies beyond the chunk (a
+    # buffer that fills its chunk exactly may end where ASan's heap mapping
+    # does, and the write past it is reported as a SEGV instead).
+    out = np.empty(4096 - 72, np.float32)
     _cpu.launch("roi_align", "forward", "float32",
                 (x, rois, 1, 1, 1, 8, 8, 64, 64, 1.0, 2, 1, 0, out))
     print("no report")
