@@ -44,6 +44,46 @@ CUROI_DEVICE int64_t roi_channel_step(const RoiAlignSameChannel&) {
 // runs the very operations of its NCHW twin, so the results are the same
 // bits, transposed.
 
+// One output element's sum over its bin's samples, not yet divided by the
+// count: 0 for a box that reads nothing. Shared with the loops of
+// multiscale RoI Align (multiscale_roi_align.cu), which give each element
+// the map, size and scale of its box's level.
+template <bool ChannelsLast, typename Map, typename T>
+CUROI_DEVICE typename AccType<T>::type roi_align_element_sum(
+    const Map& map, const T* input,
+    const RoiAlignElement<typename AccType<T>::type>& e,
+    const CuroiOutputIndex& at, int64_t channels, int64_t height,
+    int64_t width, int64_t pooled_width) {
+  typedef typename AccType<T>::type A;
+  const RoiAlignBox<A>& g = e.box;
+  const RoiAlignAxis<A>& ay = e.y;
+  const RoiAlignAxis<A>& ax = e.x;
+  A sum = (A)0;
+  if (g.batch_index >= 0) {
+    const CuroiPlane p = curoi_plane<ChannelsLast>(
+        g.batch_index,
+        roi_input_channel(map, at.c, at.ph * pooled_width + at.pw), channels,
+        height * width);
+    const T* plane = input + p.at;
+    for (int64_t ey = ay.first; ey < ay.last; ++ey) {
+      RoiAlignTap<A> ty;
+      if (!roi_align_tap(ay, ey, height, &ty)) continue;
+      const T* row_lo = plane + ty.lo * width * p.step;
+      const T* row_hi = plane + ty.hi * width * p.step;
+      for (int64_t ex = ax.first; ex < ax.last; ++ex) {
+        RoiAlignTap<A> tx;
+        if (!roi_align_tap(ax, ex, width, &tx)) continue;
+        const int64_t lo = tx.lo * p.step, hi = tx.hi * p.step;
+        sum += ty.w_lo * tx.w_lo * curoi_load<A>(row_lo[lo]) +
+               ty.w_lo * tx.w_hi * curoi_load<A>(row_lo[hi]) +
+               ty.w_hi * tx.w_lo * curoi_load<A>(row_hi[lo]) +
+               ty.w_hi * tx.w_hi * curoi_load<A>(row_hi[hi]);
+      }
+    }
+  }
+  return sum;
+}
+
 template <bool ChannelsLast, typename Map, typename T>
 CUROI_DEVICE void roi_align_forward_loop(
     const Map& map, const T* input, const typename AccType<T>::type* rois,
@@ -60,33 +100,9 @@ CUROI_DEVICE void roi_align_forward_loop(
     const RoiAlignElement<A> e =
         roi_align_element(rois, at, batch, height, width, pooled_height,
                           pooled_width, spatial_scale, sampling_ratio, aligned);
-    const RoiAlignBox<A>& g = e.box;
-    const RoiAlignAxis<A>& ay = e.y;
-    const RoiAlignAxis<A>& ax = e.x;
-    A sum = (A)0;
-    if (g.batch_index >= 0) {
-      const CuroiPlane p = curoi_plane<ChannelsLast>(
-          g.batch_index,
-          roi_input_channel(map, at.c, at.ph * pooled_width + at.pw),
-          channels, height * width);
-      const T* plane = input + p.at;
-      for (int64_t ey = ay.first; ey < ay.last; ++ey) {
-        RoiAlignTap<A> ty;
-        if (!roi_align_tap(ay, ey, height, &ty)) continue;
-        const T* row_lo = plane + ty.lo * width * p.step;
-        const T* row_hi = plane + ty.hi * width * p.step;
-        for (int64_t ex = ax.first; ex < ax.last; ++ex) {
-          RoiAlignTap<A> tx;
-          if (!roi_align_tap(ax, ex, width, &tx)) continue;
-          const int64_t lo = tx.lo * p.step, hi = tx.hi * p.step;
-          sum += ty.w_lo * tx.w_lo * curoi_load<A>(row_lo[lo]) +
-                 ty.w_lo * tx.w_hi * curoi_load<A>(row_lo[hi]) +
-                 ty.w_hi * tx.w_lo * curoi_load<A>(row_hi[lo]) +
-                 ty.w_hi * tx.w_hi * curoi_load<A>(row_hi[hi]);
-        }
-      }
-    }
-    output[index] = curoi_store<T>(sum / g.count);
+    const A sum = roi_align_element_sum<ChannelsLast>(
+        map, input, e, at, channels, height, width, pooled_width);
+    output[index] = curoi_store<T>(sum / e.box.count);
   }
 }
 
@@ -109,6 +125,39 @@ CUROI_DEVICE void roi_align_forward(
                                   output);
 }
 
+// One output element's gradient `grad` (already divided by the count) to
+// the taps of its bin's samples. Shared with multiscale RoI Align.
+template <bool ChannelsLast, typename Map, typename A, typename Sum>
+CUROI_DEVICE void roi_align_element_scatter(const Map& map,
+                                            const Sum& grad_input,
+                                            const RoiAlignElement<A>& e,
+                                            const CuroiOutputIndex& at, A grad,
+                                            int64_t channels, int64_t height,
+                                            int64_t width,
+                                            int64_t pooled_width) {
+  const RoiAlignAxis<A>& ay = e.y;
+  const RoiAlignAxis<A>& ax = e.x;
+  const CuroiPlane p = curoi_plane<ChannelsLast>(
+      e.box.batch_index,
+      roi_input_channel(map, at.c, at.ph * pooled_width + at.pw), channels,
+      height * width);
+  for (int64_t ey = ay.first; ey < ay.last; ++ey) {
+    RoiAlignTap<A> ty;
+    if (!roi_align_tap(ay, ey, height, &ty)) continue;
+    const int64_t row_lo = p.at + ty.lo * width * p.step;
+    const int64_t row_hi = p.at + ty.hi * width * p.step;
+    for (int64_t ex = ax.first; ex < ax.last; ++ex) {
+      RoiAlignTap<A> tx;
+      if (!roi_align_tap(ax, ex, width, &tx)) continue;
+      const int64_t lo = tx.lo * p.step, hi = tx.hi * p.step;
+      curoi_sum_add(grad_input, row_lo + lo, grad * ty.w_lo * tx.w_lo);
+      curoi_sum_add(grad_input, row_lo + hi, grad * ty.w_lo * tx.w_hi);
+      curoi_sum_add(grad_input, row_hi + lo, grad * ty.w_hi * tx.w_lo);
+      curoi_sum_add(grad_input, row_hi + hi, grad * ty.w_hi * tx.w_hi);
+    }
+  }
+}
+
 // Each output gradient spreads over the four neighbours of every sample of
 // its bin; bins of one box and different boxes overlap, so the adds go
 // through Sum (CuroiFloatSum or the deterministic CuroiFixedSum), atomically.
@@ -128,30 +177,11 @@ CUROI_DEVICE void roi_align_backward_loop(
     const RoiAlignElement<A> e =
         roi_align_element(rois, at, batch, height, width, pooled_height,
                           pooled_width, spatial_scale, sampling_ratio, aligned);
-    const RoiAlignBox<A>& g = e.box;
-    const RoiAlignAxis<A>& ay = e.y;
-    const RoiAlignAxis<A>& ax = e.x;
-    if (g.batch_index < 0) continue;
-    const A grad = curoi_load<A>(grad_output[index]) / g.count;
-    const CuroiPlane p = curoi_plane<ChannelsLast>(
-        g.batch_index,
-        roi_input_channel(map, at.c, at.ph * pooled_width + at.pw),
-        channels, height * width);
-    for (int64_t ey = ay.first; ey < ay.last; ++ey) {
-      RoiAlignTap<A> ty;
-      if (!roi_align_tap(ay, ey, height, &ty)) continue;
-      const int64_t row_lo = p.at + ty.lo * width * p.step;
-      const int64_t row_hi = p.at + ty.hi * width * p.step;
-      for (int64_t ex = ax.first; ex < ax.last; ++ex) {
-        RoiAlignTap<A> tx;
-        if (!roi_align_tap(ax, ex, width, &tx)) continue;
-        const int64_t lo = tx.lo * p.step, hi = tx.hi * p.step;
-        curoi_sum_add(grad_input, row_lo + lo, grad * ty.w_lo * tx.w_lo);
-        curoi_sum_add(grad_input, row_lo + hi, grad * ty.w_lo * tx.w_hi);
-        curoi_sum_add(grad_input, row_hi + lo, grad * ty.w_hi * tx.w_lo);
-        curoi_sum_add(grad_input, row_hi + hi, grad * ty.w_hi * tx.w_hi);
-      }
-    }
+    if (e.box.batch_index < 0) continue;
+    const A grad = curoi_load<A>(grad_output[index]) / e.box.count;
+    roi_align_element_scatter<ChannelsLast>(map, grad_input, e, at, grad,
+                                            channels, height, width,
+                                            pooled_width);
   }
 }
 
@@ -228,19 +258,26 @@ struct RoiAlignWeights {
 };
 
 // The tables of a group of boxes (see CuroiItems), built once per work item.
+// The loops run over positions k = 0 .. num_rois-1 of a list of boxes: box k
+// itself, or box order[k] when an order is given (multiscale RoI Align runs
+// these loops once per pyramid level, on the boxes of that level); index[]
+// holds the box, which places its output and gradient rows.
 template <typename A>
 struct RoiAlignGroup {
   RoiAlignBox<A> box[CUROI_BOX_GROUP];
   RoiAlignWeights<A> y[CUROI_BOX_GROUP], x[CUROI_BOX_GROUP];
+  int64_t index[CUROI_BOX_GROUP];
 
-  void build(const A* rois, int64_t first, int64_t end, int64_t batch,
-             int64_t height, int64_t width, int64_t pooled_height,
-             int64_t pooled_width, A spatial_scale, int sampling_ratio,
-             int aligned) {
+  void build(const A* rois, const int64_t* order, int64_t first, int64_t end,
+             int64_t batch, int64_t height, int64_t width,
+             int64_t pooled_height, int64_t pooled_width, A spatial_scale,
+             int sampling_ratio, int aligned) {
     for (int64_t k = first; k < end; ++k) {
       const int64_t i = k - first;
-      box[i] = roi_align_box(rois + k * 5, batch, pooled_height, pooled_width,
-                             spatial_scale, sampling_ratio, aligned);
+      index[i] = order != nullptr ? order[k] : k;
+      box[i] = roi_align_box(rois + index[i] * 5, batch, pooled_height,
+                             pooled_width, spatial_scale, sampling_ratio,
+                             aligned);
       if (box[i].batch_index < 0) continue;
       y[i].build(box[i].start_h, box[i].roi_h, pooled_height, sampling_ratio,
                  height);
@@ -273,7 +310,7 @@ static void roi_align_forward_channels(const Map& map, const T* input,
     const RoiAlignBox<A>& g = group.box[k - k0];
     const RoiAlignWeights<A>& wy = group.y[k - k0];
     const RoiAlignWeights<A>& wx = group.x[k - k0];
-    T* out = output + (k * out_channels + c) * bins;
+    T* out = output + (group.index[k - k0] * out_channels + c) * bins;
     if (g.batch_index < 0) {
       for (int64_t i = 0; i < U * bins; ++i) out[i] = curoi_store<T>((A)0);
       continue;
@@ -331,7 +368,7 @@ static void roi_align_forward_nhwc(const Map& map, const T* input,
     const RoiAlignBox<A>& g = group.box[k - k0];
     const RoiAlignWeights<A>& wy = group.y[k - k0];
     const RoiAlignWeights<A>& wx = group.x[k - k0];
-    T* out_box = output + k * bins * out_channels + c0;
+    T* out_box = output + group.index[k - k0] * bins * out_channels + c0;
     if (g.batch_index < 0) {
       for (int64_t bin = 0; bin < bins; ++bin)
         for (int64_t c = 0; c < n; ++c)
@@ -369,13 +406,15 @@ static void roi_align_forward_nhwc(const Map& map, const T* input,
   }
 }
 
+// The boxes order[0 .. num_rois-1] (all boxes 0 .. num_rois-1 when order is
+// null), see RoiAlignGroup.
 template <typename Map, typename T>
-static void roi_align_forward(
+static void roi_align_forward_listed(
     const Map& map, const T* input, const typename AccType<T>::type* rois,
-    int64_t num_rois, int64_t batch, int64_t channels, int64_t height,
-    int64_t width, int64_t pooled_height, int64_t pooled_width,
-    typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
-    int channels_last, T* output) {
+    const int64_t* order, int64_t num_rois, int64_t batch, int64_t channels,
+    int64_t height, int64_t width, int64_t pooled_height,
+    int64_t pooled_width, typename AccType<T>::type spatial_scale,
+    int sampling_ratio, int aligned, int channels_last, T* output) {
   typedef typename AccType<T>::type A;
   const CuroiItems items =
       curoi_items(num_rois, roi_output_channels(map, channels));
@@ -384,7 +423,7 @@ static void roi_align_forward(
   curoi_parallel_for(items.count(), 1, cost, [&](int64_t item) {
     static thread_local RoiAlignGroup<A> group;
     const int64_t k0 = items.first_box(item), k1 = items.end_box(item);
-    group.build(rois, k0, k1, batch, height, width, pooled_height,
+    group.build(rois, order, k0, k1, batch, height, width, pooled_height,
                 pooled_width, spatial_scale, sampling_ratio, aligned);
     const int64_t c1 = items.end_channel(item);
     int64_t c = items.first_channel(item);
@@ -410,6 +449,19 @@ static void roi_align_forward(
   });
 }
 
+template <typename Map, typename T>
+static void roi_align_forward(
+    const Map& map, const T* input, const typename AccType<T>::type* rois,
+    int64_t num_rois, int64_t batch, int64_t channels, int64_t height,
+    int64_t width, int64_t pooled_height, int64_t pooled_width,
+    typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
+    int channels_last, T* output) {
+  roi_align_forward_listed(map, input, rois, (const int64_t*)nullptr,
+                           num_rois, batch, channels, height, width,
+                           pooled_height, pooled_width, spatial_scale,
+                           sampling_ratio, aligned, channels_last, output);
+}
+
 // The gradient of every bin of boxes k0 .. k1-1 in output channels
 // c .. c+U-1 (each input channel's plane in box order, bin order: the order
 // does not depend on U), sharing each weight between the U channels.
@@ -431,7 +483,8 @@ static void roi_align_backward_channels(const Map& map, const T* grad_output,
     const RoiAlignWeights<A>& wy = group.y[k - k0];
     const RoiAlignWeights<A>& wx = group.x[k - k0];
     const int64_t image = g.batch_index * channels * plane_size;
-    const T* grad_bins = grad_output + (k * out_channels + c) * bins;
+    const T* grad_bins =
+        grad_output + (group.index[k - k0] * out_channels + c) * bins;
     for (int64_t ph = 0; ph < pooled_height; ++ph) {
       const int64_t rows = wy.length[ph];
       const int64_t row0 = wy.begin[ph] * width;
@@ -486,7 +539,8 @@ static void roi_align_backward_nhwc(const Map& map, const T* grad_output,
     const RoiAlignWeights<A>& wy = group.y[k - k0];
     const RoiAlignWeights<A>& wx = group.x[k - k0];
     const int64_t image = g.batch_index * height * row_stride;
-    const T* grad_box = grad_output + k * bins * out_channels + c0;
+    const T* grad_box =
+        grad_output + group.index[k - k0] * bins * out_channels + c0;
     for (int64_t ph = 0; ph < pooled_height; ++ph) {
       const int64_t rows = wy.length[ph];
       const int64_t row0 = wy.begin[ph] * row_stride;
@@ -519,15 +573,16 @@ static void roi_align_backward_nhwc(const Map& map, const T* grad_output,
 // thread; the input channels it writes are its own (each input channel
 // feeds one output channel), so every gradient plane receives its terms box
 // after box, bin after bin: no atomics, and the same bits whatever the
-// number of threads.
+// number of threads. The boxes are order[0 .. num_rois-1] as in
+// roi_align_forward_listed: each plane receives their terms in that order.
 template <typename Map, typename T, typename Sum>
-static void roi_align_backward(
+static void roi_align_backward_listed(
     const Map& map, const T* grad_output,
-    const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
-    int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
-    int64_t pooled_width, typename AccType<T>::type spatial_scale,
-    int sampling_ratio, int aligned, int channels_last,
-    const Sum& grad_input) {
+    const typename AccType<T>::type* rois, const int64_t* order,
+    int64_t num_rois, int64_t batch, int64_t channels, int64_t height,
+    int64_t width, int64_t pooled_height, int64_t pooled_width,
+    typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
+    int channels_last, const Sum& grad_input) {
   typedef typename AccType<T>::type A;
   const int64_t bins = pooled_height * pooled_width;
   const int64_t out_channels = roi_output_channels(map, channels);
@@ -545,7 +600,7 @@ static void roi_align_backward(
   RoiAlignGroup<A>& group = callers_group;
   for (int64_t k0 = 0; k0 < num_rois; k0 += CUROI_BOX_GROUP) {
     const int64_t k1 = curoi_min(k0 + (int64_t)CUROI_BOX_GROUP, num_rois);
-    group.build(rois, k0, k1, batch, height, width, pooled_height,
+    group.build(rois, order, k0, k1, batch, height, width, pooled_height,
                 pooled_width, spatial_scale, sampling_ratio, aligned);
     curoi_parallel_for(blocks, 1, cost, [&](int64_t i) {
       const int64_t c0 = i * block, c1 = curoi_min(c0 + block, out_channels);
@@ -570,6 +625,21 @@ static void roi_align_backward(
             pooled_height, pooled_width, grad_input);
     });
   }
+}
+
+template <typename Map, typename T, typename Sum>
+static void roi_align_backward(
+    const Map& map, const T* grad_output,
+    const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
+    int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
+    int64_t pooled_width, typename AccType<T>::type spatial_scale,
+    int sampling_ratio, int aligned, int channels_last,
+    const Sum& grad_input) {
+  roi_align_backward_listed(map, grad_output, rois, (const int64_t*)nullptr,
+                            num_rois, batch, channels, height, width,
+                            pooled_height, pooled_width, spatial_scale,
+                            sampling_ratio, aligned, channels_last,
+                            grad_input);
 }
 #endif
 

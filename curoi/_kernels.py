@@ -129,6 +129,28 @@ SIGNATURES = {
     "crop_and_resize_boxes_backward": (PTR, PTR, PTR, PTR) + _SHAPE + (I32, I32, PTR),
     # partial, num_boxes, bins (PH*PW), grad_boxes [K, 4]: the bins added in order
     "crop_and_resize_boxes_backward_finish": (PTR, I64, I64, PTR),
+    # Multiscale RoI Align (multiscale_roi_align.cu): L pyramid levels, level
+    # l [N, C, H_l, W_l] ([N, H_l, W_l, C]), each box pooled from the level
+    # its size selects. The level table: `levels` (int64 [L], the addresses
+    # of the levels' arrays), sizes (int64 [L, 2]: H_l, W_l), scales ([L],
+    # accumulation dtype), num_levels; then rois, num_rois, batch, channels,
+    # pooled h, pooled w, sampling_ratio, aligned, canonical_scale (acc),
+    # canonical_level, eps (acc), level_rule (MULTISCALE_LEVEL_RULES),
+    # channels_last.
+    # levels (features), sizes, scales, num_levels, ..., output
+    "multiscale_roi_align_forward": (PTR, PTR, PTR, I64, PTR) + (I64,) * 5
+    + (I32, I32, ACC, I32, ACC, I32, I32, PTR),
+    # grad_output, sizes, scales, num_levels, ..., levels (the gradients,
+    # accumulation dtype)
+    "multiscale_roi_align_backward": (PTR, PTR, PTR, I64, PTR) + (I64,) * 5
+    + (I32, I32, ACC, I32, ACC, I32, I32, PTR),
+    # As backward, then max_abs, fixed (int64: every level's N*C*H_l*W_l
+    # sums back to back, in level order), levels (the gradients).
+    "multiscale_roi_align_backward_fixed": (PTR, PTR, PTR, I64, PTR) + (I64,) * 5
+    + (I32, I32, ACC, I32, ACC, I32, I32, PTR, PTR, PTR),
+    # fixed, max_abs, terms (K*PH*PW), sizes, num_levels, batch, channels,
+    # levels (the gradients)
+    "multiscale_roi_align_fixed_finish": (PTR, PTR, I64, PTR, I64, I64, I64, PTR),
 }
 
 #: data_format -> the kernels' channels_last argument.
@@ -140,6 +162,12 @@ CPU_DTYPES = ("float32", "float64")
 
 #: RoI Align's max modes, as the kernels number them (roi_align_max.cu).
 ALIGN_MAX_MODES = {"onnx": 0, "interpolated": 1}
+
+#: Multiscale RoI Align's level rules, as the kernels number them
+#: (multiscale_roi_align.cu): torchvision's LevelMapper, floor((lvl0 +
+#: log2(s / s0)) + eps), and detectron2's assign_boxes_to_levels,
+#: floor(lvl0 + log2(s / s0 + eps)).
+MULTISCALE_LEVEL_RULES = {"torchvision": 0, "detectron2": 1}
 
 #: roi_pool conventions, as the kernels number them.
 POOL_CONVENTIONS = {"torchvision": 0, "mmcv": 1}

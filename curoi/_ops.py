@@ -84,28 +84,40 @@ def _nchw(shape, channels_last):
 
 
 def _backward(family, args_before_sum, grad_output, grad_input, deterministic,
-              zeroed, terms):
+              zeroed, terms, levels=None):
     """Launch ``family``'s backward. On the GPU the deterministic flavour
     sums in int64 fixed point and then adds the sums into grad_input (see
-    CuroiFixedSum in curoi_common.cuh); the plain one adds atomically."""
+    CuroiFixedSum in curoi_common.cuh); the plain one adds atomically.
+
+    ``levels`` is for families that write several gradients (one per level
+    of a pyramid): grad_input is then their list, and ``levels`` the pair
+    (table, finish): the kernels take ``table`` (the gradients' addresses)
+    where they would take grad_input, the fixed-point sums of every
+    gradient lie back to back in one int64 buffer, and fixed_finish takes
+    ``finish`` after its ``terms``, where it would take (total, grad_input).
+    """
     cuda = _is_cuda(grad_output)
     dtype = _name(grad_output.dtype)
+    grads = grad_input if levels is not None else (grad_input,)
     if not zeroed:
-        grad_input.fill(0)
-    if grad_input.size == 0:
+        for grad in grads:
+            grad.fill(0)
+    size = sum(grad.size for grad in grads)
+    if size == 0:
         return
+    table, finish = levels if levels is not None else (grad_input,
+                                                       (size, grad_input))
     if not (deterministic and (cuda or FIXED_POINT_ON_CPU)):
-        _run(family, "backward", dtype, args_before_sum + (grad_input,),
+        _run(family, "backward", dtype, args_before_sum + (table,),
              grad_output.size, cuda)
         return
     xp = _xp(grad_output)
     max_abs = _finite_max_abs(grad_output, xp)
-    fixed = xp.zeros(grad_input.shape, dtype=np.int64)
+    fixed = xp.zeros(size, dtype=np.int64)
     _run(family, "backward_fixed", dtype,
-         args_before_sum + (max_abs, fixed, grad_input), grad_output.size, cuda)
-    _run(family, "fixed_finish", dtype,
-         (fixed, max_abs, terms, grad_input.size, grad_input),
-         grad_input.size, cuda)
+         args_before_sum + (max_abs, fixed, table), grad_output.size, cuda)
+    _run(family, "fixed_finish", dtype, (fixed, max_abs, terms) + finish,
+         size, cuda)
 
 
 def roi_align_forward(x, rois, out, spatial_scale, sampling_ratio, aligned,
@@ -510,3 +522,80 @@ def crop_and_resize_boxes_backward(grad_output, image, boxes, box_indices,
          partial.size // 4, cuda)
     _run("crop_and_resize", "boxes_backward_finish", dtype,
          (partial, k, ph * pw, grad_boxes), grad_boxes.size, cuda)
+
+
+# Multiscale RoI Align (multiscale_roi_align.cu): the levels of a feature
+# pyramid, each box pooled by RoI Align from the level its size selects.
+# The kernels take a table of the levels' arrays (their addresses, built here
+# and kept alive until the launch returns), sizes and spatial scales.
+
+
+def _level_table(arrays, spatial_scales, channels_last, xp, dtype):
+    """(addresses, sizes, scales) of the levels ``arrays``, on their device:
+    int64 addresses (host addresses of NumPy arrays, device pointers of CuPy
+    ones), int64 ``[L, 2]`` (H_l, W_l) and ``[L]`` spatial scales in the
+    accumulation dtype."""
+    if xp is np:
+        addresses = [_cpu.address(a) for a in arrays]
+    else:
+        addresses = [a.data.ptr for a in arrays]
+    sizes = [_nchw(a.shape, channels_last)[2:] for a in arrays]
+    acc = np.float64 if dtype == "float64" else np.float32
+    return (xp.asarray(np.array(addresses, dtype=np.int64)),
+            xp.asarray(np.array(sizes, dtype=np.int64).reshape(-1, 2)),
+            xp.asarray(np.array(spatial_scales, dtype=acc).reshape(-1)))
+
+
+def multiscale_roi_align_forward(features, rois, out, spatial_scales,
+                                 sampling_ratio, aligned, canonical_scale,
+                                 canonical_level, eps, level_rule,
+                                 channels_last=False):
+    """``out[K, C, PH, PW]`` = RoI Align of each box on the level of the
+    pyramid ``features`` (a list of ``[N, C, H_l, W_l]`` arrays of one dtype
+    and device, level l at ``spatial_scales[l]``, powers of two from the
+    finest level to the coarsest) that its size selects with ``level_rule``
+    ("torchvision" or "detectron2", see multiscale_roi_align.cu);
+    channels-last: ``[N, H_l, W_l, C]`` and ``out[K, PH, PW, C]``."""
+    k, _, ph, pw = _nchw(out.shape, channels_last)
+    if not features:
+        out.fill(0)
+        return
+    first = features[0]
+    n, c, _, _ = _nchw(first.shape, channels_last)
+    dtype = _name(first.dtype)
+    table, sizes, scales = _level_table(features, spatial_scales,
+                                        channels_last, _xp(first), dtype)
+    _run("multiscale_roi_align", "forward", dtype,
+         (table, sizes, scales, len(features), rois, k, n, c, ph, pw,
+          sampling_ratio, int(aligned), canonical_scale, int(canonical_level),
+          eps, _kernels.MULTISCALE_LEVEL_RULES[level_rule],
+          int(channels_last), out),
+         out.size, _is_cuda(first))
+
+
+def multiscale_roi_align_backward(grad_output, rois, grad_inputs,
+                                  spatial_scales, sampling_ratio, aligned,
+                                  canonical_scale, canonical_level, eps,
+                                  level_rule, deterministic=False,
+                                  zeroed=False, channels_last=False):
+    """``grad_inputs`` (a list of ``[N, C, H_l, W_l]`` arrays in the
+    accumulation dtype, one per level) = gradient of
+    :func:`multiscale_roi_align_forward` for ``grad_output[K, C, PH, PW]``
+    (all channels-last with ``channels_last``); ``zeroed`` says every
+    gradient holds zeros already."""
+    k, c, ph, pw = _nchw(grad_output.shape, channels_last)
+    if not grad_inputs:
+        return
+    n = _nchw(grad_inputs[0].shape, channels_last)[0]
+    table, sizes, scales = _level_table(grad_inputs, spatial_scales,
+                                        channels_last, _xp(grad_output),
+                                        _name(grad_output.dtype))
+    _backward("multiscale_roi_align",
+              (grad_output, sizes, scales, len(grad_inputs), rois, k, n, c,
+               ph, pw, sampling_ratio, int(aligned), canonical_scale,
+               int(canonical_level), eps,
+               _kernels.MULTISCALE_LEVEL_RULES[level_rule],
+               int(channels_last)),
+              grad_output, list(grad_inputs), deterministic, zeroed,
+              k * ph * pw,
+              levels=(table, (sizes, len(grad_inputs), n, c, table)))

@@ -11,7 +11,8 @@ from pathlib import Path
 
 #: The kernel families: one ``.cu`` file each.
 FAMILIES = ("roi_pool", "roi_align", "roi_align_max", "ps_roi_pool", "ps_roi_align",
-            "roi_align_rotated", "roi_spp", "prroi_pool", "crop_and_resize")
+            "roi_align_rotated", "roi_spp", "prroi_pool", "crop_and_resize",
+            "multiscale_roi_align")
 
 COMMON_HEADER = "curoi_common.cuh"
 

@@ -24,6 +24,11 @@ __all__ = [
     "crop_and_resize",
     "crop_and_resize_backward",
     "crop_and_resize_boxes_backward",
+
+
+    "multiscale_level",
+    "multiscale_roi_align",
+    "multiscale_roi_align_backward",
     "normalize_boxes",
     "ps_roi_align",
     "ps_roi_align_backward",
@@ -1510,6 +1515,105 @@ def crop_and_resize_boxes_backward(grad_output, image, boxes, box_indices):
             x_lo, x_hi = ends(x, pw, w)
             grad[k] += (gy * y_lo, gx * x_lo, gy * y_hi, gx * x_hi)
     return grad
+
+
+# Multiscale RoI Align (feature pyramids): torchvision's MultiScaleRoIAlign
+# and detectron2's ROIPooler
+# --------------------------------------------------------------------------
+#
+# Each box is pooled by RoI Align from one level of a pyramid of feature maps
+# at spatial scales 2^-k_min .. 2^-k_max (finest first), the level given by
+# eq. (1) of the FPN paper (Lin et al., 2017), k = floor(k0 + log2(sqrt(wh) /
+# 224)), as the two libraries compute it (torchvision.ops.poolers.LevelMapper
+# and detectron2.modeling.poolers.assign_boxes_to_levels), with s =
+# sqrt((x2 - x1) * (y2 - y1)):
+#
+#   torchvision:  k = floor((canonical_level + log2(s / canonical_scale)) + eps)
+#   detectron2:   k = floor(canonical_level + log2(s / canonical_scale + eps))
+#
+# then clamped to [k_min, k_max] (torch.clamp: NaN stays NaN), level k -
+# k_min; a box whose k is NaN matches no level and keeps the zeros its
+# output starts with. With one level both skip the rule.
+
+
+def multiscale_level(boxes, spatial_scales, canonical_scale=224, canonical_level=4,
+                     eps=1e-6, rule="torchvision", dtype=np.float32):
+    """The pyramid level (index into ``spatial_scales``) of each box, -1 for
+    none. Computed in ``dtype`` (float32: the libraries' arithmetic on
+    float32 boxes), each operation rounded to it in the libraries' order;
+    log2 is the correctly rounded one (float64's, rounded)."""
+    boxes = normalize_boxes(boxes)
+    num_levels = len(spatial_scales)
+    if num_levels == 1:
+        return np.zeros(len(boxes), np.int64)
+    if num_levels == 0:
+        return np.full(len(boxes), -1, np.int64)
+    dt = np.dtype(dtype).type
+    b = boxes.astype(dt)
+
+    def log2(v):
+        return np.log2(v.astype(np.float64)).astype(dt)
+
+    k_min = int(-math.log2(float(dt(spatial_scales[0]))))
+    k_max = int(-math.log2(float(dt(spatial_scales[-1]))))
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        area = (b[:, 3] - b[:, 1]) * (b[:, 4] - b[:, 2])
+        s = np.sqrt(area)
+        if rule == "torchvision":
+            v = (dt(canonical_level) + log2(s / dt(canonical_scale))) + dt(eps)
+        elif rule == "detectron2":
+            v = dt(canonical_level) + log2(s / dt(canonical_scale) + dt(eps))
+        else:
+            raise ValueError(rule)
+        k = np.minimum(np.maximum(np.floor(v), k_min), k_max)
+        index = k - k_min
+        usable = (index >= 0) & (index < num_levels)  # False for NaN
+    return np.where(usable, np.where(usable, index, 0).astype(np.int64), -1)
+
+
+def multiscale_roi_align(features, boxes, output_size, spatial_scales,
+                         sampling_ratio=-1, aligned=False, canonical_scale=224,
+                         canonical_level=4, eps=1e-6, rule="torchvision",
+                         level_dtype=np.float32):
+    """Multiscale RoI Align forward, in float64: :func:`roi_align` of each
+    level on the boxes :func:`multiscale_level` assigns to it (computed in
+    ``level_dtype``), zeros for a box of no level or of a level without
+    pixels. ``features`` are ``[N, C, H_l, W_l]`` arrays."""
+    boxes = normalize_boxes(boxes)
+    levels = multiscale_level(boxes, spatial_scales, canonical_scale, canonical_level,
+                              eps, rule, level_dtype)
+    pooled_h, pooled_w = _pair(output_size)
+    channels = np.asarray(features[0]).shape[1]
+    out = np.zeros((len(boxes), channels, pooled_h, pooled_w))
+    for level, x in enumerate(features):
+        chosen = np.nonzero(levels == level)[0]
+        if len(chosen) and np.asarray(x).shape[2] * np.asarray(x).shape[3]:
+            out[chosen] = roi_align(x, boxes[chosen], output_size,
+                                    spatial_scales[level], sampling_ratio, aligned)
+    return out
+
+
+def multiscale_roi_align_backward(grad_output, boxes, input_shapes, output_size,
+                                  spatial_scales, sampling_ratio=-1, aligned=False,
+                                  canonical_scale=224, canonical_level=4, eps=1e-6,
+                                  rule="torchvision", level_dtype=np.float32):
+    """Gradient of :func:`multiscale_roi_align` with respect to each level,
+    in float64: a list of arrays of ``input_shapes``."""
+    boxes = normalize_boxes(boxes)
+    g = np.asarray(grad_output).astype(np.float64)
+    levels = multiscale_level(boxes, spatial_scales, canonical_scale, canonical_level,
+                              eps, rule, level_dtype)
+    grads = []
+    for level, shape in enumerate(input_shapes):
+        shape = tuple(int(v) for v in shape)
+        chosen = np.nonzero(levels == level)[0]
+        if len(chosen) and shape[2] * shape[3]:
+            grads.append(roi_align_backward(g[chosen], boxes[chosen], shape, output_size,
+                                            spatial_scales[level], sampling_ratio,
+                                            aligned))
+        else:
+            grads.append(np.zeros(shape))
+    return grads
 
 
 # --------------------------------------------------------------------------

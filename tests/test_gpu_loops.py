@@ -48,6 +48,7 @@ SUITES = (
     "test_roi_spp_kernels.py",  # roi_spp.cu
     "test_prroi_pool_kernels.py",  # prroi_pool.cu, box gradient included
     "test_crop_and_resize_kernels.py",  # crop_and_resize.cu
+    "test_multiscale_roi_align_kernels.py",  # multiscale_roi_align.cu
 )
 
 # Run in both builds: an roi_align forward and backward big enough that the

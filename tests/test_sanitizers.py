@@ -1,9 +1,10 @@
 """The adversarial suites (test_adversarial.py, and the suites of the
 position-sensitive, rotated, box-gradient, spatial pyramid, Precise RoI
-Pooling and crop-and-resize kernels: test_ps_roi_kernels.py,
+Pooling, crop-and-resize and multiscale kernels: test_ps_roi_kernels.py,
 test_roi_align_rotated_kernels.py, test_roi_align_boxes_backward.py,
 test_roi_spp_kernels.py, test_prroi_pool_kernels.py,
-test_crop_and_resize_kernels.py) under AddressSanitizer and
+test_crop_and_resize_kernels.py, test_multiscale_roi_align_kernels.py) under
+AddressSanitizer and
 UndefinedBehaviorSanitizer, with the CPU's loops and again with the GPU's
 (CUROI_CPU_LOOPS=gpu, see test_gpu_loops.py).
 
@@ -99,7 +100,7 @@ def _clear(logs):
 SUITES = ("test_adversarial.py", "test_ps_roi_kernels.py",
           "test_roi_align_rotated_kernels.py", "test_roi_align_boxes_backward.py",
           "test_roi_spp_kernels.py", "test_prroi_pool_kernels.py",
-          "test_crop_and_resize_kernels.py")
+          "test_crop_and_resize_kernels.py", "test_multiscale_roi_align_kernels.py")
 
 # Records which kernels the suite launches, so that a family the suite
 # forgets is noticed rather than silently left out of the sanitized run.
@@ -173,16 +174,14 @@ OUT_OF_BOUNDS = textwrap.dedent("""
     from curoi import _cpu
     x = np.ones((1, 1, 8, 8), np.float32)
     rois = np.array([[0, 0, 0, 7, 7]], np.float32)
-    # 64 x 64 outputs need 4096 floats; give the kernel one row fewer. The
-    # buffer is large enough that NumPy takes it from malloc, which ASan
-    # watches, not from its small-block cache.
-    out = np.empty(4096 - 64, np.float32)
-    # More buffers of its size class: ASan maps its heap in steps, and a
-    # buffer carved last would end where nothing is mapped yet, so that the
-    # stray write faults (SEGV) instead of landing in the next chunk's
-    # redzone. Which buffer comes last depends on everything the process
-    # allocated before (the size of the library, for one).
-    after = [np.empty(4096 - 64, np.float32) for _ in range(8)]
+    # 64 x 64 outputs need 4096 floats; give the kernel a row and 8 floats
+    # fewer. The buffer is large enough that NumPy takes it from malloc,
+    # which ASan watches, not from its small-block cache. ASan rounds it up
+    # to its 16 KiB size class with 32 bytes to spare, poisoned: the first
+    # write past the end lands there whatever lies beyond the chunk (a
+    # buffer that fills its chunk exactly may end where ASan's heap mapping
+    # does, and the write past it is reported as a SEGV instead).
+    out = np.empty(4096 - 72, np.float32)
     _cpu.launch("roi_align", "forward", "float32",
                 (x, rois, 1, 1, 1, 8, 8, 64, 64, 1.0, 2, 1, 0, out))
     print("no report")
