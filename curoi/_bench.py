@@ -16,7 +16,11 @@ Workloads (``--workload``, comma-separated):
   Align's max mode (sampling_ratio 2), rotated RoI Align (the boxes turned
   by random angles in [-90, 90] degrees), and position-sensitive RoI Pool and
   RoI Align (sampling_ratio 2) on features of C = 10 x 7 x 7 = 490 channels,
-  as R-FCN's;
+  as R-FCN's; RoI Align's box gradient; TensorFlow's crop_and_resize (the
+  features channels-last, the boxes normalised to the image, 7x7; forward,
+  and the image and box gradients together) against TensorFlow when it is
+  importable; Precise RoI Pooling (forward, backward, box gradient) and
+  spatial pyramid pooling (levels 1, 2, 4; max);
 - ``W2``, a Mask R-CNN mask head: [2, 256, 100, 136], 256 boxes,
   spatial_scale 1/8, 14x14, sampling_ratio 2 and adaptive, aligned;
 - ``tiny``: one box on [1, 4, 16, 16], 2x2, the cost of a call in
@@ -354,6 +358,7 @@ def box_operations(work, dtype, threads, quick, xp=np):
         "curoi": lambda: curoi.roi_pool_backward(gy, argmax64, boxes, x.shape)}))
     if work.name == "W1":
         rows += family_operations(work, x, boxes, gy, rng, torch, quick, xp)
+        rows += part2_operations(work, x, boxes, gy, threads, xp)
     for row in rows:  # a peer that does not take this dtype is left out
         row.contenders = {k: v for k, v in row.contenders.items() if v is not None}
     return rows
@@ -419,6 +424,90 @@ def family_operations(work, x, boxes, gy, rng, torch, quick, xp=np):
         Operation(f"ps_roi_align backward, {channels}, sampling_ratio {ratio}", {
             "curoi": lambda: curoi.ps_roi_align_backward(gy_ps, boxes, x_ps.shape, size,
                                                          scale, ratio)}),
+    ]
+    return rows
+
+
+def _tensorflow(threads):
+    """TensorFlow, with its CPU thread pools set to ``threads``, or None when
+    it is not importable or already runs with another count (TensorFlow
+    fixes its pools when it first runs an op)."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return None
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass  # already initialised: usable only with the count it has
+    if tf.config.threading.get_intra_op_parallelism_threads() != threads:
+        return None
+    return tf
+
+
+#: Levels of W1's spatial pyramid pooling rows: SPPnet's.
+SPP_LEVELS = (1, 2, 4)
+
+
+def part2_operations(work, x, boxes, gy, threads, xp=np):
+    """W1's rows for the box gradients, TensorFlow's crop_and_resize (on
+    W1's features channels-last, against TensorFlow itself when importable),
+    Precise RoI Pooling and spatial pyramid pooling, on W1's boxes."""
+    size, scale, ratio = work.output_size, work.spatial_scale, work.sampling_ratio
+    n, c, h, w = x.shape
+    rows = [Operation(f"roi_align boxes backward, sampling_ratio {ratio}", {
+        "curoi": lambda: curoi.roi_align_boxes_backward(gy, x, boxes, size, scale, ratio,
+                                                        True)})]
+    # crop_and_resize: the boxes normalised to the image, (y1, x1, y2, x2).
+    b = np.asarray(boxes.get() if hasattr(boxes, "get") else boxes, dtype=np.float64)
+    image_w, image_h = w / scale, h / scale
+    normalised = np.stack([b[:, 2] / (image_h - 1), b[:, 1] / (image_w - 1),
+                           b[:, 4] / (image_h - 1), b[:, 3] / (image_w - 1)], axis=1)
+    crop_boxes = xp.asarray(normalised.astype(np.float32))
+    indices = xp.asarray(b[:, 0].astype(np.int32))
+    image = xp.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    gy_crop = xp.ascontiguousarray(gy.transpose(0, 2, 3, 1))
+    crop = {"forward": {"curoi": lambda: curoi.crop_and_resize(image, crop_boxes, indices,
+                                                                (size, size))},
+            "backward": {"curoi": lambda: curoi.crop_and_resize_backward(
+                gy_crop, image, crop_boxes, indices, (size, size))}}
+    tf = _tensorflow(threads) if xp is np and x.dtype == np.float32 else None
+    if tf is not None:
+        t_image, t_boxes, t_indices, t_grad = (tf.constant(a) for a in (
+            image, crop_boxes, indices, gy_crop))
+        t_size = tf.constant([size, size], tf.int32)
+        crop["forward"]["tensorflow"] = lambda: tf.image.crop_and_resize(
+            t_image, t_boxes, t_indices, t_size).numpy()
+
+        def tf_backward():
+            grad_image = tf.raw_ops.CropAndResizeGradImage(
+                grads=t_grad, boxes=t_boxes, box_ind=t_indices,
+                image_size=tf.constant(image.shape, tf.int32), T=tf.float32)
+            grad_boxes = tf.raw_ops.CropAndResizeGradBoxes(
+                grads=t_grad, image=t_image, boxes=t_boxes, box_ind=t_indices)
+            return grad_image.numpy(), grad_boxes.numpy()
+
+        crop["backward"]["tensorflow"] = tf_backward
+    rows += [
+        Operation(f"crop_and_resize forward, NHWC, {size}x{size}", crop["forward"]),
+        Operation(f"crop_and_resize backward, image and boxes, NHWC", crop["backward"]),
+        Operation("prroi_pool forward", {
+            "curoi": lambda: curoi.prroi_pool(x, boxes, size, scale)}),
+        Operation("prroi_pool backward", {
+            "curoi": lambda: curoi.prroi_pool_backward(gy, boxes, x.shape, size, scale)}),
+        Operation("prroi_pool boxes backward", {
+            "curoi": lambda: curoi.prroi_pool_boxes_backward(gy, x, boxes, size, scale)}),
+    ]
+    _, spp_argmax = curoi.roi_spp(x, boxes, SPP_LEVELS, scale, return_argmax=True)
+    gy_spp = xp.ones(spp_argmax.shape, x.dtype)
+    levels = "levels " + ", ".join(map(str, SPP_LEVELS))
+    rows += [
+        Operation(f"roi_spp forward, {levels}", {
+            "curoi": lambda: curoi.roi_spp(x, boxes, SPP_LEVELS, scale)}),
+        Operation(f"roi_spp backward, {levels}", {
+            "curoi": lambda: curoi.roi_spp_backward(gy_spp, boxes, x.shape, SPP_LEVELS,
+                                                    scale, argmax=spp_argmax)}),
     ]
     return rows
 

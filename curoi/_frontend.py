@@ -9,7 +9,7 @@ or :func:`backward`.
 
 import numpy as np
 
-from . import _boxes, _fast, _gpu, _launch, _validate
+from . import _boxes, _fast, _gpu, _launch, _operators, _validate
 from ._interop import Caller
 
 # Layout descriptions for messages, by channels_last.
@@ -44,9 +44,7 @@ def forward(op, input, boxes, ph, pw, values, channels_last, saved_dtypes=None):
         _check_scale(values, fast)
         shape = input.shape
         n, c, h, w = (shape[0], shape[3], shape[1], shape[2]) if channels_last else shape
-        c_out = op.output_channels(c, ph, pw)
-        k = boxes.shape[0]
-        out_shape = (k, ph, pw, c_out) if channels_last else (k, c_out, ph, pw)
+        out_shape = op.result_shape(boxes.shape[0], c, ph, pw, values, channels_last)
         out = _fast.empty(out_shape, input.dtype)
         if saved_dtypes is None:
             if out is not None:
@@ -65,19 +63,19 @@ def forward(op, input, boxes, ph, pw, values, channels_last, saved_dtypes=None):
         acc = _launch.accumulation_dtype(storage)
         _check_scale(values, acc)
         n, c, h, w = nchw(x.shape, channels_last)
-        c_out = op.output_channels(c, ph, pw)
+        op.result_shape(0, c, ph, pw, values, channels_last)  # checks C
         _check_saved(op, saved_dtypes, h, w)
-        rois = _rois(op, boxes, caller, n, acc)
+        rois = _rois(op, boxes, caller, (n, h, w), acc)
         k = rois.shape[0]
         dtype = _launch.kernel_dtype(caller, storage)
         cast = _launch.cast_back(caller, storage, dtype)
-        shape = layout(k, c_out, ph, pw, channels_last)
+        shape = op.result_shape(k, c, ph, pw, values, channels_last)
+        what = _output_what(op, channels_last)
         out, native = caller.new(shape, dtype, native=cast is None, zeroed=False,
-                                 what="the output " + _OUTPUT[channels_last])
+                                 what="the output " + what)
         saved, natives = [None] * len(op.saved), []
         if saved_dtypes:
-            made = [caller.new(shape, d, zeroed=False,
-                               what=f"the {s.name} " + _OUTPUT[channels_last])
+            made = [caller.new(shape, d, zeroed=False, what=f"the {s.name} " + what)
                     for s, d in zip(op.saved, saved_dtypes)]
             saved = [view for view, _ in made]
             natives = [native for _, native in made]
@@ -89,11 +87,22 @@ def forward(op, input, boxes, ph, pw, values, channels_last, saved_dtypes=None):
         return (y, *(caller.result(v, nat) for v, nat in zip(saved, natives)))
 
 
-def _rois(op, boxes, caller, batch, acc):
-    """The kernels' rois from the caller's boxes."""
+def _output_what(op, channels_last):
+    if op.flat_columns is not None:
+        return "[K, columns] (boxes, channels x bins)"
+    return _OUTPUT[channels_last]
+
+
+def _rois(op, boxes, caller, nhw, acc):
+    """The kernels' rois from the caller's boxes, for features of ``nhw`` =
+    (N, H, W)."""
+    n, h, w = nhw
+    if boxes is None and op.whole_map:
+        xp = _gpu.require_cupy() if caller.device.is_cuda else np
+        return _operators.whole_map_rois(n, h, w, acc, xp)
     if op.rois_from is not None and isinstance(boxes, tuple):
-        return op.rois_from(boxes, caller, batch, acc)
-    return _boxes.to_rois(boxes, caller, batch, acc, op.box_columns, op.box_layout)
+        return op.rois_from(boxes, caller, n, acc)
+    return _boxes.to_rois(boxes, caller, n, acc, op.box_columns, op.box_layout)
 
 
 def _check_scale(values, acc):
@@ -118,17 +127,24 @@ def backward(op, grad_output, boxes, input_shape, output_size, values,
     caller = Caller(grad_output, "grad_output")
     with caller.on_device():
         g, storage = _launch.features(caller, grad_output, "grad_output",
-                                      GRAD[channels_last])
+                                      GRAD[channels_last], ndim=op.result_rank)
         acc = _launch.accumulation_dtype(storage)
         _check_scale(values, acc)
         views = [_saved_view(caller, s, array, g) for s, array in zip(op.saved, saved)]
-        rois = _rois(op, boxes, caller, n, acc)
+        rois = _rois(op, boxes, caller, (n, h, w), acc)
         k = rois.shape[0]
-        _, g_channels, gh, gw = nchw(g.shape, channels_last)
-        ph, pw = (gh, gw) if output_size is None else output_size
-        expected = layout(k, op.output_channels(c, ph, pw, "input_shape"), ph, pw,
-                          channels_last)
+        if output_size is not None:
+            ph, pw = output_size
+        elif g.ndim == 4:
+            ph, pw = nchw(g.shape, channels_last)[2:]  # the bins are the gradient's
+        else:
+            ph = pw = None  # a flat result's bins come from the params
+        expected = op.result_shape(k, c, ph, pw, values, channels_last, "input_shape")
         if tuple(g.shape) != expected:
+            if op.flat_columns is not None:
+                raise ValueError(
+                    f"grad_output must have shape (K, columns) = {expected} from "
+                    f"boxes, input_shape and the operator's bins, got {tuple(g.shape)}")
             order = _ORDER[channels_last]
             if output_size is None:
                 raise ValueError(
@@ -176,9 +192,9 @@ def boxes_backward(op, grad_output, input, boxes, ph, pw, values, channels_last)
         _check_scale(values, acc)
         g, _ = _launch.features(caller, grad_output, "grad_output", GRAD[channels_last])
         n, c, h, w = nchw(x.shape, channels_last)
-        rois = _rois(op, boxes, caller, n, acc)
+        rois = _rois(op, boxes, caller, (n, h, w), acc)
         k = rois.shape[0]
-        expected = layout(k, op.output_channels(c, ph, pw), ph, pw, channels_last)
+        expected = op.result_shape(k, c, ph, pw, values, channels_last)
         if tuple(g.shape) != expected:
             raise ValueError(
                 f"grad_output must have shape {_ORDER[channels_last]} = {expected} "

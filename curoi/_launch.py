@@ -4,11 +4,13 @@ launching: view the features, pick the kernel's element type."""
 from . import _validate
 
 
-def features(caller, x, name, layout):
-    """Kernel view and storage dtype name of a 4-D floating-point array."""
+def features(caller, x, name, layout, ndim=4):
+    """Kernel view and storage dtype name of a floating-point array of
+    ``ndim`` axes (4 unless it is a flat [K, columns] result's gradient)."""
     view = caller.view(x, name)
     storage = _validate.storage_dtype(x, view)
-    _validate.float_array(view, name, storage, 4, layout)
+    _validate.float_array(view, name, storage, ndim,
+                          layout if ndim == 4 else "[K, columns]")
     return view, storage
 
 

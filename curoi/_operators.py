@@ -89,6 +89,19 @@ class Operator:
     rois_from: Callable = None
     #: The features' argument name, for messages.
     input_name: str = "input"
+    #: Whether the operator takes an ``output_size`` (PH, PW); one that does
+    #: not (spatial pyramid pooling: its bins come from its params) has
+    #: ``flat_columns``.
+    pooled: bool = True
+    #: (channels, values) -> the columns of a result ``[K, columns]`` that
+    #: has no spatial axes and the same layout whatever the features'
+    #: (None: the result is ``[K, C_out, PH, PW]``, or channels-last
+    #: ``[K, PH, PW, C_out]``).
+    flat_columns: Callable = None
+    #: Whether ``boxes=None`` pools each image's whole feature map: K = N,
+    #: box n the pixels ``0..W-1`` x ``0..H-1`` of image n whatever
+    #: ``spatial_scale`` says (see :func:`whole_map_rois`).
+    whole_map: bool = False
 
     def __post_init__(self):
         # Derived once (the dataclass is frozen): a call checks its values
@@ -114,6 +127,38 @@ class Operator:
     @property
     def backward_params(self):
         return tuple(p for p in self.params if p.backward)
+
+    @property
+    def result_rank(self):
+        """Axes of the result: 2 for a flat ``[K, columns]`` one, else 4."""
+        return 2 if self.flat_columns is not None else 4
+
+    def result_shape(self, k, c, ph, pw, values, channels_last, name="input"):
+        """The result's shape for ``k`` boxes on features of ``c``
+        channels (raises, naming ``name``, for a C the operator cannot
+        take)."""
+        if self.flat_columns is not None:
+            return (k, self.flat_columns(c, values))
+        c_out = self.output_channels(c, ph, pw, name)
+        return (k, ph, pw, c_out) if channels_last else (k, c_out, ph, pw)
+
+
+def whole_map_values(values):
+    """The params for ``boxes=None``: the whole-map boxes are in feature
+    pixels, so the kernels run them at spatial_scale 1."""
+    return values._replace(spatial_scale=1.0)
+
+
+def whole_map_rois(n, h, w, acc, xp=np):
+    """``[N, 5]`` rois ``(n, 0, 0, W - 1, H - 1)``: each image's whole
+    map, in feature pixels. Both RoI Pool conventions read pixels
+    ``0..W-1`` from them at spatial_scale 1: torchvision's rounded corners
+    with an inclusive end, and mmcv's ``x1`` to ``x2 + 1``."""
+    rois = np.zeros((n, 5), dtype=acc)
+    rois[:, 0] = np.arange(n)
+    rois[:, 3] = w - 1
+    rois[:, 4] = h - 1
+    return rois if xp is np else xp.asarray(rois)
 
 
 @functools.lru_cache(maxsize=None)
@@ -430,6 +475,78 @@ CROP_AND_RESIZE = Operator(
     input_name="image",
 )
 
+# --------------------------------------- spatial pyramid pooling (SPPnet)
+SPP_MODES = tuple(_kernels.SPP_MODES)
+
+
+def spp_levels(value, name="levels"):
+    """A non-empty sequence of grid sizes l >= 1 -> a tuple of ints."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of grid sizes such as (1, 2, 4), "
+                        f"got {value!r}")
+    levels = tuple(value)
+    if not levels:
+        raise ValueError(f"{name} must hold at least one grid size, got {value!r}")
+    for level in levels:
+        if not _validate._is_int(level) or not 1 <= int(level) <= 2**15:
+            raise ValueError(f"{name} must hold whole numbers in [1, 32768] (a level "
+                             f"of l x l bins), got {value!r}")
+    return tuple(int(level) for level in levels)
+
+
+def spp_bins(levels):
+    """Bins per channel of a pyramid: sum(l * l)."""
+    return sum(level * level for level in levels)
+
+
+def _spp_forward(x, rois, out, saved, v, channels_last):
+    argmax = saved[0]
+    levels = _ops._xp(x).asarray(np.array(v.levels, dtype=np.int64))
+    _ops.roi_spp_forward(x, rois, levels, out, argmax, v.spatial_scale, v.convention,
+                         v.mode, channels_last)
+    if argmax is not None and v.mode == "avg":
+        argmax.fill(-1)  # average bins have no position; the kernel leaves it
+
+
+def _spp_backward(g, rois, saved, grad_input, v, deterministic, zeroed,
+                  channels_last):
+    levels = _ops._xp(g).asarray(np.array(v.levels, dtype=np.int64))
+    argmax = saved[0] if saved and v.mode == "max" else None
+    if argmax is None and v.mode == "max":
+        raise ValueError("mode='max' needs argmax: the forward's, from return_argmax=True")
+    if argmax is not None and argmax.dtype != np.int32:
+        # The kernels read int32 (positions in a plane of < 2**31 pixels); an
+        # int64 position beyond that range would wrap onto a real pixel, so it
+        # becomes -1 (no gradient), as the kernels treat any bad position.
+        xp = _ops._xp(argmax)
+        argmax = xp.where((argmax >= 0) & (argmax < 2**31), argmax, -1).astype(np.int32)
+    _ops.roi_spp_backward(g, argmax, rois, levels, grad_input, v.spatial_scale,
+                          v.convention, v.mode, deterministic, zeroed=zeroed,
+                          channels_last=channels_last)
+
+
+# The kernels keep the argmax in int32: a plane of 2**31 pixels or more is
+# refused with a message (curoi._validate.argmax_fits).
+ROI_SPP = Operator(
+    name="roi_spp",
+    params=(
+        Param("levels", (1, 2, 4), spp_levels, "int[]"),
+        SPATIAL_SCALE,
+        Param("mode", "max", lambda value: _validate.choice(value, "mode", SPP_MODES),
+              "str"),
+        Param("convention", "torchvision",
+              lambda value: _validate.choice(value, "convention", POOL_CONVENTIONS),
+              "str"),
+    ),
+    forward=_spp_forward,
+    backward=_spp_backward,
+    saved=(Saved("argmax", lambda height, width: "int32", "return_argmax"),),
+    backward_needs_output_size=False,
+    pooled=False,
+    flat_columns=lambda channels, values: channels * spp_bins(values.levels),
+    whole_map=True,
+)
+
 OPERATORS = {op.name: op for op in (ROI_ALIGN, ROI_ALIGN_MAX, ROI_POOL, PS_ROI_POOL,
                                     PS_ROI_ALIGN, ROI_ALIGN_ROTATED, PRROI_POOL,
-                                    CROP_AND_RESIZE)}
+                                    CROP_AND_RESIZE, ROI_SPP)}

@@ -87,14 +87,14 @@ except ImportError as error:  # pragma: no cover - only without JAX
         "`pip install \"jax[cuda12]>=0.7\"` (NVIDIA GPUs)"
     ) from error
 
-from . import _boxes, _gpu, _validate
+from . import _boxes, _gpu, _operators, _validate
 from ._interop import FLOAT_DTYPES, HALF_DTYPES
 from ._operators import (ALIGN_MODES, PS_ROI_ALIGN, PS_ROI_POOL, ROI_ALIGN,
-                         ROI_ALIGN_MAX, ROI_ALIGN_ROTATED, ROI_POOL, PRROI_POOL,
+                         ROI_ALIGN_MAX, ROI_ALIGN_ROTATED, ROI_POOL, ROI_SPP, PRROI_POOL,
                          CROP_AND_RESIZE)
 
 __all__ = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "roi_align_rotated",
-           "prroi_pool", "crop_and_resize"]
+           "prroi_pool", "crop_and_resize", "roi_spp"]
 
 #: The JAX release that curoi.jax needs: the first with a public
 #: ``jax.experimental.buffer_callback`` carrying XLA's stream.
@@ -160,10 +160,6 @@ def _features(x, channels_last, name="input"):
 
 def _channels(x, channels_last):
     return x.shape[3] if channels_last else x.shape[1]
-
-
-def _output_shape(k, c, ph, pw, channels_last):
-    return (k, ph, pw, c) if channels_last else (k, c, ph, pw)
 
 
 def _box_array(array, name, columns, row=_boxes.BOX):
@@ -430,8 +426,8 @@ def _forward_op(op, ph, pw, values, channels_last, saved_dtypes):
 
     @custom_vmap
     def call(x, rois):
-        c = op.output_channels(_channels(x, channels_last), ph, pw)
-        shape = _output_shape(rois.shape[0], c, ph, pw, channels_last)
+        shape = op.result_shape(rois.shape[0], _channels(x, channels_last), ph, pw,
+                                values, channels_last)
         saved_types = [_saved_type(shape, d) for d in saved_dtypes]
         if x.size == 0 or int(np.prod(shape)) == 0:
             # Nothing to read: no launch. Bins of a map without pixels are
@@ -481,10 +477,12 @@ def _backward_op(op, input_shape, output_size, values, deterministic,
     def rule(axis_size, in_batched, g, *args):
         *saved, rois = args
         *saved_batched, rois_batched = in_batched[1:]
-        g = _broadcast(g, in_batched[0], axis_size).reshape((-1,) + g.shape[-3:])
+        rank = op.result_rank
+        g = _broadcast(g, in_batched[0], axis_size)
+        g = g.reshape((-1,) + g.shape[g.ndim - rank + 1:])
         saved = [_broadcast(v, b, axis_size) for v, b in zip(saved, saved_batched)]
         # int64 pairs carry one more axis than the gradient.
-        saved = [v.reshape((-1,) + v.shape[-(4 + (d == "int64")):])
+        saved = [v.reshape((-1,) + v.shape[-(rank + (d == "int64")):])
                  for v, d in zip(saved, saved_dtypes)]
         rois = _fold_rois(rois, rois_batched, axis_size, input_shape[0])
         folded = (axis_size * input_shape[0],) + tuple(input_shape[1:])
@@ -515,7 +513,8 @@ def _boxes_backward_op(op, ph, pw, values, channels_last):
 
     @call.def_vmap
     def rule(axis_size, in_batched, g, x, rois):
-        g = _broadcast(g, in_batched[0], axis_size).reshape((-1,) + g.shape[-3:])
+        g = _broadcast(g, in_batched[0], axis_size)
+        g = g.reshape((-1,) + g.shape[g.ndim - op.result_rank + 1:])
         x, rois = _fold_forward_args(axis_size, in_batched[1:], x, rois)
         return _unfold(call(g, x, rois), axis_size), True
 
@@ -621,7 +620,7 @@ def _acc_of(x):
 
 def _run(op, input, boxes, output_size, values, deterministic, data_format):
     """A public function's body: checks at trace time, then the program."""
-    ph, pw = output_size
+    ph, pw = output_size or (None, None)
     deterministic = _validate.flag(deterministic, "deterministic")
     channels_last = _validate.data_format(data_format)
     x = _features(input, channels_last)
@@ -630,7 +629,7 @@ def _run(op, input, boxes, output_size, values, deterministic, data_format):
     boxes = _checked_boxes(boxes, x.shape[0], op.box_columns, op.box_layout)
     shape = tuple(int(v) for v in x.shape)
     n, c, h, w = (shape[0], shape[3], shape[1], shape[2]) if channels_last else shape
-    op.output_channels(c, ph, pw)  # raises for channels the operator cannot split
+    op.result_shape(0, c, ph, pw, values, channels_last)  # raises for a C it cannot take
     saved_dtypes = tuple(s.dtype(h, w) for s in op.saved)
     config = _Config((op, ph, pw, values, deterministic, shape, _varying_axes(x),
                       channels_last, saved_dtypes))
@@ -785,3 +784,23 @@ def crop_and_resize(image, boxes, box_indices, crop_size, method="bilinear",
     rois = jnp.concatenate([box_indices[:, None].astype(acc), boxes.astype(acc)], axis=1)
     return _run(CROP_AND_RESIZE, image, rois, crop_size, values, deterministic,
                 data_format)
+
+
+def roi_spp(input, boxes=None, levels=(1, 2, 4), spatial_scale=1.0, *, mode="max",
+            convention="torchvision", deterministic=False, data_format="NCHW"):
+    """Spatial pyramid pooling of JAX arrays: :func:`curoi.roi_spp` for
+    ``jax.jit``, ``jax.grad`` and ``jax.vmap``, with its arguments
+    (``boxes=None`` pools each image's whole map). Returns ``[K, C x
+    sum(l * l)]`` (with a leading ``B`` under ``jax.vmap``); gradients flow
+    to ``input`` (the boxes get zero). ``deterministic`` and
+    ``data_format`` as in :func:`roi_align`."""
+    values = ROI_SPP.values(levels, spatial_scale, mode, convention)
+    if boxes is None:
+        channels_last = _validate.data_format(data_format)
+        x = _features(input, channels_last)
+        n, h, w = (x.shape[0], x.shape[1], x.shape[2]) if channels_last else \
+            (x.shape[0], x.shape[2], x.shape[3])
+        acc = _accumulation_dtype(_dtype_name(x.dtype))
+        boxes = jnp.asarray(_operators.whole_map_rois(n, h, w, acc))
+        values = _operators.whole_map_values(values)
+    return _run(ROI_SPP, input, boxes, None, values, deterministic, data_format)

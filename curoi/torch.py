@@ -43,7 +43,7 @@ from . import _frontend, _operators, _torch_onnx, _validate
 
 __all__ = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "roi_align_rotated",
            "prroi_pool", "RoIAlign", "RoIPool", "PSRoIAlign", "PSRoIPool", "RoIAlignRotated",
-           "PrRoIPool", "crop_and_resize"]
+           "PrRoIPool", "crop_and_resize", "roi_spp"]
 
 
 # --------------------------------------------------------------- arguments
@@ -105,6 +105,16 @@ def _nhwc(tensor):
 
 def _nchw(tensor):
     return tensor.permute(0, 3, 1, 2)
+
+
+# A flat [K, columns] result (spatial pyramid pooling) has one layout for
+# either kind of features: only 4-D results and gradients are permuted.
+def _nchw_result(tensor):
+    return _nchw(tensor) if tensor.dim() == 4 else tensor
+
+
+def _nhwc_result(tensor):
+    return _nhwc(tensor) if tensor.dim() == 4 else tensor
 
 
 def _check_tensors(input, rois, name, columns=5):
@@ -176,7 +186,8 @@ def _numpy(tensor):
 # ------------------------------------------------- operators from descriptions
 # Schema types of the params: ints are SymInts, as torch infers them from
 # Python's int, so that dynamic shapes pass through without specialising.
-_SCHEMA_TYPES = {"float": "float", "int": "SymInt", "bool": "bool", "str": "str"}
+_SCHEMA_TYPES = {"float": "float", "int": "SymInt", "bool": "bool", "str": "str",
+                 "int[]": "int[]"}
 
 
 class _TorchOperator:
@@ -198,7 +209,7 @@ class _TorchOperator:
         # spatial_scale, where there is one, comes before the output size.
         self.lead = 1 if op.params and op.params[0].name == "spatial_scale" else 0
         lead = [f"float {p.name}" for p in op.params[:self.lead]]
-        pooled = ["SymInt pooled_height", "SymInt pooled_width"]
+        pooled = ["SymInt pooled_height", "SymInt pooled_width"] if op.pooled else []
         rest = [f"{_SCHEMA_TYPES[p.schema]} {p.name}" for p in op.params[self.lead:]]
         results = ", ".join(["Tensor"] * (1 + len(op.saved)))
         self.forward_op = torch.library.custom_op(
@@ -241,19 +252,23 @@ class _TorchOperator:
         """A forward op's arguments after the tensors -> (ph, pw, params in
         the description's order)."""
         lead = tuple(args[:self.lead])
+        if not self.op.pooled:
+            return None, None, lead + tuple(args[self.lead:])
         ph, pw = args[self.lead], args[self.lead + 1]
         return ph, pw, lead + tuple(args[self.lead + 2:])
 
     def _join(self, params, ph, pw):
         """The reverse of :meth:`_split`."""
         params = tuple(params)
-        return params[:self.lead] + (ph, pw) + params[self.lead:]
+        pooled = (ph, pw) if self.op.pooled else ()
+        return params[:self.lead] + pooled + params[self.lead:]
 
     # ----------------------------------------------------------- forward
     def _forward(self, input, rois, *args):
         ph, pw, params = self._split(args)
         values = self.op.values(*params)
-        ph, pw = _validate.output_size((ph, pw))
+        if self.op.pooled:
+            ph, pw = _validate.output_size((ph, pw))
         channels_last = _channels_last(input)
         h, w = input.shape[2], input.shape[3]
         saved = tuple(s.dtype(h, w) for s in self.op.saved) or None
@@ -262,15 +277,17 @@ class _TorchOperator:
         if not channels_last:
             return result
         if saved:
-            return tuple(_nchw(r) for r in result)
-        return _nchw(result)
+            return tuple(_nchw_result(r) for r in result)
+        return _nchw_result(result)
 
     def _forward_fake(self, input, rois, *args):
-        ph, pw, _ = self._split(args)
+        ph, pw, params = self._split(args)
         _check_tensors(input, rois, "rois", self.op.box_columns)
-        c = self.op.output_channels(input.shape[1], ph, pw)
-        shape = (rois.shape[0], c, ph, pw)
-        channels_last = _channels_last(input)
+        # Unchecked params (torch.compile may pass symbolic floats); the op
+        # checks them when it runs.
+        shape = self.op.result_shape(rois.shape[0], input.shape[1], ph, pw,
+                                     self.op.Values._make(params), False)
+        channels_last = _channels_last(input) and len(shape) == 4
         out = _empty(input, shape, channels_last)
         if not self.op.saved:
             return out
@@ -309,8 +326,8 @@ class _TorchOperator:
          channels_last) = self._backward_args(args)
         if channels_last:
             return _nchw(_frontend.backward(
-                self.op, _nhwc(grad), rois, (n, h, w, c), output_size, values,
-                deterministic, True, saved=[_nhwc(s) for s in saved]))
+                self.op, _nhwc_result(grad), rois, (n, h, w, c), output_size, values,
+                deterministic, True, saved=[_nhwc_result(s) for s in saved]))
         return _frontend.backward(self.op, grad, rois, (n, c, h, w), output_size,
                                   values, deterministic, False, saved=saved)
 
@@ -323,7 +340,7 @@ class _TorchOperator:
         values = self.op.values(*params)
         channels_last = _channels_last(input)
         if channels_last:
-            grad, input = _nhwc(grad), _nhwc(input)
+            grad, input = _nhwc_result(grad), _nhwc(input)
         return _frontend.boxes_backward(self.op, grad, input, rois, ph, pw, values,
                                         channels_last)
 
@@ -370,7 +387,7 @@ class _TorchOperator:
         _check_input(input)
         rois = _to_rois(boxes, input, self.op.box_columns)
         _check_tensors(input, rois, "boxes", self.op.box_columns)
-        ph, pw = _validate.output_size(output_size)
+        ph, pw = _validate.output_size(output_size) if self.op.pooled else (None, None)
         if not torch.compiler.is_compiling():
             # torch.compile(dynamic=True) traces float arguments as symbols
             # that the checks cannot read; the op checks the same values
@@ -392,10 +409,9 @@ class _TorchOperator:
         direct = _direct_dtype(input, rois)
         if direct is None:
             return None
-        n, c, h, w = input.shape
         try:
-            out = torch.empty((rois.shape[0], self.op.output_channels(c, ph, pw), ph, pw),
-                              dtype=input.dtype)
+            out = torch.empty(self.op.result_shape(rois.shape[0], input.shape[1], ph, pw,
+                                                   values, False), dtype=input.dtype)
         except RuntimeError:
             return None  # the op path raises curoi's MemoryError naming it
         if self.lead:
@@ -416,6 +432,7 @@ _PS_ROI_ALIGN = _TorchOperator(_operators.PS_ROI_ALIGN)
 _ROI_ALIGN_ROTATED = _TorchOperator(_operators.ROI_ALIGN_ROTATED)
 _PRROI_POOL = _TorchOperator(_operators.PRROI_POOL)
 _CROP_AND_RESIZE = _TorchOperator(_operators.CROP_AND_RESIZE)
+_ROI_SPP = _TorchOperator(_operators.ROI_SPP)
 # The ops under their former names, for the tests and the ONNX symbolics.
 _roi_align_op, _roi_align_backward_op = _ROI_ALIGN.forward_op, _ROI_ALIGN.backward_op
 _roi_pool_op, _roi_pool_backward_op = _ROI_POOL.forward_op, _ROI_POOL.backward_op
@@ -601,6 +618,39 @@ def crop_and_resize(image: Tensor, boxes: Tensor, box_indices: Tensor, crop_size
     x = _nchw(image) if channels_last else image
     y = _CROP_AND_RESIZE(x, rois, crop_size, method, extrapolation_value)
     return _nhwc(y) if channels_last else y
+
+
+def roi_spp(input: Tensor, boxes=None, levels=(1, 2, 4), spatial_scale: float = 1.0, *,
+            mode: str = "max", convention: str = "torchvision") -> Tensor:
+    """Spatial pyramid pooling (SPPnet) of torch tensors, with the arguments
+    of :func:`curoi.roi_spp`: for each box, RoI Pool (``mode="max"``) or the
+    bins' means (``"avg"``) over an ``l x l`` grid per level, in one launch.
+
+    Args:
+        input: features ``[N, C, H, W]`` (any float dtype, CPU or CUDA;
+            ``torch.channels_last`` runs in place).
+        boxes: ``Tensor[K, 5]``, a list of ``Tensor[L, 4]``, or None: each
+            image's whole map (K = N), whatever ``spatial_scale`` says.
+        levels: grid sizes, e.g. ``(1, 2, 4)``.
+        spatial_scale, convention: as in :func:`roi_pool`.
+
+    Returns:
+        ``Tensor[K, C x sum(l * l)]``: the levels' ``[C, l, l]`` blocks of
+        each box in turn. Its gradient flows to ``input`` (the boxes get
+        None), deterministic under ``torch.use_deterministic_algorithms(True)``.
+    """
+    levels = _operators.spp_levels(levels)
+    if boxes is None:
+        _check_input(input)
+        n, _, h, w = input.shape
+        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        rois = torch.zeros((n, 5), dtype=acc, device=input.device)
+        rois[:, 0] = torch.arange(n, dtype=acc, device=input.device)
+        rois[:, 3] = w - 1
+        rois[:, 4] = h - 1
+        # Whole maps are in feature pixels (see curoi._operators.whole_map_rois).
+        return _ROI_SPP(input, rois, None, levels, 1.0, mode, convention)
+    return _ROI_SPP(input, boxes, None, levels, spatial_scale, mode, convention)
 
 
 _torch_onnx.register_torchscript_symbolics()

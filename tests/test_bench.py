@@ -33,6 +33,14 @@ BOX_ROWS = [
     "ps_roi_pool backward, C = 49",
     "ps_roi_align forward, C = 49, sampling_ratio 2",
     "ps_roi_align backward, C = 49, sampling_ratio 2",
+    "roi_align boxes backward, sampling_ratio 2",
+    "crop_and_resize forward, NHWC, 7x7",
+    "crop_and_resize backward, image and boxes, NHWC",
+    "prroi_pool forward",
+    "prroi_pool backward",
+    "prroi_pool boxes backward",
+    "roi_spp forward, levels 1, 2, 4",
+    "roi_spp backward, levels 1, 2, 4",
 ]
 
 
@@ -77,6 +85,14 @@ def test_box_workload_table(quick_run):
     assert header[-1] == "curoi 1 thread / this"
     assert all(r[-1] == "" for r in rows if r[1] == "1")
     assert all(float(r[-1]) > 0 for r in rows if r[1] == "2")
+    if "tensorflow ms" in header:
+        # TensorFlow is the peer of crop_and_resize only (at the thread
+        # count its pools were first set to).
+        peer = header.index("tensorflow ms")
+        assert {r[0] for r in rows if r[peer]} <= {
+            "crop_and_resize forward, NHWC, 7x7",
+            "crop_and_resize backward, image and boxes, NHWC"}
+        assert any(r[peer] for r in rows)
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
