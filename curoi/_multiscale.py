@@ -121,31 +121,33 @@ def pyramid(features):
     return list(features)
 
 
+def check_level(index, dtype, n, c, first):
+    """Level ``index`` (dtype name, N, C) must match level 0's ``first``
+    (dtype name, N, C)."""
+    if dtype != first[0]:
+        raise TypeError(f"features[{index}] has dtype {dtype}, but features[0] has "
+                        f"{first[0]}: every level must have one dtype")
+    if n != first[1]:
+        raise ValueError(f"features[{index}] holds N = {n} images, but features[0] "
+                         f"holds N = {first[1]}: every level must hold the same images")
+    if c != first[2]:
+        raise ValueError(f"features[{index}] has C = {c} channels, but features[0] "
+                         f"has C = {first[2]}: every level must have the same channels")
+
+
 def _level_views(caller, features, channels_last):
     """Kernel views of every level (checked against level 0) and their
     storage dtype name."""
-    views, storage = [], None
+    views, first = [], None
     for i, x in enumerate(features):
         view, dtype = _launch.features(caller, x, f"features[{i}]",
                                        FEATURES[channels_last])
-        if i == 0:
-            storage = dtype
-            n, c, _, _ = nchw(view.shape, channels_last)
-        else:
-            if dtype != storage:
-                raise TypeError(f"features[{i}] has dtype {dtype}, but features[0] "
-                                f"has {storage}: every level must have one dtype")
-            ni, ci, _, _ = nchw(view.shape, channels_last)
-            if ni != n:
-                raise ValueError(f"features[{i}] holds N = {ni} images, but "
-                                 f"features[0] holds N = {n}: every level must "
-                                 "hold the same images")
-            if ci != c:
-                raise ValueError(f"features[{i}] has C = {ci} channels, but "
-                                 f"features[0] has C = {c}: every level must "
-                                 "have the same channels")
+        n, c, _, _ = nchw(view.shape, channels_last)
+        if first is None:
+            first = (dtype, n, c)
+        check_level(i, dtype, n, c, first)
         views.append(view)
-    return views, storage
+    return views, first[0]
 
 
 def _input_shapes(input_shapes, channels_last):
