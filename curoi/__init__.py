@@ -6,6 +6,7 @@ C++ compiler for the CPU; any DLPack array in, the caller's kind of array out.
 from ._cpu import get_num_threads, set_num_threads
 from ._info import backend_info
 from ._crop_and_resize import crop_and_resize, crop_and_resize_backward
+from ._multiscale import multiscale_roi_align, multiscale_roi_align_backward
 from ._onnx_ops import onnx_roi_align
 from ._prroi_pool import prroi_pool, prroi_pool_backward, prroi_pool_boxes_backward
 from ._ps_roi import (ps_roi_align, ps_roi_align_backward, ps_roi_pool,
@@ -22,6 +23,8 @@ __all__ = [
     "crop_and_resize",
     "crop_and_resize_backward",
     "get_num_threads",
+    "multiscale_roi_align",
+    "multiscale_roi_align_backward",
     "onnx_roi_align",
     "prroi_pool",
     "prroi_pool_backward",

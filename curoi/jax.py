@@ -87,14 +87,14 @@ except ImportError as error:  # pragma: no cover - only without JAX
         "`pip install \"jax[cuda12]>=0.7\"` (NVIDIA GPUs)"
     ) from error
 
-from . import _boxes, _gpu, _operators, _validate
+from . import _boxes, _gpu, _multiscale, _operators, _ops, _validate
 from ._interop import FLOAT_DTYPES, HALF_DTYPES
 from ._operators import (ALIGN_MODES, PS_ROI_ALIGN, PS_ROI_POOL, ROI_ALIGN,
                          ROI_ALIGN_MAX, ROI_ALIGN_ROTATED, ROI_POOL, ROI_SPP, PRROI_POOL,
                          CROP_AND_RESIZE)
 
 __all__ = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "roi_align_rotated",
-           "prroi_pool", "crop_and_resize", "roi_spp"]
+           "prroi_pool", "crop_and_resize", "roi_spp", "multiscale_roi_align"]
 
 #: The JAX release that curoi.jax needs: the first with a public
 #: ``jax.experimental.buffer_callback`` carrying XLA's stream.
@@ -804,3 +804,154 @@ def roi_spp(input, boxes=None, levels=(1, 2, 4), spatial_scale=1.0, *, mode="max
         boxes = jnp.asarray(_operators.whole_map_rois(n, h, w, acc))
         values = _operators.whole_map_values(values)
     return _run(ROI_SPP, input, boxes, None, values, deterministic, data_format)
+
+
+# --------------------------------------------------------------------------
+# multiscale RoI Align: a feature pyramid in one launch
+# --------------------------------------------------------------------------
+#
+# The features are a list of levels, which the operator descriptions (one
+# feature map each) do not cover; the launch, the platform switch for half
+# precision and the shard_map typing are the ones above.
+
+
+@functools.lru_cache(maxsize=None)
+def _multiscale_forward_op(ph, pw, values, channels_last):
+    """``(levels, rois)`` -> the output, in the levels' (kernel) dtype."""
+
+    def run(*args):
+        *levels, rois, out = args
+        _ops.multiscale_roi_align_forward(
+            list(levels), rois, out, values.spatial_scales, values.sampling_ratio,
+            values.aligned, values.canonical_scale, values.canonical_level,
+            values.eps, values.level_rule, channels_last)
+
+    def call(levels, rois):
+        first = levels[0]
+        k, c = rois.shape[0], _channels(first, channels_last)
+        shape = (k, ph, pw, c) if channels_last else (k, c, ph, pw)
+        if int(np.prod(shape)) == 0:
+            out = jnp.zeros(shape, first.dtype)
+        else:
+            out = _call(run, [jax.ShapeDtypeStruct(shape, first.dtype)], *levels,
+                        rois)[0]
+        return _varying_like(out, *levels, rois)
+
+    return call
+
+
+@functools.lru_cache(maxsize=None)
+def _multiscale_backward_op(shapes, ph, pw, values, deterministic, channels_last):
+    """``(grad_output, rois)`` -> the gradient of every level (``shapes``),
+    in the accumulation dtype."""
+
+    def run(g, rois, *grads):
+        # XLA's output buffers are not zeroed: the wrapper zeroes them.
+        _ops.multiscale_roi_align_backward(
+            g, rois, list(grads), values.spatial_scales, values.sampling_ratio,
+            values.aligned, values.canonical_scale, values.canonical_level,
+            values.eps, values.level_rule, deterministic, zeroed=False,
+            channels_last=channels_last)
+
+    def call(g, rois):
+        acc = _accumulation_dtype(_dtype_name(g.dtype))
+        if g.size == 0 or sum(int(np.prod(s)) for s in shapes) == 0:
+            grads = [jnp.zeros(s, acc) for s in shapes]
+        else:
+            grads = _call(run, [jax.ShapeDtypeStruct(s, acc) for s in shapes], g, rois)
+        return [_varying_like(grad, g, rois) for grad in grads]
+
+    return call
+
+
+def _multiscale_forward(config, levels, rois):
+    ph, pw, values, _, _, _, channels_last = config
+    call = _multiscale_forward_op(ph, pw, values, channels_last)
+    dtype = levels[0].dtype
+
+    def on_cpu(rois, *levels):
+        return call([x.astype(jnp.float32) for x in levels], rois).astype(dtype)
+
+    def on_gpu(rois, *levels):
+        return call(list(levels), rois)
+
+    return _per_platform(_dtype_name(dtype) in HALF_DTYPES, on_cpu, on_gpu, rois,
+                         *levels)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _multiscale_apply(config, levels, rois):
+    return _multiscale_forward(config, levels, rois)
+
+
+def _multiscale_apply_fwd(config, levels, rois):
+    return _multiscale_forward(config, levels, rois), rois
+
+
+def _multiscale_apply_bwd(config, rois, g):
+    ph, pw, values, deterministic, shapes, level_axes, channels_last = config
+    call = _multiscale_backward_op(shapes, ph, pw, values, deterministic, channels_last)
+    dtype = g.dtype
+
+    def on_cpu(g, rois):
+        return call(g.astype(jnp.float32), rois)
+
+    grads = _per_platform(_dtype_name(dtype) in HALF_DTYPES, on_cpu, call, g, rois)
+    # Summed across devices in the accumulation dtype, rounded once.
+    grads = tuple(_cotangent_for(grad, axes).astype(dtype)
+                  for grad, axes in zip(grads, level_axes))
+    return grads, jnp.zeros_like(rois)
+
+
+_multiscale_apply.defvjp(_multiscale_apply_fwd, _multiscale_apply_bwd)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _multiscale_program(config, levels, boxes):
+    return _multiscale_apply(config, levels, _rois(boxes, _acc_of(levels[0])))
+
+
+def multiscale_roi_align(features, boxes, output_size, spatial_scales, sampling_ratio=-1,
+                         aligned=False, *, canonical_scale=224, canonical_level=4,
+                         eps=1e-6, level_rule="torchvision", data_format="NCHW",
+                         deterministic=False):
+    """Multiscale RoI Align of JAX arrays: :func:`curoi.multiscale_roi_align`
+    for ``jax.jit`` and ``jax.grad``/``jax.vjp``.
+
+    Args:
+        features: a list or tuple of ``jax.Array`` levels ``[N, C, H_l, W_l]``
+            (NHWC: ``[N, H_l, W_l, C]``), from the finest to the coarsest, of
+            one dtype, with the same N and C.
+        boxes: ``[K, 5]`` rows of ``(batch index, x1, y1, x2, y2)``, or a list
+            of ``[L, 4]`` arrays, one per image.
+        output_size, spatial_scales, sampling_ratio, aligned, canonical_scale,
+        canonical_level, eps, level_rule, data_format: as in
+            :func:`curoi.multiscale_roi_align`.
+        deterministic: make the backward pass bitwise reproducible.
+
+    Returns:
+        ``[K, C, PH, PW]`` (NHWC: ``[K, PH, PW, C]``) of the features' dtype.
+        The gradient is a tuple with one array per level (each level gets
+        the gradient of the boxes its rule assigns it, accumulated in
+        float32, float64 for float64, and rounded once); the boxes get zero.
+        Not for ``jax.vmap`` (no batching rule yet).
+    """
+    ph, pw = _validate.output_size(output_size)
+    channels_last = _validate.data_format(data_format)
+    deterministic = _validate.flag(deterministic, "deterministic")
+    levels = [_features(x, channels_last, f"features[{i}]")
+              for i, x in enumerate(_multiscale.pyramid(features))]
+    first = None
+    for i, x in enumerate(levels):
+        n, c = x.shape[0], _channels(x, channels_last)
+        if first is None:
+            first = (_dtype_name(x.dtype), n, c)
+        _multiscale.check_level(i, _dtype_name(x.dtype), n, c, first)
+    values = _multiscale.values(spatial_scales, len(levels), sampling_ratio, aligned,
+                                canonical_scale, canonical_level, eps, level_rule)
+    _multiscale.check_scales_for(values, _accumulation_dtype(first[0]))
+    boxes = _checked_boxes(boxes, first[1])
+    shapes = tuple(tuple(int(d) for d in x.shape) for x in levels)
+    config = (ph, pw, values, deterministic, shapes,
+              tuple(_varying_axes(x) for x in levels), channels_last)
+    return _multiscale_program(config, tuple(levels), boxes)

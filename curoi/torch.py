@@ -34,16 +34,19 @@ exporter and with ``dynamo=True``, without a translation table (see
 ``curoi._torch_onnx``).
 """
 
+from typing import Dict, List, Sequence, Tuple
+
 import torch
 from torch import Tensor, nn
 
 from torch.utils import _python_dispatch
 
-from . import _frontend, _operators, _torch_onnx, _validate
+from . import _frontend, _multiscale, _operators, _torch_onnx, _validate
 
 __all__ = ["roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "roi_align_rotated",
            "prroi_pool", "RoIAlign", "RoIPool", "PSRoIAlign", "PSRoIPool", "RoIAlignRotated",
-           "PrRoIPool", "crop_and_resize", "roi_spp"]
+           "PrRoIPool", "crop_and_resize", "roi_spp", "multiscale_roi_align",
+           "MultiScaleRoIAlign"]
 
 
 # --------------------------------------------------------------- arguments
@@ -786,3 +789,286 @@ class PrRoIPool(nn.Module):
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(output_size={self.output_size}, "
                 f"spatial_scale={self.spatial_scale})")
+
+
+# ------------------------------------------------------ multiscale RoI Align
+# A feature pyramid pooled in one launch. Its features are a list of
+# tensors, which the operator descriptions (one feature map each) do not
+# cover: these ops are written out here, on curoi._multiscale's functions.
+
+
+def _pyramid_channels_last(features):
+    """Whether a pyramid runs the channels-last kernels: every level laid out
+    as ``torch.channels_last`` and one at least not also plain contiguous (a
+    level of 1 x 1 pixels is both). The real op and its fake decide alike."""
+    return (all(f.is_contiguous(memory_format=torch.channels_last) for f in features)
+            and not all(f.is_contiguous() for f in features))
+
+
+def _check_pyramid(features, rois, spatial_scales):
+    """Checks shared by the public function and the fakes: tensors of 4
+    dims, one dtype and device, the same N and C, as many scales."""
+    for i, f in enumerate(features):
+        if not isinstance(f, Tensor):
+            raise TypeError(f"features[{i}] must be a torch.Tensor, got "
+                            f"{type(f).__name__}")
+        if f.dim() != 4:
+            raise ValueError(f"features[{i}] must be a 4-D tensor [N, C, H, W], got "
+                             f"shape {tuple(f.shape)}")
+        if not f.dtype.is_floating_point:
+            raise TypeError(f"features[{i}] must have a floating-point dtype, got "
+                            f"{f.dtype}")
+        first = features[0]
+        if f.device != first.device:
+            raise ValueError(f"features[{i}] is on {f.device}, but features[0] is on "
+                             f"{first.device}: move the levels to one device")
+        _multiscale.check_level(i, str(f.dtype), f.shape[0], f.shape[1],
+                                (str(first.dtype), first.shape[0], first.shape[1]))
+    _check_boxes(features[0], rois, "boxes", 5)
+    if len(spatial_scales) != len(features):
+        raise ValueError(
+            f"spatial_scales has {len(spatial_scales)} entries but features has "
+            f"{len(features)} levels: give one scale per level")
+
+
+@torch.library.custom_op(
+    "curoi::multiscale_roi_align", mutates_args=(),
+    schema="(Tensor[] features, Tensor rois, float[] spatial_scales, "
+           "SymInt pooled_height, SymInt pooled_width, SymInt sampling_ratio, "
+           "bool aligned, float canonical_scale, int canonical_level, float eps, "
+           "str level_rule) -> Tensor")
+def _multiscale_op(features, rois, spatial_scales, pooled_height, pooled_width,
+                   sampling_ratio, aligned, canonical_scale, canonical_level, eps,
+                   level_rule):
+    channels_last = _pyramid_channels_last(features)
+    levels = [_nhwc(f) for f in features] if channels_last else list(features)
+    out = _multiscale.multiscale_roi_align(
+        levels, rois, (pooled_height, pooled_width), spatial_scales, sampling_ratio,
+        aligned, canonical_scale=canonical_scale, canonical_level=canonical_level,
+        eps=eps, level_rule=level_rule,
+        data_format="NHWC" if channels_last else "NCHW")
+    return _nchw(out) if channels_last else out
+
+
+@_multiscale_op.register_fake
+def _multiscale_fake(features, rois, spatial_scales, pooled_height, pooled_width,
+                     *args):
+    _check_pyramid(features, rois, spatial_scales)
+    shape = (rois.shape[0], features[0].shape[1], pooled_height, pooled_width)
+    return _empty(features[0], shape, _pyramid_channels_last(features))
+
+
+@torch.library.custom_op(
+    "curoi::multiscale_roi_align_backward", mutates_args=(),
+    schema="(Tensor grad, Tensor rois, float[] spatial_scales, SymInt pooled_height, "
+           "SymInt pooled_width, SymInt batch_size, SymInt channels, "
+           "SymInt[] heights, SymInt[] widths, SymInt sampling_ratio, bool aligned, "
+           "float canonical_scale, int canonical_level, float eps, str level_rule, "
+           "bool deterministic, bool channels_last) -> Tensor[]")
+def _multiscale_backward_op(grad, rois, spatial_scales, pooled_height, pooled_width,
+                            batch_size, channels, heights, widths, sampling_ratio,
+                            aligned, canonical_scale, canonical_level, eps, level_rule,
+                            deterministic, channels_last):
+    n, c = batch_size, channels
+    shapes = [(n, h, w, c) if channels_last else (n, c, h, w)
+              for h, w in zip(heights, widths)]
+    grads = _multiscale.multiscale_roi_align_backward(
+        _nhwc(grad) if channels_last else grad, rois, shapes,
+        (pooled_height, pooled_width), spatial_scales, sampling_ratio, aligned,
+        canonical_scale=canonical_scale, canonical_level=canonical_level, eps=eps,
+        level_rule=level_rule, data_format="NHWC" if channels_last else "NCHW",
+        deterministic=deterministic)
+    return [_nchw(g) for g in grads] if channels_last else grads
+
+
+@_multiscale_backward_op.register_fake
+def _multiscale_backward_fake(grad, rois, spatial_scales, pooled_height, pooled_width,
+                              batch_size, channels, heights, widths, *args):
+    channels_last = args[-1]
+    return [_empty(grad, (batch_size, channels, h, w), channels_last)
+            for h, w in zip(heights, widths)]
+
+
+def _multiscale_setup(ctx, inputs, output):
+    features, rois, *args = inputs
+    ctx.save_for_backward(rois)
+    ctx.levels = len(features)
+    ctx.batch, ctx.channels = features[0].shape[0], features[0].shape[1]
+    ctx.heights = [f.shape[2] for f in features]
+    ctx.widths = [f.shape[3] for f in features]
+    ctx.channels_last = _pyramid_channels_last(features)
+    ctx.args = args
+
+
+def _multiscale_autograd(ctx, grad):
+    rois, = ctx.saved_tensors
+    (spatial_scales, ph, pw, sampling_ratio, aligned, canonical_scale,
+     canonical_level, eps, level_rule) = ctx.args
+    grads = None
+    # One entry per level first: autograd flattens the list of features.
+    if any(ctx.needs_input_grad[:ctx.levels]):
+        grads = _multiscale_backward_op(
+            grad, rois, spatial_scales, ph, pw, ctx.batch, ctx.channels, ctx.heights,
+            ctx.widths, sampling_ratio, aligned, canonical_scale, canonical_level, eps,
+            level_rule, torch.are_deterministic_algorithms_enabled(),
+            ctx.channels_last)
+    return (grads, None) + (None,) * len(ctx.args)
+
+
+_multiscale_op.register_autograd(_multiscale_autograd, setup_context=_multiscale_setup)
+
+
+def multiscale_roi_align(features: Sequence[Tensor], boxes, output_size,
+                         spatial_scales: Sequence[float], sampling_ratio: int = -1,
+                         aligned: bool = False, *, canonical_scale: float = 224,
+                         canonical_level: int = 4, eps: float = 1e-6,
+                         level_rule: str = "torchvision",
+                         data_format: str = "NCHW") -> Tensor:
+    """RoI Align over a feature pyramid in one launch, each box pooled from
+    the level its size selects: :func:`curoi.multiscale_roi_align` on
+    tensors, differentiable with respect to every level.
+
+    Args:
+        features: a list of tensors ``[N, C, H_l, W_l]`` (``data_format="NHWC"``:
+            ``[N, H_l, W_l, C]``), from the finest level to the coarsest, of
+            one dtype and device. Levels laid out as ``torch.channels_last``
+            run the channels-last kernels in place, and the result and the
+            gradients are ``torch.channels_last`` too.
+        boxes: ``Tensor[K, 5]`` of ``(batch index, x1, y1, x2, y2)``, or a list
+            of ``Tensor[L, 4]``, one per image, in input-image coordinates.
+        output_size: ``int`` or ``(PH, PW)``.
+        spatial_scales: one per level, halving from level to level, e.g.
+            ``[1/4, 1/8, 1/16, 1/32]``.
+        sampling_ratio, aligned: RoI Align's.
+        canonical_scale, canonical_level, eps, level_rule: the level rule
+            (see :func:`curoi.multiscale_roi_align`): torchvision's
+            ``LevelMapper`` by default, ``level_rule="detectron2"`` for
+            detectron2's ``ROIPooler``.
+        data_format: ``"NCHW"`` or ``"NHWC"``.
+
+    Returns:
+        ``Tensor[K, C, PH, PW]`` (NHWC: ``[K, PH, PW, C]``) of the features'
+        dtype, the boxes in their order. The gradient flows to every level's
+        features (None for the boxes), bitwise reproducible under
+        ``torch.use_deterministic_algorithms(True)``. The op is
+        ``torch.ops.curoi.multiscale_roi_align``, with a fake implementation
+        for ``torch.compile``.
+    """
+    channels_last = _validate.data_format(data_format)
+    features = _multiscale.pyramid(features)
+    for i, f in enumerate(features):
+        if not isinstance(f, Tensor):
+            raise TypeError(f"features[{i}] must be a torch.Tensor, got "
+                            f"{type(f).__name__}")
+        if f.dim() != 4:
+            layout = "[N, H, W, C]" if channels_last else "[N, C, H, W]"
+            raise ValueError(f"features[{i}] must be a 4-D tensor {layout}, got "
+                             f"shape {tuple(f.shape)}")
+    if channels_last:
+        features = [_nchw(f) for f in features]
+    rois = _to_rois(boxes, features[0])
+    _check_pyramid(features, rois, spatial_scales)
+    ph, pw = _validate.output_size(output_size)
+    args = (list(spatial_scales), sampling_ratio, aligned, canonical_scale,
+            canonical_level, eps, level_rule)
+    if not torch.compiler.is_compiling():
+        # The op checks the same values when it runs (with the same
+        # messages); under torch.compile the values may be symbols.
+        v = _multiscale.values(spatial_scales, len(features), sampling_ratio, aligned,
+                               canonical_scale, canonical_level, eps, level_rule)
+        args = (list(v.spatial_scales), v.sampling_ratio, v.aligned,
+                float(v.canonical_scale), v.canonical_level, v.eps, v.level_rule)
+    scales, rest = args[0], args[1:]
+    out = _multiscale_op(features, rois, scales, ph, pw, *rest)
+    return _nhwc(out) if channels_last else out
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """torchvision's ``MultiScaleRoIAlign``, the same arguments and numbers,
+    in one kernel launch (torchvision runs ``roi_align`` once per level and
+    scatters the results).
+
+    Args:
+        featmap_names: the names of the feature maps in ``x`` to pool from;
+            they are taken in ``x``'s order (as torchvision does), which must
+            be the finest first.
+        output_size: ``int`` or ``(PH, PW)``.
+        sampling_ratio: RoI Align's (``<= 0``: adaptive).
+        canonical_scale, canonical_level: the FPN level rule's (224 and 4).
+
+    ``forward(x, boxes, image_shapes)``: ``x`` a dict of ``[N, C, H, W]``
+    feature maps, ``boxes`` a list of ``Tensor[L, 4]`` per image, and
+    ``image_shapes`` the ``(height, width)`` of each image before the
+    backbone. As torchvision, at the first call each map's scale is inferred
+    as ``2 ** round(log2(H / max height))`` (in float32), kept for later
+    calls, and the boxes' levels are torchvision's ``LevelMapper`` with
+    ``eps=1e-6`` clamped to the maps' levels; RoI Align is not aligned
+    (``aligned=False``). Differentiable with respect to every map.
+    """
+
+    def __init__(self, featmap_names: List[str], output_size, sampling_ratio: int, *,
+                 canonical_scale: int = 224, canonical_level: int = 4):
+        super().__init__()
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        self.featmap_names = featmap_names
+        self.sampling_ratio = sampling_ratio
+        self.output_size = tuple(output_size)
+        self.scales = None
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+
+    def _filter(self, x: Dict[str, Tensor]) -> List[Tensor]:
+        if not isinstance(x, dict):
+            raise TypeError(f"x must be a dict of feature maps by name, got "
+                            f"{type(x).__name__}")
+        missing = [name for name in self.featmap_names if name not in x]
+        if missing:
+            raise ValueError(
+                f"x has no feature map named {missing[0]!r} (featmap_names = "
+                f"{list(self.featmap_names)!r}); it holds "
+                f"{', '.join(repr(k) for k in x)}")
+        return [v for k, v in x.items() if k in self.featmap_names]
+
+    @staticmethod
+    def _infer_scale(feature: Tensor, original_size: Tuple[int, int]) -> float:
+        # torchvision's: from the height, rounded in float32 log2.
+        approx = float(feature.shape[-2]) / float(original_size[0])
+        return 2 ** float(torch.tensor(approx).log2().round())
+
+    def _setup_scales(self, features: List[Tensor], image_shapes) -> None:
+        if not isinstance(image_shapes, (list, tuple)) or not image_shapes:
+            raise ValueError(
+                "image_shapes must be a non-empty list of the images' (height, "
+                f"width) before the backbone, got {image_shapes!r}")
+        largest = (max(int(s[0]) for s in image_shapes),
+                   max(int(s[1]) for s in image_shapes))
+        scales = [self._infer_scale(f, largest) for f in features]
+        try:
+            _multiscale.spatial_scales(scales, len(scales))
+        except ValueError as error:
+            raise ValueError(
+                f"the feature maps that featmap_names {list(self.featmap_names)!r} selects from x have "
+                f"the scales {scales} (their heights against image_shapes' largest "
+                f"image {largest}); they must be consecutive levels of a pyramid "
+                f"in x's order, the finest first: {error}") from None
+        self.scales = scales
+
+    def forward(self, x: Dict[str, Tensor], boxes: List[Tensor],
+                image_shapes: List[Tuple[int, int]]) -> Tensor:
+        features = self._filter(x)
+        if not isinstance(boxes, (list, tuple)) or not boxes:
+            raise ValueError(
+                "boxes must be a non-empty list of Tensor[L, 4] (x1, y1, x2, y2), "
+                f"one per image, got {boxes!r}")
+        if self.scales is None:
+            self._setup_scales(features, image_shapes)
+        return multiscale_roi_align(
+            features, list(boxes), self.output_size, self.scales, self.sampling_ratio,
+            False, canonical_scale=self.canonical_scale,
+            canonical_level=self.canonical_level, eps=1e-6, level_rule="torchvision")
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, "
+                f"output_size={self.output_size}, "
+                f"sampling_ratio={self.sampling_ratio})")
