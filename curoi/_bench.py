@@ -26,6 +26,14 @@ Workloads (``--workload``, comma-separated):
 - ``tiny``: one box on [1, 4, 16, 16], 2x2, the cost of a call in
   microseconds through NumPy, ``curoi.torch`` and ``curoi.jax`` under
   ``jax.jit`` (CPU only);
+- ``FPN``, a feature-pyramid box head: the levels P2-P5 of an 800x1088
+  image ([2, 256, 200, 272] at 1/4 down to [2, 256, 25, 34] at 1/32), W1's
+  1024 boxes, 7x7, sampling_ratio 2, not aligned (torchvision's
+  MultiScaleRoIAlign): ``multiscale_roi_align`` forward and backward in one
+  launch against the same done per level (the level rule on the host,
+  then one ``roi_align`` per level on its boxes and a scatter into box
+  order, as torchvision's MultiScaleRoIAlign does), and against torchvision's
+  MultiScaleRoIAlign when importable;
 - ``stress``: pathological boxes (1e9-pixel boxes with adaptive sampling,
   ``sampling_ratio`` 2**31-1) and, on the CPU, the deterministic backward
   against the GPU's fixed-point sum run through the CPU backend.
@@ -74,7 +82,12 @@ WORKLOADS = {
     "W2": Workload("W2", "Mask R-CNN mask head", (2, 256, 100, 136), 256, 1 / 8, 14, 2),
     "tiny": Workload("tiny", "one small call", (1, 4, 16, 16), 1, 1.0, 2, 2),
     "stress": Workload("stress", "pathological boxes", (2, 256, 50, 68), 512, 1 / 16, 7, 2),
+    # The finest level's shape and scale; three coarser levels halve it.
+    "FPN": Workload("FPN", "feature pyramid box head", (2, 256, 200, 272), 1024, 1 / 4, 7,
+                    2),
 }
+#: Levels of the FPN workload: P2 to P5, as Faster R-CNN with FPN pools.
+FPN_LEVELS = 4
 # --quick: every workload with few channels and boxes, for a smoke test of
 # the command itself (its figures mean nothing).
 QUICK_CHANNELS, QUICK_BOXES, QUICK_CALLS = 4, 8, 3
@@ -512,6 +525,69 @@ def part2_operations(work, x, boxes, gy, threads, xp=np):
     return rows
 
 
+def _fpn_levels(boxes, scales):
+    """Each box's level index by torchvision's LevelMapper (canonical 224 px
+    at level 4, eps 1e-6), on the host."""
+    b = np.asarray(boxes.get() if hasattr(boxes, "get") else boxes, dtype=np.float64)
+    area = (b[:, 3] - b[:, 1]) * (b[:, 4] - b[:, 2])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        level = np.floor(4 + np.log2(np.sqrt(area) / 224) + 1e-6)
+    first, last = -np.log2(scales[0]), -np.log2(scales[-1])
+    return (np.clip(np.nan_to_num(level, nan=first), first, last) - first).astype(np.int64)
+
+
+def pyramid_operations(work, dtype, threads, quick, xp=np):
+    """The FPN rows: one multiscale launch against a launch per level."""
+    rng = np.random.default_rng(0)
+    n, c, h, w = _shape(work, quick)
+    scales = [work.spatial_scale / 2**l for l in range(FPN_LEVELS)]
+    features = [xp.asarray(rng.standard_normal((n, c, h >> l, w >> l), dtype=np.float32)
+                           .astype(_numpy_dtype(dtype))) for l in range(FPN_LEVELS)]
+    boxes = xp.asarray(detection_boxes(rng, _box_count(work, quick), n))
+    size, ratio = work.output_size, work.sampling_ratio
+    gy = xp.asarray(rng.standard_normal((len(boxes), c, size, size), dtype=np.float32)
+                    .astype(features[0].dtype))
+    shapes = [f.shape for f in features]
+
+    def per_level_forward():
+        level = _fpn_levels(boxes, scales)
+        out = xp.zeros((len(boxes), c, size, size), features[0].dtype)
+        for l, (x, scale) in enumerate(zip(features, scales)):
+            picked = xp.asarray(np.flatnonzero(level == l))
+            if len(picked):
+                out[picked] = curoi.roi_align(x, boxes[picked], size, scale, ratio, False)
+        return out
+
+    def per_level_backward():
+        level = _fpn_levels(boxes, scales)
+        grads = []
+        for l, (shape, scale) in enumerate(zip(shapes, scales)):
+            picked = xp.asarray(np.flatnonzero(level == l))
+            grads.append(curoi.roi_align_backward(gy[picked], boxes[picked], shape, size,
+                                                  scale, ratio, False))
+        return grads
+
+    forward = {"curoi": lambda: curoi.multiscale_roi_align(features, boxes, size, scales,
+                                                           ratio, False),
+               "per-level launches": per_level_forward}
+    backward = {"curoi": lambda: curoi.multiscale_roi_align_backward(
+                    gy, boxes, shapes, size, scales, ratio, False),
+                "per-level launches": per_level_backward}
+    torch = _torchvision()
+    if torch is not None:
+        from torchvision.ops import MultiScaleRoIAlign
+
+        names = [f"p{l + 2}" for l in range(FPN_LEVELS)]
+        pooler = MultiScaleRoIAlign(names, size, ratio)
+        maps = {name: torch.from_dlpack(x) for name, x in zip(names, features)}
+        tboxes = torch.from_dlpack(boxes).to(maps[names[0]].dtype)
+        per_image = [tboxes[tboxes[:, 0] == i, 1:] for i in range(n)]
+        image_sizes = [(h * 4, w * 4)] * n
+        forward["torchvision"] = lambda: pooler(maps, per_image, image_sizes)
+    return [Operation(f"multiscale_roi_align forward, {FPN_LEVELS} levels", forward),
+            Operation(f"multiscale_roi_align backward, {FPN_LEVELS} levels", backward)]
+
+
 def tiny_operations(work, dtype, threads, quick):
     """One call on a tiny input, through each front end (CPU)."""
     x, boxes, _ = _inputs(work, dtype, quick)
@@ -604,6 +680,11 @@ def _median(values):
 
 def _description(work, dtype, quick, device):
     n, c, h, w = _shape(work, quick)
+    if work.name == "FPN":
+        return (f"{work.name}: {work.title}, {dtype} [{n}, {c}, {h}, {w}] at "
+                f"1/{round(1 / work.spatial_scale)} and {FPN_LEVELS - 1} coarser levels, "
+                f"{_box_count(work, quick)} boxes, {work.output_size}x{work.output_size}, "
+                f"sampling_ratio {work.sampling_ratio}, not aligned; {device}; milliseconds")
     if work.name == "tiny":
         return (f"{work.name}: {work.title}, {dtype} [{n}, {c}, {h}, {w}], "
                 f"{_box_count(work, quick)} box, {work.output_size}x{work.output_size}; "
@@ -726,7 +807,7 @@ def parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("--workload", type=_workloads, default=["W1"],
-                   help="comma-separated: W1, W2, tiny, stress (default W1)")
+                   help="comma-separated: W1, W2, FPN, tiny, stress (default W1)")
     p.add_argument("--threads", type=_thread_counts, default=None,
                    help="CPU thread counts, comma-separated, e.g. 1,2 "
                         "(default: curoi.get_num_threads())")
@@ -782,6 +863,8 @@ def main(argv=None, stdout=None, stderr=None):
                     ops = tiny_operations(work, dtype, count, args.quick)
                 elif name == "stress":
                     ops = stress_operations(work, dtype, count, args.quick, xp)
+                elif name == "FPN":
+                    ops = pyramid_operations(work, dtype, count, args.quick, xp)
                 else:
                     ops = box_operations(work, dtype, count, args.quick, xp)
                 plan.append((work, dtype, count, ops))

@@ -60,7 +60,7 @@ def _table(text, title_start):
 def quick_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench")
     argv = ["--quick", "--repeat", "2", "--threads", "1,2",
-            "--workload", "W1,tiny,stress", "--json", str(folder / "figures.json")]
+            "--workload", "W1,FPN,tiny,stress", "--json", str(folder / "figures.json")]
     try:
         import matplotlib  # noqa: F401
         argv += ["--plot", str(folder / "figures.png")]
@@ -102,6 +102,31 @@ def test_box_workload_table(quick_run):
     measured = {r[0] for r in rows if r[peer]}
     assert measured == {"roi_align forward, sampling_ratio 2",
                         "roi_align forward, adaptive", "roi_pool forward"}
+
+
+def test_pyramid_table_compares_one_launch_with_per_level_launches(quick_run):
+    _, out, _ = quick_run
+    table = _table(out, "FPN:")
+    header, rows = table[0], table[2:]
+    assert [(r[0], r[1]) for r in rows] == [
+        (f"multiscale_roi_align {d}, 4 levels", t) for t in "12"
+        for d in ("forward", "backward")]
+    peer = header.index("per-level launches ms")
+    assert header[peer + 1] == "curoi / per-level launches"
+    assert all(float(r[peer]) > 0 and float(r[peer + 1]) > 0 for r in rows)
+
+
+def test_per_level_launches_pool_what_the_one_launch_pools():
+    # The bench's per-level baseline is only a fair peer if it computes the
+    # same thing: the FPN operations' results agree.
+    ops = _bench.pyramid_operations(_bench.WORKLOADS["FPN"], "float32", 1, quick=True)
+    for op in ops:
+        one, per_level = op.contenders["curoi"](), op.contenders["per-level launches"]()
+        if isinstance(one, list):
+            for a, b in zip(one, per_level):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(one, per_level)
 
 
 def test_tiny_and_stress_tables(quick_run):
