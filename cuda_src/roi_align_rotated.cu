@@ -1,5 +1,7 @@
 // RoI Align on rotated boxes (average), forward and backward, with the
-// numbers of detectron2's ROIAlignRotated and mmcv's RoIAlignRotated.
+// numbers of detectron2's ROIAlignRotated and mmcv's RoIAlignRotated, and
+// the gradient with respect to the boxes (below, "how a sample moves with
+// its box").
 //
 // A box row is (batch index, centre x, centre y, width, height, angle). In
 // feature-map coordinates, with s = spatial_scale:
@@ -29,7 +31,8 @@
 // (RoiAlignRotatedBox::reach). Consecutive samples whose coordinates round
 // to the same value (boxes far larger than float resolves) are taken once,
 // with their number as a weight. Work is then of the order of the samples
-// on the map plus a binary search per row that crosses it.
+// on the map plus a binary search per row that crosses it; the box gradient
+// visits the same samples.
 #include "roi_align_geometry.cuh"
 
 #define CUROI_ROTATED_DETECTRON2 0
