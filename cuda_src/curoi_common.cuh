@@ -595,22 +595,31 @@ CUROI_DEVICE void curoi_fixed_finish(const int64_t* fixed,
   CUROI_IF_F32(M) CUROI_IF_F64(M) CUROI_IF_F16(M) CUROI_IF_BF16(M)
 
 
-// The gradient of each box from its bins' partial sums partial[K, bins, 4],
-// added bin after bin (a fixed order, so no atomics and the same bits on
-// every launch): grad[k * stride + first + j] for j < 4, and 0 in the
-// columns before first (a batch index). first is 0 or 1.
+// The gradient of each box from its bins' partial sums partial[K, bins,
+// Columns], added bin after bin (a fixed order, so no atomics and the same
+// bits on every launch): grad[k * stride + first + j] for j < Columns, and 0
+// in the columns before first (a batch index). first is 0 or 1.
+template <int Columns, typename A>
+CUROI_DEVICE void curoi_boxes_finish_columns(const A* partial,
+                                             int64_t num_boxes, int64_t bins,
+                                             int64_t stride, int64_t first,
+                                             A* grad) {
+  CUDA_1D_KERNEL_LOOP(i, num_boxes * Columns) {
+    const int64_t k = i / Columns, j = i - k * Columns;
+    const A* p = partial + k * bins * Columns + j;
+    A sum = (A)0;
+    for (int64_t bin = 0; bin < bins; ++bin) sum += p[bin * Columns];
+    grad[k * stride + first + j] = sum;
+    if (j < first) grad[k * stride + j] = (A)0;
+  }
+}
+
+// Four columns: the corners of an axis-aligned box.
 template <typename A>
 CUROI_DEVICE void curoi_boxes_finish(const A* partial, int64_t num_boxes,
                                      int64_t bins, int64_t stride,
                                      int64_t first, A* grad) {
-  CUDA_1D_KERNEL_LOOP(i, num_boxes * 4) {
-    const int64_t k = i / 4, j = i - k * 4;
-    const A* p = partial + k * bins * 4 + j;
-    A sum = (A)0;
-    for (int64_t bin = 0; bin < bins; ++bin) sum += p[bin * 4];
-    grad[k * stride + first + j] = sum;
-    if (j < first) grad[k * stride + j] = (A)0;
-  }
+  curoi_boxes_finish_columns<4>(partial, num_boxes, bins, stride, first, grad);
 }
 
 #endif  // CUROI_COMMON_CUH

@@ -1,5 +1,7 @@
 // RoI Align on rotated boxes (average), forward and backward, with the
-// numbers of detectron2's ROIAlignRotated and mmcv's RoIAlignRotated.
+// numbers of detectron2's ROIAlignRotated and mmcv's RoIAlignRotated, and
+// the gradient with respect to the boxes (below, "how a sample moves with
+// its box").
 //
 // A box row is (batch index, centre x, centre y, width, height, angle). In
 // feature-map coordinates, with s = spatial_scale:
@@ -29,7 +31,8 @@
 // (RoiAlignRotatedBox::reach). Consecutive samples whose coordinates round
 // to the same value (boxes far larger than float resolves) are taken once,
 // with their number as a weight. Work is then of the order of the samples
-// on the map plus a binary search per row that crosses it.
+// on the map plus a binary search per row that crosses it; the box gradient
+// visits the same samples.
 #include "roi_align_geometry.cuh"
 
 #define CUROI_ROTATED_DETECTRON2 0
@@ -212,16 +215,28 @@ CUROI_DEVICE void roi_align_rotated_run(int64_t n, A lo, A hi, const V& v,
   *last = beyond(upward ? hi : lo, true);
 }
 
-// visit(ty, tx, n) for every sample of bin (ay, ax) of box g that lands on
-// the map, with its taps; n > 1 stands for n samples with the same
-// coordinates. Small grids (the usual case) visit every sample in order, as
-// detectron2's loop does.
+// One sample of a bin that lands on the map: where it lies in the box
+// (yy, xx) and on the map (y, x), and how many samples it stands for (n > 1
+// where consecutive samples round to the same coordinates), with the mean of
+// their indices in the bin's grid (iy, ix): the box gradient needs the sum
+// of a term linear in the index over them, which is n times its value at
+// the mean.
+template <typename A>
+struct RoiAlignRotatedPoint {
+  A yy, xx, y, x;
+  A iy, ix;
+  A n;
+};
+
+// visit(point, ty, tx) for every sample of bin (ay, ax) of box g that lands
+// on the map, with its taps. Small grids (the usual case) visit every sample
+// in order, as detectron2's loop does.
 template <typename A, typename F>
-CUROI_DEVICE void roi_align_rotated_samples(const RoiAlignRotatedBox<A>& g,
-                                            const RoiAlignAxis<A>& ay,
-                                            const RoiAlignAxis<A>& ax,
-                                            int64_t height, int64_t width,
-                                            const F& visit) {
+CUROI_DEVICE void roi_align_rotated_points(const RoiAlignRotatedBox<A>& g,
+                                           const RoiAlignAxis<A>& ay,
+                                           const RoiAlignAxis<A>& ax,
+                                           int64_t height, int64_t width,
+                                           const F& visit) {
   const A c = g.cos_t, s = g.sin_t;
   const bool search_rows = ay.count > CUROI_SCAN_SAMPLES;
   const bool search_columns = ax.count > CUROI_SCAN_SAMPLES;
@@ -240,6 +255,7 @@ CUROI_DEVICE void roi_align_rotated_samples(const RoiAlignRotatedBox<A>& g,
     if (search_rows && next < rows_end && roi_align_position(ay, next) == yy)
       next = curoi_min(roi_align_first_beyond(ay, yy, true), rows_end);
     const A rows = (A)(next - row);
+    const A iy = (A)0.5 * ((A)row + (A)(next - 1));
     row = next;
     const A yc = yy * c, ys = yy * s;
     int64_t column = 0, columns_end = ax.count;
@@ -266,14 +282,121 @@ CUROI_DEVICE void roi_align_rotated_samples(const RoiAlignRotatedBox<A>& g,
       if (search_columns && after < columns_end &&
           roi_align_position(ax, after) == xx)
         after = curoi_min(roi_align_first_beyond(ax, xx, true), columns_end);
-      const A n = rows * (A)(after - column);
+      RoiAlignRotatedPoint<A> p;
+      p.yy = yy;
+      p.xx = xx;
+      p.y = roi_align_rotated_y(g, yc, xx);
+      p.x = roi_align_rotated_x(g, ys, xx);
+      p.iy = iy;
+      p.ix = (A)0.5 * ((A)column + (A)(after - 1));
+      p.n = rows * (A)(after - column);
       column = after;
       RoiAlignTap<A> ty, tx;
-      if (roi_align_bilinear_tap(roi_align_rotated_y(g, yc, xx), height, &ty) &&
-          roi_align_bilinear_tap(roi_align_rotated_x(g, ys, xx), width, &tx))
-        visit(ty, tx, n);
+      if (roi_align_bilinear_tap(p.y, height, &ty) &&
+          roi_align_bilinear_tap(p.x, width, &tx))
+        visit(p, ty, tx);
     }
   }
+}
+
+// visit(ty, tx, n) for every sample of bin (ay, ax) of box g that lands on
+// the map, with its taps; n > 1 stands for n samples with the same
+// coordinates.
+template <typename A, typename F>
+CUROI_DEVICE void roi_align_rotated_samples(const RoiAlignRotatedBox<A>& g,
+                                            const RoiAlignAxis<A>& ay,
+                                            const RoiAlignAxis<A>& ax,
+                                            int64_t height, int64_t width,
+                                            const F& visit) {
+  roi_align_rotated_points(
+      g, ay, ax, height, width,
+      [&](const RoiAlignRotatedPoint<A>& p, const RoiAlignTap<A>& ty,
+          const RoiAlignTap<A>& tx) { visit(ty, tx, p.n); });
+}
+
+// ------------------------------------------- how a sample moves with its box
+// The gradient with respect to the boxes (the boxes_backward kernels):
+// d loss / d (cx, cy, w, h, angle) of each box row, for the gradient of its
+// output. With the names above, sample (iy, ix) of bin (ph, pw) lies in the
+// box at
+//   yy = h * f_y,  f_y = (ph + (iy + 0.5) / grid_h) / PH - 1/2,
+//   xx = w * f_x,  f_x likewise,
+// and on the map at y = yy cos - xx sin + cy, x = yy sin + xx cos + cx, so
+//   d(y, x)/d cx = (0, 1),          d(y, x)/d cy = (1, 0),
+//   d(y, x)/d w = f_x (-sin, cos),  d(y, x)/d h = f_y (cos, sin),
+//   d(y, x)/d theta = (-(yy sin + xx cos), yy cos - xx sin).
+// Back to the numbers of the box row: d cx/d x = d cy/d y = s; d w/d width
+// = d h/d height = s, but 0 where mmcv's max(size, 1) (aligned=False) picks
+// 1; d theta/d angle = pi/180 (detectron2, degrees), 1 (mmcv), -1 (mmcv,
+// clockwise). The grid (adaptive: ceil(size / pooled)) and the divisor are
+// piecewise constant in the box: their derivative is 0 wherever it exists,
+// and they are constants here, as in RoI Align's box gradient.
+//
+// The bilinear value moves with y only strictly inside the map's
+// interpolation range, 0 < y < H - 1: there it is (1 - l) * row lo + l *
+// row (lo + 1), lo = floor(y), l = y - lo (each row read at x as the value
+// reads it), of slope row (lo + 1) - row lo. Off the map the sample adds
+// nothing, and in the clamped bands (y <= 0 reads row 0, y >= H - 1 the
+// last row) its value does not depend on y: slope 0. At an integer y inside
+// the map the slope is that of the cell [y, y + 1], the one the forward's
+// floor takes (the side RoI Align's box gradient takes too, see
+// roi_align_geometry.cuh); at y = 0 and y = H - 1 the forward clamps: slope
+// 0. x likewise. Where a slope exists the cell's rows are the taps' lo and
+// hi, so both slopes read the four pixels that the value reads.
+
+// Whether the value moves with coordinate v on an axis of `size` pixels.
+template <typename A>
+CUROI_DEVICE bool roi_align_rotated_moves(A v, int64_t size) {
+  return v > (A)0 && v < (A)(size - 1);
+}
+
+// What one sample (its n samples) adds to d(cx, cy, w, h, theta), in map
+// units, per unit of d value/d x (x[j]) and of d value/d y (y[j]).
+template <typename A>
+struct RoiAlignRotatedPull {
+  A x[5], y[5];
+};
+
+template <typename A>
+CUROI_DEVICE RoiAlignRotatedPull<A> roi_align_rotated_pull(
+    const RoiAlignRotatedBox<A>& g, const RoiAlignRotatedPoint<A>& p,
+    const RoiAlignAxis<A>& ay, const RoiAlignAxis<A>& ax, int64_t ph,
+    int64_t pw, int64_t pooled_height, int64_t pooled_width) {
+  const A c = g.cos_t, s = g.sin_t, n = p.n;
+  const A fy =
+      n * (((A)ph + (p.iy + (A)0.5) / ay.grid) / (A)pooled_height - (A)0.5);
+  const A fx =
+      n * (((A)pw + (p.ix + (A)0.5) / ax.grid) / (A)pooled_width - (A)0.5);
+  RoiAlignRotatedPull<A> d;
+  d.x[0] = n;
+  d.y[0] = (A)0;
+  d.x[1] = (A)0;
+  d.y[1] = n;
+  d.x[2] = fx * c;
+  d.y[2] = -fx * s;
+  d.x[3] = fy * s;
+  d.y[3] = fy * c;
+  d.x[4] = n * (p.yy * c - p.xx * s);
+  d.y[4] = -n * (p.yy * s + p.xx * c);
+  return d;
+}
+
+// The factors that take a bin's sums in map units to the numbers of the box
+// row (cx, cy, w, h, angle), the divisor included.
+template <typename A>
+CUROI_DEVICE void roi_align_rotated_box_scales(
+    const A* box, const RoiAlignRotatedArgs<A>& a,
+    const RoiAlignRotatedBox<A>& g, A* scale) {
+  const bool mmcv = a.convention == CUROI_ROTATED_MMCV;
+  const bool at_least_one = mmcv && !a.aligned;
+  const A s = a.spatial_scale / g.count;
+  scale[0] = scale[1] = s;
+  // As the forward's curoi_max(size, 1), which keeps the size itself when
+  // it equals 1: there the size follows the box.
+  scale[2] = at_least_one && box[3] * a.spatial_scale < (A)1 ? (A)0 : s;
+  scale[3] = at_least_one && box[4] * a.spatial_scale < (A)1 ? (A)0 : s;
+  const A turn = !mmcv ? (A)(CUROI_PI / 180) : a.clockwise ? (A)-1 : (A)1;
+  scale[4] = turn / g.count;
 }
 
 #if defined(CUROI_GPU_LOOPS)
@@ -381,6 +504,97 @@ CUROI_DEVICE void roi_align_rotated_backward(
                                            grad_input);
 }
 
+// The box gradient, first pass: one thread per (box, bin) writes the bin's
+// share of d/d(cx, cy, w, h, angle) into partial[K, PH*PW, 5]; sample after
+// sample, the slopes of the bin's channels in channel order, each sample's
+// four pixels read once for both. The layout only moves the addresses, so
+// channels-last gives the same bits.
+template <bool ChannelsLast, typename T>
+CUROI_DEVICE void roi_align_rotated_boxes_backward_loop(
+    const T* grad_output, const T* input,
+    const typename AccType<T>::type* rois, int64_t num_rois,
+    const RoiAlignRotatedArgs<typename AccType<T>::type>& a,
+    typename AccType<T>::type* partial) {
+  typedef typename AccType<T>::type A;
+  const int64_t bins = a.pooled_height * a.pooled_width;
+  const int64_t total = num_rois * bins;
+  const int64_t channels = a.channels;
+  const int64_t plane_size = a.height * a.width;
+  CUDA_1D_KERNEL_LOOP(index, total) {
+    const CuroiOutputIndex at = curoi_output_index(
+        index, total, 1, a.pooled_height, a.pooled_width);
+    const int64_t bin = index - at.k * bins;
+    const A* box = rois + at.k * 6;
+    const RoiAlignRotatedBox<A> g = roi_align_rotated_box(box, a);
+    A sum[5] = {(A)0, (A)0, (A)0, (A)0, (A)0};
+    A scale[5] = {(A)0, (A)0, (A)0, (A)0, (A)0};
+    if (g.batch_index >= 0) {
+      const RoiAlignAxis<A> ay = roi_align_rotated_axis(
+          g.roi_h, at.ph, a.pooled_height, a.sampling_ratio);
+      const RoiAlignAxis<A> ax = roi_align_rotated_axis(
+          g.roi_w, at.pw, a.pooled_width, a.sampling_ratio);
+      const CuroiPlane p =
+          curoi_plane<ChannelsLast>(g.batch_index, 0, channels, plane_size);
+      const int64_t channel_step = ChannelsLast ? 1 : plane_size;
+      const int64_t row_step = a.width * p.step;
+      const T* image = input + p.at;
+      const T* grad_bin =
+          grad_output + (ChannelsLast ? index * channels
+                                      : at.k * channels * bins + bin);
+      const int64_t grad_step = ChannelsLast ? 1 : bins;
+      roi_align_rotated_points(
+          g, ay, ax, a.height, a.width,
+          [&](const RoiAlignRotatedPoint<A>& pt, const RoiAlignTap<A>& ty,
+              const RoiAlignTap<A>& tx) {
+            const bool along_y = roi_align_rotated_moves(pt.y, a.height);
+            const bool along_x = roi_align_rotated_moves(pt.x, a.width);
+            if (!along_y && !along_x) return;
+            const int64_t lo_lo = ty.lo * row_step + tx.lo * p.step;
+            const int64_t lo_hi = ty.lo * row_step + tx.hi * p.step;
+            const int64_t hi_lo = ty.hi * row_step + tx.lo * p.step;
+            const int64_t hi_hi = ty.hi * row_step + tx.hi * p.step;
+            A dy = (A)0, dx = (A)0;
+            for (int64_t c = 0; c < channels; ++c) {
+              const T* plane = image + c * channel_step;
+              const A grad = curoi_load<A>(grad_bin[c * grad_step]);
+              const A v00 = curoi_load<A>(plane[lo_lo]);
+              const A v01 = curoi_load<A>(plane[lo_hi]);
+              const A v10 = curoi_load<A>(plane[hi_lo]);
+              const A v11 = curoi_load<A>(plane[hi_hi]);
+              if (along_y)
+                dy += grad * (tx.w_lo * (v10 - v00) + tx.w_hi * (v11 - v01));
+              if (along_x)
+                dx += grad * (ty.w_lo * (v01 - v00) + ty.w_hi * (v11 - v10));
+            }
+            const RoiAlignRotatedPull<A> d =
+                roi_align_rotated_pull(g, pt, ay, ax, at.ph, at.pw,
+                                       a.pooled_height, a.pooled_width);
+            for (int j = 0; j < 5; ++j) {
+              if (along_x) sum[j] += d.x[j] * dx;
+              if (along_y) sum[j] += d.y[j] * dy;
+            }
+          });
+      roi_align_rotated_box_scales(box, a, g, scale);
+    }
+    A* out = partial + index * 5;
+    for (int j = 0; j < 5; ++j) out[j] = scale[j] * sum[j];
+  }
+}
+
+template <typename T>
+CUROI_DEVICE void roi_align_rotated_boxes_backward(
+    const T* grad_output, const T* input,
+    const typename AccType<T>::type* rois, int64_t num_rois,
+    const RoiAlignRotatedArgs<typename AccType<T>::type>& a,
+    int channels_last, typename AccType<T>::type* partial) {
+  if (channels_last)
+    roi_align_rotated_boxes_backward_loop<true>(grad_output, input, rois,
+                                                num_rois, a, partial);
+  else
+    roi_align_rotated_boxes_backward_loop<false>(grad_output, input, rois,
+                                                 num_rois, a, partial);
+}
+
 #else
 // ------------------------------------------------------------- CPU loops
 // detectron2's pre_calc, shared further: a box's taps (pixel and weight) are
@@ -405,21 +619,21 @@ struct RoiAlignRotatedTaps {
   std::vector<A> weight;
 };
 
-// Sorts one bin's taps by pixel, keeping the order of equal pixels (so that
-// their weights are added in the order the samples come).
-template <typename A>
-static void roi_align_rotated_sort(std::vector<RoiAlignRotatedTap<A>>& taps) {
+// Sorts one bin's taps (anything with a pixel) by pixel, keeping the order
+// of equal pixels (so that their weights are added in the order the samples
+// come).
+template <typename Tap>
+static void roi_align_rotated_sort(std::vector<Tap>& taps) {
   const size_t n = taps.size();
   if (n > 64) {
     std::stable_sort(taps.begin(), taps.end(),
-                     [](const RoiAlignRotatedTap<A>& l,
-                        const RoiAlignRotatedTap<A>& r) {
+                     [](const Tap& l, const Tap& r) {
                        return l.pixel < r.pixel;
                      });
     return;
   }
   for (size_t i = 1; i < n; ++i) {  // few taps: insertion sort
-    const RoiAlignRotatedTap<A> t = taps[i];
+    const Tap t = taps[i];
     size_t j = i;
     for (; j > 0 && taps[j - 1].pixel > t.pixel; --j) taps[j] = taps[j - 1];
     taps[j] = t;
@@ -688,6 +902,151 @@ static void roi_align_rotated_backward(
     });
   }
 }
+
+// The box gradient, first pass. Per box, a table as the forward's: for each
+// bin the pixels its samples' slopes read, merged and in pixel order, each
+// with five weights, d(cx, cy, w, h, theta) per unit of the pixel's value
+// (the pull of roi_align_rotated_pull times the pixel's share of d value/d x
+// and d value/d y). A channel then costs five multiply-adds per pixel.
+template <typename A>
+struct RoiAlignRotatedSlopeTap {
+  int64_t pixel;  // h * W + w in a plane
+  A weight[5];
+};
+
+template <typename A>
+struct RoiAlignRotatedSlopes {
+  std::vector<int64_t> begin;  // bin b: taps begin[b] .. begin[b+1]-1
+  std::vector<int64_t> pixel;
+  std::vector<A> weight;  // five per tap
+  std::vector<RoiAlignRotatedSlopeTap<A>> raw;  // one bin's, before merging
+
+  void build(const RoiAlignRotatedBox<A>& g, const RoiAlignRotatedArgs<A>& a) {
+    const int64_t bins = a.pooled_height * a.pooled_width;
+    const int64_t width = a.width;
+    begin.assign((size_t)bins + 1, 0);
+    pixel.clear();
+    weight.clear();
+    for (int64_t ph = 0; ph < a.pooled_height; ++ph) {
+      const RoiAlignAxis<A> ay = roi_align_rotated_axis(
+          g.roi_h, ph, a.pooled_height, a.sampling_ratio);
+      for (int64_t pw = 0; pw < a.pooled_width; ++pw) {
+        const RoiAlignAxis<A> ax = roi_align_rotated_axis(
+            g.roi_w, pw, a.pooled_width, a.sampling_ratio);
+        raw.clear();
+        roi_align_rotated_points(
+            g, ay, ax, a.height, a.width,
+            [&](const RoiAlignRotatedPoint<A>& pt, const RoiAlignTap<A>& ty,
+                const RoiAlignTap<A>& tx) {
+              const bool along_y = roi_align_rotated_moves(pt.y, a.height);
+              const bool along_x = roi_align_rotated_moves(pt.x, a.width);
+              if (!along_y && !along_x) return;
+              const RoiAlignRotatedPull<A> d = roi_align_rotated_pull(
+                  g, pt, ay, ax, ph, pw, a.pooled_height, a.pooled_width);
+              // Each pixel's share of d value/d x and d value/d y.
+              const A sx = along_x ? (A)1 : (A)0;
+              const A sy = along_y ? (A)1 : (A)0;
+              const int64_t pixels[4] = {
+                  ty.lo * width + tx.lo, ty.lo * width + tx.hi,
+                  ty.hi * width + tx.lo, ty.hi * width + tx.hi};
+              const A by_x[4] = {-sx * ty.w_lo, sx * ty.w_lo, -sx * ty.w_hi,
+                                 sx * ty.w_hi};
+              const A by_y[4] = {-sy * tx.w_lo, -sy * tx.w_hi, sy * tx.w_lo,
+                                 sy * tx.w_hi};
+              for (int i = 0; i < 4; ++i) {
+                RoiAlignRotatedSlopeTap<A> t;
+                t.pixel = pixels[i];
+                for (int j = 0; j < 5; ++j)
+                  t.weight[j] = d.x[j] * by_x[i] + d.y[j] * by_y[i];
+                raw.push_back(t);
+              }
+            });
+        roi_align_rotated_sort(raw);
+        const size_t first = pixel.size();
+        for (const RoiAlignRotatedSlopeTap<A>& t : raw) {
+          if (pixel.size() > first && pixel.back() == t.pixel) {
+            A* w = weight.data() + weight.size() - 5;
+            for (int j = 0; j < 5; ++j) w[j] += t.weight[j];
+          } else {
+            pixel.push_back(t.pixel);
+            weight.insert(weight.end(), t.weight, t.weight + 5);
+          }
+        }
+        begin[(size_t)(ph * a.pooled_width + pw + 1)] = (int64_t)pixel.size();
+      }
+    }
+  }
+};
+
+// Boxes shared among the threads, each box's bins written by one thread:
+// per bin, each channel's five sums over the table's pixels in pixel order,
+// then the channels' products with their gradients in channel order. Both
+// layouts run these operations in this order (channels-last keeps the sums
+// of all channels while it walks the pixels once), so the bits depend
+// neither on the layout nor on the number of threads.
+template <typename T>
+static void roi_align_rotated_boxes_backward(
+    const T* grad_output, const T* input,
+    const typename AccType<T>::type* rois, int64_t num_rois,
+    const RoiAlignRotatedArgs<typename AccType<T>::type>& a,
+    int channels_last, typename AccType<T>::type* partial) {
+  typedef typename AccType<T>::type A;
+  const int64_t bins = a.pooled_height * a.pooled_width;
+  const int64_t channels = a.channels;
+  const int64_t plane_size = a.height * a.width;
+  const int64_t cost = channels * bins * 16;
+  curoi_parallel_for(num_rois, 1, cost, [&](int64_t k) {
+    static thread_local RoiAlignRotatedSlopes<A> table;
+    static thread_local std::vector<A> sums;  // channels-last: five a channel
+    A* out = partial + k * bins * 5;
+    const A* box = rois + k * 6;
+    const RoiAlignRotatedBox<A> g = roi_align_rotated_box(box, a);
+    if (g.batch_index < 0) {
+      for (int64_t i = 0; i < bins * 5; ++i) out[i] = (A)0;
+      return;
+    }
+    table.build(g, a);
+    A scale[5];
+    roi_align_rotated_box_scales(box, a, g, scale);
+    const T* image = input + g.batch_index * channels * plane_size;
+    if (channels_last) sums.resize((size_t)(channels * 5));
+    for (int64_t bin = 0; bin < bins; ++bin) {
+      const int64_t e0 = table.begin[bin], e1 = table.begin[bin + 1];
+      A acc[5] = {(A)0, (A)0, (A)0, (A)0, (A)0};
+      if (channels_last) {
+        A* __restrict__ s = sums.data();
+        for (int64_t i = 0; i < channels * 5; ++i) s[i] = (A)0;
+        for (int64_t e = e0; e < e1; ++e) {
+          const A* w = table.weight.data() + e * 5;
+          const T* __restrict__ pixel = image + table.pixel[e] * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            const A v = curoi_load<A>(pixel[c]);
+            for (int j = 0; j < 5; ++j) s[c * 5 + j] += w[j] * v;
+          }
+        }
+        const T* grad = grad_output + (k * bins + bin) * channels;
+        for (int64_t c = 0; c < channels; ++c) {
+          const A gc = curoi_load<A>(grad[c]);
+          for (int j = 0; j < 5; ++j) acc[j] += gc * s[c * 5 + j];
+        }
+      } else {
+        for (int64_t c = 0; c < channels; ++c) {
+          const T* plane = image + c * plane_size;
+          A s[5] = {(A)0, (A)0, (A)0, (A)0, (A)0};
+          for (int64_t e = e0; e < e1; ++e) {
+            const A* w = table.weight.data() + e * 5;
+            const A v = curoi_load<A>(plane[table.pixel[e]]);
+            for (int j = 0; j < 5; ++j) s[j] += w[j] * v;
+          }
+          const A gc =
+              curoi_load<A>(grad_output[(k * channels + c) * bins + bin]);
+          for (int j = 0; j < 5; ++j) acc[j] += gc * s[j];
+        }
+      }
+      for (int j = 0; j < 5; ++j) out[bin * 5 + j] = scale[j] * acc[j];
+    }
+  });
+}
 #endif
 
 template <typename A>
@@ -748,6 +1107,18 @@ CUROI_DEVICE RoiAlignRotatedArgs<A> roi_align_rotated_args(
       const int64_t* fixed, const double* max_abs, int64_t terms,              \
       int64_t total, AccType<T>::type* grad_input) {                           \
     curoi_fixed_finish(fixed, max_abs, terms, total, grad_input);              \
+  }                                                                            \
+  CUROI_KERNEL void roi_align_rotated_boxes_backward_##suffix(                 \
+      const T* grad_output, const T* input, CUROI_ROTATED_PARAMS(T),           \
+      AccType<T>::type* partial) {                                             \
+    roi_align_rotated_boxes_backward<T>(grad_output, input, rois, num_rois,    \
+                                        CUROI_ROTATED_ARGS, channels_last,     \
+                                        partial);                              \
+  }                                                                            \
+  CUROI_KERNEL void roi_align_rotated_boxes_backward_finish_##suffix(          \
+      const AccType<T>::type* partial, int64_t num_rois, int64_t bins,         \
+      AccType<T>::type* grad_rois) {                                           \
+    curoi_boxes_finish_columns<5>(partial, num_rois, bins, 6, 1, grad_rois);   \
   }
 
 CUROI_INSTANTIATE(CUROI_DEFINE_ROI_ALIGN_ROTATED)

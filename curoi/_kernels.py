@@ -94,6 +94,16 @@ SIGNATURES = {
     "roi_align_rotated_backward_fixed": (PTR, PTR) + _SHAPE + (ACC,) + (I32,) * 5
     + (PTR, PTR, PTR),
     "roi_align_rotated_fixed_finish": (PTR, PTR, I64, I64, PTR),
+    # The gradient with respect to the boxes, in two passes (see
+    # roi_align_rotated.cu): grad_output, input, rois, shape, spatial_scale,
+    # sampling_ratio, convention, aligned, clockwise, channels_last, partial
+    # ([K, PH*PW, 5] in the accumulation type: each bin's share of
+    # d/d(cx, cy, w, h, angle))
+    "roi_align_rotated_boxes_backward": (PTR, PTR, PTR) + _SHAPE + (ACC,) + (I32,) * 5
+    + (PTR,),
+    # partial, num_rois, bins (PH*PW), grad_rois ([K, 6], 0 in the batch
+    # column): each box's bins added in order
+    "roi_align_rotated_boxes_backward_finish": (PTR, I64, I64, PTR),
     # Precise RoI Pooling (prroi_pool.cu).
     # input, rois, shape, spatial_scale, channels_last, output
     "prroi_pool_forward": (PTR, PTR) + _SHAPE + (ACC, I32, PTR),

@@ -261,6 +261,37 @@ def roi_align_rotated_backward(grad_output, rois, grad_input, spatial_scale,
               grad_output, grad_input, deterministic, zeroed, k * ph * pw)
 
 
+def roi_align_rotated_boxes_backward(grad_output, x, rois, grad_rois,
+                                     spatial_scale, sampling_ratio, convention,
+                                     aligned, clockwise, channels_last=False):
+    """``grad_rois[K, 6]`` (accumulation dtype, the rois' dtype) = gradient
+    of rotated RoI Align with respect to its boxes for ``grad_output[K, C,
+    PH, PW]`` and the forward's input ``x[N, C, H, W]`` (both channels-last
+    with ``channels_last``): d/d(cx, cy, w, h, angle) in columns 1-5, the
+    angle's in the box's own unit (degrees for "detectron2", radians for
+    "mmcv", of the angle as passed: ``clockwise`` flips its sign), 0 in the
+    batch column and for a box that reads nothing. The geometry arguments
+    are the forward's; the conventions (clamped bands, pixel edges, mmcv's
+    minimum size) are in roi_align_rotated.cu. Bitwise deterministic: per
+    (box, bin) partial sums in a fixed order, then each box's bins in
+    order."""
+    n, c, h, w = _nchw(x.shape, channels_last)
+    k, _, ph, pw = _nchw(grad_output.shape, channels_last)
+    if h * w == 0:
+        grad_rois.fill(0)
+        return
+    cuda = _is_cuda(x)
+    dtype = _name(x.dtype)
+    partial = _xp(x).empty((k, ph * pw, 5), dtype=grad_rois.dtype)
+    _run("roi_align_rotated", "boxes_backward", dtype,
+         (grad_output, x, rois, k, n, c, h, w, ph, pw, spatial_scale,
+          sampling_ratio, _kernels.ROTATED_CONVENTIONS[convention],
+          int(aligned), int(clockwise), int(channels_last), partial),
+         partial.size // 5, cuda)
+    _run("roi_align_rotated", "boxes_backward_finish", dtype,
+         (partial, k, ph * pw, grad_rois), k * 5, cuda)
+
+
 def roi_pool_forward(x, rois, out, argmax, spatial_scale, convention,
                      channels_last=False):
     """``out`` and ``argmax`` ``[K, C, PH, PW]`` (channels-last:

@@ -46,6 +46,7 @@ __all__ = [
     "roi_align_max_interpolated_gather",
     "roi_align_rotated",
     "roi_align_rotated_backward",
+    "roi_align_rotated_boxes_backward",
     "roi_align_rotated_weights",
     "roi_align_weights",
     "roi_pool",
@@ -566,12 +567,11 @@ def _index_range(t_range, base, bin_size, grid):
     return range(start, stop)
 
 
-def _roi_align_rotated_samples(boxes, input_shape, output_size, spatial_scale,
-                               sampling_ratio, convention, aligned, clockwise,
-                               clip):
-    """As :func:`_roi_align_samples` for rotated boxes: ``None`` for a box
-    that reads nothing, else ``(n, count, bins)`` where ``bins[ph][pw]``
-    lists the taps of every sample of the bin's grid.
+def _rotated_points(geometry, input_shape, output_size, sampling_ratio, clip):
+    """Where one rotated box (:func:`_rotated_geometry`) samples: ``(count,
+    grid_h, grid_w, bins)`` where ``bins[ph][pw]`` lists ``(iy, ix, yy, xx,
+    y, x)`` for every sample of the bin's grid: its indices, its position in
+    the box and on the map.
 
     ``clip=True`` lists only the samples that can land on the map: rows of
     samples (one yy each) whose line does not cross the map, widened by a
@@ -579,9 +579,63 @@ def _roi_align_rotated_samples(boxes, input_shape, output_size, spatial_scale,
     where the line crosses the widened map are taken (closed form: each map
     coordinate is linear in xx). That changes no sum, and it makes boxes far
     larger than the map computable here."""
+    _, _, height, width = (int(v) for v in input_shape)
+    pooled_h, pooled_w = _pair(output_size)
+    cy, cx, h, w, theta = geometry
+    cos_t, sin_t = math.cos(theta), math.sin(theta)
+    bin_h, bin_w = h / pooled_h, w / pooled_w
+    if sampling_ratio > 0:
+        grid_h = grid_w = int(sampling_ratio)
+    else:
+        grid_h, grid_w = int(math.ceil(h / pooled_h)), int(math.ceil(w / pooled_w))
+    count = max(grid_h * grid_w, 1)
+    if not clip and max(grid_h, 0) * max(grid_w, 0) * pooled_h * pooled_w > 10**7:
+        raise ValueError("too many samples for the brute-force reference: clip=True")
+    margin = 1.0
+    corners = [(y - cy) * cos_t + (x - cx) * sin_t
+               for y in (-1.0, float(height)) for x in (-1.0, float(width))]
+    yy_range = (min(corners) - margin, max(corners) + margin)
+    bins = []
+    for ph in range(pooled_h):
+        row = []
+        base_h = -h / 2 + ph * bin_h
+        rows = (_index_range(yy_range, base_h, bin_h, grid_h) if clip
+                else range(grid_h))
+        for pw in range(pooled_w):
+            base_w = -w / 2 + pw * bin_w
+            points = []
+            for iy in rows:
+                yy = -h / 2 + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+                columns = range(grid_w)
+                if clip:
+                    on_x = _linear_range(cos_t, yy * sin_t + cx, -1 - margin,
+                                         width + margin)
+                    on_y = _linear_range(-sin_t, yy * cos_t + cy, -1 - margin,
+                                         height + margin)
+                    both = None
+                    if on_x is not None and on_y is not None:
+                        t0, t1 = max(on_x[0], on_y[0]), min(on_x[1], on_y[1])
+                        both = (t0, t1) if t0 <= t1 else None
+                    columns = _index_range(both, base_w, bin_w, grid_w)
+                for ix in columns:
+                    xx = -w / 2 + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+                    y = yy * cos_t - xx * sin_t + cy
+                    x = yy * sin_t + xx * cos_t + cx
+                    points.append((iy, ix, yy, xx, y, x))
+            row.append(points)
+        bins.append(row)
+    return count, grid_h, grid_w, bins
+
+
+def _roi_align_rotated_samples(boxes, input_shape, output_size, spatial_scale,
+                               sampling_ratio, convention, aligned, clockwise,
+                               clip):
+    """As :func:`_roi_align_samples` for rotated boxes: ``None`` for a box
+    that reads nothing, else ``(n, count, bins)`` where ``bins[ph][pw]``
+    lists the taps of every sample of the bin's grid (``clip`` as in
+    :func:`_rotated_points`)."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
     n_images, _, height, width = (int(v) for v in input_shape)
-    pooled_h, pooled_w = _pair(output_size)
     result = []
     for box in boxes:
         n = _batch_index(box, n_images)
@@ -590,50 +644,11 @@ def _roi_align_rotated_samples(boxes, input_shape, output_size, spatial_scale,
         if geometry is None:
             result.append(None)
             continue
-        cy, cx, h, w, theta = geometry
-        cos_t, sin_t = math.cos(theta), math.sin(theta)
-        bin_h, bin_w = h / pooled_h, w / pooled_w
-        if sampling_ratio > 0:
-            grid_h = grid_w = int(sampling_ratio)
-        else:
-            grid_h, grid_w = int(math.ceil(h / pooled_h)), int(math.ceil(w / pooled_w))
-        count = max(grid_h * grid_w, 1)
-        if not clip and max(grid_h, 0) * max(grid_w, 0) * pooled_h * pooled_w > 10**7:
-            raise ValueError("too many samples for the brute-force reference: clip=True")
-        margin = 1.0
-        corners = [(y - cy) * cos_t + (x - cx) * sin_t
-                   for y in (-1.0, float(height)) for x in (-1.0, float(width))]
-        yy_range = (min(corners) - margin, max(corners) + margin)
-        bins = []
-        for ph in range(pooled_h):
-            row = []
-            base_h = -h / 2 + ph * bin_h
-            rows = (_index_range(yy_range, base_h, bin_h, grid_h) if clip
-                    else range(grid_h))
-            for pw in range(pooled_w):
-                base_w = -w / 2 + pw * bin_w
-                samples = []
-                for iy in rows:
-                    yy = -h / 2 + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-                    columns = range(grid_w)
-                    if clip:
-                        on_x = _linear_range(cos_t, yy * sin_t + cx, -1 - margin,
-                                             width + margin)
-                        on_y = _linear_range(-sin_t, yy * cos_t + cy, -1 - margin,
-                                             height + margin)
-                        both = None
-                        if on_x is not None and on_y is not None:
-                            t0, t1 = max(on_x[0], on_y[0]), min(on_x[1], on_y[1])
-                            both = (t0, t1) if t0 <= t1 else None
-                        columns = _index_range(both, base_w, bin_w, grid_w)
-                    for ix in columns:
-                        xx = -w / 2 + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-                        y = yy * cos_t - xx * sin_t + cy
-                        x = yy * sin_t + xx * cos_t + cx
-                        samples.append(_bilinear_taps(y, x, height, width))
-                row.append(samples)
-            bins.append(row)
-        result.append((n, count, bins))
+        count, _, _, bins = _rotated_points(geometry, input_shape, output_size,
+                                            sampling_ratio, clip)
+        result.append((n, count, [[[_bilinear_taps(y, x, height, width)
+                                    for _, _, _, _, y, x in points]
+                                   for points in row] for row in bins]))
     return result
 
 
@@ -701,6 +716,76 @@ def roi_align_rotated_backward(grad_output, boxes, input_shape, output_size,
                 for r, c, wt in taps[ph][pw]:
                     gx[n, :, r, c] += wt * g[k, :, ph, pw]
     return gx
+
+
+def roi_align_rotated_boxes_backward(grad_output, x, boxes, output_size,
+                                     spatial_scale=1.0, sampling_ratio=-1,
+                                     convention="detectron2", aligned=True,
+                                     clockwise=False, clip=False):
+    """Gradient of rotated RoI Align with respect to its boxes, in float64:
+    ``[K, 6]``, d/d(cx, cy, w, h, angle) of the box rows as given (the angle
+    in degrees for detectron2, in radians for mmcv, sign as passed) in
+    columns 1-5, 0 in the batch column and for a box that reads nothing.
+
+    By the chain rule through each sample's position. In the box, sample
+    ``(iy, ix)`` of bin ``(ph, pw)`` lies at ``yy = -h/2 + ph*h/PH + (iy +
+    0.5)*h/(PH*grid_h)`` (``xx`` alike), which is ``h`` times ``f_y = (ph +
+    (iy + 0.5)/grid_h)/PH - 1/2``; on the map at ``y = yy cos - xx sin +
+    cy``, ``x = yy sin + xx cos + cx``. The feature-map numbers follow the
+    box row as :func:`_rotated_geometry` computes them: ``cx = X*s - off``
+    (d/dX = s), ``w = W*s`` (d/dW = s, or 0 where mmcv's ``max(w, 1)``
+    picks 1), ``theta = angle*pi/180`` (detectron2) or ``+-angle`` (mmcv,
+    minus when clockwise). The sampling grid and the divisor are piecewise
+    constant in the box and count as constants; the value's slope at each
+    sample is :func:`_bilinear_slopes`. ``clip`` as in
+    :func:`_rotated_points` (samples off the map have no slope anyway).
+    """
+    x = np.asarray(x).astype(np.float64)
+    g = np.asarray(grad_output).astype(np.float64)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
+    n_images, _, height, width = x.shape
+    pooled_h, pooled_w = _pair(output_size)
+    s = float(spatial_scale)
+    result = np.zeros((len(boxes), 6))
+    for k, box in enumerate(boxes):
+        n = _batch_index(box, n_images)
+        geometry = None if n is None else _rotated_geometry(
+            box, spatial_scale, convention, aligned, clockwise)
+        if geometry is None:
+            continue
+        _, _, _, _, theta = geometry
+        cos_t, sin_t = math.cos(theta), math.sin(theta)
+        # d(w, h)/d(W, H): s, or 0 where max(size, 1) picked 1 (mmcv, not
+        # aligned; at exactly 1 the size is its own).
+        at_least_one = convention == "mmcv" and not aligned
+        dw = 0.0 if at_least_one and float(box[3]) * s < 1.0 else s
+        dh = 0.0 if at_least_one and float(box[4]) * s < 1.0 else s
+        if convention == "detectron2":
+            dtheta = math.pi / 180.0
+        else:
+            dtheta = -1.0 if clockwise else 1.0
+        count, grid_h, grid_w, bins = _rotated_points(
+            geometry, x.shape, output_size, sampling_ratio, clip)
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                gk = g[k, :, ph, pw] / count
+                for iy, ix, yy, xx, y, xm in bins[ph][pw]:
+                    d_y, d_x = _bilinear_slopes(y, xm, height, width)
+                    dv_dy = float(sum(wt * np.dot(gk, x[n, :, r, c])
+                                      for r, c, wt in d_y))
+                    dv_dx = float(sum(wt * np.dot(gk, x[n, :, r, c])
+                                      for r, c, wt in d_x))
+                    f_y = (ph + (iy + 0.5) / grid_h) / pooled_h - 0.5
+                    f_x = (pw + (ix + 0.5) / grid_w) / pooled_w - 0.5
+                    # d(y, x) per unit of cx, cy, w, h, theta.
+                    moves = ((0.0, s), (s, 0.0),
+                             (-f_x * sin_t * dw, f_x * cos_t * dw),
+                             (f_y * cos_t * dh, f_y * sin_t * dh),
+                             (-(yy * sin_t + xx * cos_t) * dtheta,
+                              (yy * cos_t - xx * sin_t) * dtheta))
+                    for j, (m_y, m_x) in enumerate(moves):
+                        result[k, j + 1] += dv_dy * m_y + dv_dx * m_x
+    return result
 
 
 # --------------------------------------------------------------------------

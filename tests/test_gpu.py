@@ -936,3 +936,67 @@ def test_crop_and_resize_gradients_are_bitwise_stable_across_launches(dtype, mon
     for other in results[1:]:
         np.testing.assert_array_equal(_bits(other[1]), _bits(results[0][1]))
         np.testing.assert_array_equal(_bits(other[2]), _bits(results[0][2]))
+
+
+# ------------------------------------- rotated RoI Align's box gradient
+# Against the CPU backend, in both layouts. The gradient jumps where a
+# sample crosses a pixel edge, and the GPU compiler's fused multiply-adds
+# move samples by an ulp: only boxes whose samples keep clear of the edges
+# are compared; the others must be finite.
+
+
+def _rotated_box_grad(x, rois, g, convention, channels_last):
+    """d/d(cx, cy, w, h, angle) through _ops, on the arrays' backend."""
+    from curoi import _ops
+
+    xp = cupy.get_array_module(x)
+    if channels_last:
+        x = xp.ascontiguousarray(xp.moveaxis(x, 1, -1))
+        g = xp.ascontiguousarray(xp.moveaxis(g, 1, -1))
+    grad = xp.empty((len(rois), 6), rois.dtype)
+    _ops.roi_align_rotated_boxes_backward(g, x, rois, grad, SCALE, 0, convention, False,
+                                          False, channels_last=channels_last)
+    return grad
+
+
+def _rotated_box_case(dtype, seed):
+    x, rois, g = make_case(dtype, seed)
+    rotated = np.ascontiguousarray(_rotated(rois))
+    rotated[0, 0] = SHAPE[0]  # reads nothing
+    return x, rotated, g
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("convention", ["detectron2", "mmcv"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotated_box_gradient_matches_cpu(dtype, convention, channels_last):
+    from test_roi_align_rotated_boxes_backward import _away_from_edges
+
+    x, rotated, g = _rotated_box_case(dtype, [60, DTYPES.index(dtype)])
+    cpu_dtype = np.float64 if dtype == "float64" else np.float32
+    want = to_f64(_rotated_box_grad(x.astype(cpu_dtype), rotated, g.astype(cpu_dtype),
+                                    convention, channels_last))
+    got = _rotated_box_grad(cupy.asarray(x), cupy.asarray(rotated), cupy.asarray(g),
+                            convention, channels_last)
+    assert_cupy_result(got, cupy.asarray(rotated))
+    got = to_f64(got)
+    assert np.isfinite(got).all() and not got[0].any() and not got[:, 0].any()
+    clear = [k for k, box in enumerate(rotated.astype(np.float64))
+             if _away_from_edges(box, x.shape, OUT, SCALE, 0, convention, False, False,
+                                 margin=1e-4)]
+    assert len(clear) > len(rotated) // 2
+    rtol, atol = _TOL[dtype][1]
+    np.testing.assert_allclose(got[clear], want[clear], rtol=rtol,
+                               atol=atol * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotated_box_gradient_is_bitwise_stable_across_launches(dtype, monkeypatch):
+    x, rotated, g = _rotated_box_case(dtype, [61, DTYPES.index(dtype)])
+    on_gpu = [cupy.asarray(a) for a in (x, rotated, g)]
+    results = []
+    for _ in _launch_configurations(monkeypatch):
+        for channels_last in (False, True):
+            results.append(_rotated_box_grad(*on_gpu, "mmcv", channels_last))
+    for other in results[1:]:
+        np.testing.assert_array_equal(_bits(other), _bits(results[0]))

@@ -44,6 +44,7 @@ SUITES = (
     "test_channels_last.py",    # NHWC == NCHW transposed, bit for bit
     "test_ps_roi_kernels.py",   # ps_roi_pool.cu and ps_roi_align.cu
     "test_roi_align_rotated_kernels.py",  # roi_align_rotated.cu
+    "test_roi_align_rotated_boxes_backward.py",  # its box gradient
     "test_roi_align_boxes_backward.py",  # roi_align_boxes.cuh
     "test_roi_spp_kernels.py",  # roi_spp.cu
     "test_prroi_pool_kernels.py",  # prroi_pool.cu, box gradient included

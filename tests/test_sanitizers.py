@@ -1,10 +1,10 @@
 """The adversarial suites (test_adversarial.py, and the suites of the
 position-sensitive, rotated, box-gradient, spatial pyramid, Precise RoI
 Pooling, crop-and-resize and multiscale kernels: test_ps_roi_kernels.py,
-test_roi_align_rotated_kernels.py, test_roi_align_boxes_backward.py,
-test_roi_spp_kernels.py, test_prroi_pool_kernels.py,
-test_crop_and_resize_kernels.py, test_multiscale_roi_align_kernels.py) under
-AddressSanitizer and
+test_roi_align_rotated_kernels.py, test_roi_align_rotated_boxes_backward.py,
+test_roi_align_boxes_backward.py, test_roi_spp_kernels.py,
+test_prroi_pool_kernels.py, test_crop_and_resize_kernels.py,
+test_multiscale_roi_align_kernels.py) under AddressSanitizer and
 UndefinedBehaviorSanitizer, with the CPU's loops and again with the GPU's
 (CUROI_CPU_LOOPS=gpu, see test_gpu_loops.py).
 
@@ -98,7 +98,8 @@ def _clear(logs):
 # for every kernel family. They import only NumPy, curoi and the references
 # (test_crop_and_resize_kernels.py skips its TensorFlow comparisons here).
 SUITES = ("test_adversarial.py", "test_ps_roi_kernels.py",
-          "test_roi_align_rotated_kernels.py", "test_roi_align_boxes_backward.py",
+          "test_roi_align_rotated_kernels.py", "test_roi_align_rotated_boxes_backward.py",
+          "test_roi_align_boxes_backward.py",
           "test_roi_spp_kernels.py", "test_prroi_pool_kernels.py",
           "test_crop_and_resize_kernels.py", "test_multiscale_roi_align_kernels.py")
 
