@@ -12,7 +12,8 @@ from ._prroi_pool import prroi_pool, prroi_pool_backward, prroi_pool_boxes_backw
 from ._ps_roi import (ps_roi_align, ps_roi_align_backward, ps_roi_pool,
                       ps_roi_pool_backward)
 from ._roi_align import roi_align, roi_align_backward, roi_align_boxes_backward
-from ._roi_align_rotated import roi_align_rotated, roi_align_rotated_backward
+from ._roi_align_rotated import (roi_align_rotated, roi_align_rotated_backward,
+                                 roi_align_rotated_boxes_backward)
 from ._roi_pool import roi_pool, roi_pool_backward
 from ._roi_spp import roi_spp, roi_spp_backward
 
@@ -38,6 +39,7 @@ __all__ = [
     "roi_align_boxes_backward",
     "roi_align_rotated",
     "roi_align_rotated_backward",
+    "roi_align_rotated_boxes_backward",
     "roi_pool",
     "roi_pool_backward",
     "roi_spp",

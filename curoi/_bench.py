@@ -422,6 +422,9 @@ def family_operations(work, x, boxes, gy, rng, torch, quick, xp=np):
         Operation(f"roi_align_rotated backward, sampling_ratio {ratio}", {
             "curoi": lambda: curoi.roi_align_rotated_backward(gy, rotated, x.shape, size,
                                                               scale, ratio)}),
+        Operation(f"roi_align_rotated boxes backward, sampling_ratio {ratio}", {
+            "curoi": lambda: curoi.roi_align_rotated_boxes_backward(gy, x, rotated, size,
+                                                                    scale, ratio)}),
     ]
     channels = f"C = {c_out * size * size}"
     rows += [

@@ -355,6 +355,12 @@ def _check_rotated(values):
                     f"detectron2's ROIAlignRotated has {name}={default} always")
 
 
+def _rotated_boxes_backward(g, x, rois, grad_rois, v, channels_last):
+    _ops.roi_align_rotated_boxes_backward(g, x, rois, grad_rois, v.spatial_scale,
+                                          v.sampling_ratio, v.convention, v.aligned,
+                                          v.clockwise, channels_last)
+
+
 ROI_ALIGN_ROTATED = Operator(
     name="roi_align_rotated",
     params=(
@@ -369,6 +375,7 @@ ROI_ALIGN_ROTATED = Operator(
     ),
     forward=_rotated_forward,
     backward=_rotated_backward,
+    boxes_backward=_rotated_boxes_backward,
     box_columns=6,
     box_layout="(batch index, centre x, centre y, width, height, angle)",
     check=_check_rotated,

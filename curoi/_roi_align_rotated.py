@@ -81,3 +81,31 @@ def roi_align_rotated_backward(grad_output, boxes, input_shape, output_size,
     return _frontend.backward(ROI_ALIGN_ROTATED, grad_output, boxes, input_shape,
                               output_size, values, deterministic,
                               _validate.data_format(data_format))
+
+
+def roi_align_rotated_boxes_backward(grad_output, input, boxes, output_size,
+                                     spatial_scale=1.0, sampling_ratio=0, *,
+                                     convention="detectron2", aligned=True,
+                                     clockwise=False, data_format="NCHW"):
+    """Gradient of :func:`roi_align_rotated` with respect to its boxes: the
+    shape and dtype of ``boxes`` (``[K, 6]`` with 0 in the batch-index
+    column, or a list of ``[L, 5]``), the derivatives by centre x, centre y,
+    width, height and angle, the angle's in the box's own unit (degrees for
+    ``convention="detectron2"``, radians for ``"mmcv"``, with the sign that
+    ``clockwise`` gives it).
+
+    Each sample contributes the derivative of its bilinear value with
+    respect to its position (0 in the bands where the forward clamps it to
+    the edge, nothing off the map; at a whole-pixel position, the slope of
+    the cell below and to the right, the one the forward interpolates in),
+    carried through the rotation to the box's numbers; the adaptive grid
+    size counts as a constant, and so does mmcv's ``max(size, 1)`` where it
+    picks 1 (``aligned=False``). Deterministic: each box's bins are added in
+    a fixed order. Arguments as :func:`roi_align_rotated`, with the forward's
+    ``input`` and the gradient ``grad_output`` of its result.
+    """
+    ph, pw = _validate.output_size(output_size)
+    values = ROI_ALIGN_ROTATED.values(spatial_scale, sampling_ratio, convention,
+                                      aligned, clockwise)
+    return _frontend.boxes_backward(ROI_ALIGN_ROTATED, grad_output, input, boxes, ph, pw,
+                                    values, _validate.data_format(data_format))

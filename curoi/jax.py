@@ -675,7 +675,9 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
         ``[B, K, C, PH, PW]``.
 
     Gradients flow to ``input`` (accumulated in float32, float64 for
-    float64, and rounded once to the input's dtype); the boxes get zero.
+    float64, and rounded once to the input's dtype) and, for
+    ``mode="avg"``, to the boxes (see :func:`curoi.roi_align_boxes_backward`;
+    zero with ``mode="max"``).
     """
     output_size = _validate.output_size(output_size)
     values = ROI_ALIGN.values(spatial_scale, sampling_ratio, aligned)
@@ -739,7 +741,9 @@ def roi_align_rotated(input, boxes, output_size, spatial_scale=1.0, sampling_rat
     ``jax.jit``, ``jax.grad`` and ``jax.vmap``. Boxes are ``[K, 6]`` rows of
     ``(batch index, centre x, centre y, width, height, angle)`` or a list of
     ``[L, 5]`` arrays; the other arguments are the NumPy function's, and
-    ``deterministic`` and ``data_format`` as in :func:`roi_align`."""
+    ``deterministic`` and ``data_format`` as in :func:`roi_align`. Gradients
+    flow to the features and to the boxes (see
+    :func:`curoi.roi_align_rotated_boxes_backward`)."""
     output_size = _validate.output_size(output_size)
     values = ROI_ALIGN_ROTATED.values(spatial_scale, sampling_ratio, convention,
                                       aligned, clockwise)

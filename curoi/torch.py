@@ -26,7 +26,9 @@ and passes ``torch.library.opcheck``. The implementations call curoi's
 public functions on the tensors: CPU tensors run the kernels compiled by the
 host C++ compiler, CUDA tensors run them through CuPy on
 ``torch.cuda.current_stream()`` of the tensor's device, and results are
-allocated by torch. The gradient with respect to the boxes is None.
+allocated by torch. The boxes get a gradient where the operator has one
+(``roi_align`` with ``mode="avg"``, ``roi_align_rotated``, ``prroi_pool``,
+``crop_and_resize``), when they require grad; None elsewhere.
 
 ``torch.onnx.export`` of a model using these functions writes ONNX
 ``RoiAlign`` (opset 16) and ``MaxRoiPool`` nodes, with the TorchScript
@@ -572,8 +574,9 @@ def roi_align_rotated(input: Tensor, boxes, output_size, spatial_scale: float = 
             (``sampling_ratio`` 0, adaptive, by default as in detectron2).
 
     Returns:
-        ``Tensor[K, C, PH, PW]``; its gradient flows to ``input`` (None for
-        the boxes), deterministic under
+        ``Tensor[K, C, PH, PW]``; its gradient flows to ``input`` and, when
+        they require grad, to the boxes (centre, size and angle, see
+        :func:`curoi.roi_align_rotated_boxes_backward`), deterministic under
         ``torch.use_deterministic_algorithms(True)``.
     """
     return _ROI_ALIGN_ROTATED(input, boxes, output_size, spatial_scale, sampling_ratio,

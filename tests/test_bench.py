@@ -28,6 +28,7 @@ BOX_ROWS = [
     "roi_align backward, max, sampling_ratio 2",
     "roi_align_rotated forward, sampling_ratio 2",
     "roi_align_rotated backward, sampling_ratio 2",
+    "roi_align_rotated boxes backward, sampling_ratio 2",
     # --quick: one output channel per bin, C = 1 x 7 x 7
     "ps_roi_pool forward, C = 49",
     "ps_roi_pool backward, C = 49",

@@ -85,6 +85,27 @@ def test_bad_arguments_are_named():
         curoi.roi_align_rotated(x, [boxes[:2, 1:5]], SIZE)
 
 
+@pytest.mark.parametrize("convention", sorted(CONVENTIONS))
+def test_numpy_boxes_gradient_matches_the_reference(convention):
+    rng, x, boxes = _case(11, degrees=convention == "detectron2")
+    kw = dict(convention=convention, **CONVENTIONS[convention])
+    g = rng.standard_normal((len(boxes), x.shape[1]) + SIZE)
+    got = curoi.roi_align_rotated_boxes_backward(g, x, boxes, SIZE, 0.5, 2, **kw)
+    assert got.shape == boxes.shape and got.dtype == boxes.dtype
+    np.testing.assert_allclose(
+        got, ref.roi_align_rotated_boxes_backward(g, x, boxes, SIZE, 0.5, 2, **kw),
+        rtol=1e-10, atol=1e-12)
+    # NHWC, and boxes as a list per image, give the same gradient, shaped alike.
+    nhwc = curoi.roi_align_rotated_boxes_backward(
+        np.moveaxis(g, 1, -1).copy(), np.moveaxis(x, 1, -1).copy(), boxes, SIZE, 0.5, 2,
+        data_format="NHWC", **kw)
+    np.testing.assert_array_equal(nhwc, got)
+    order = np.argsort(boxes[:, 0], kind="stable")
+    lists = [boxes[boxes[:, 0] == i, 1:] for i in range(x.shape[0])]
+    parts = curoi.roi_align_rotated_boxes_backward(g[order], x, lists, SIZE, 0.5, 2, **kw)
+    np.testing.assert_array_equal(np.concatenate(parts), got[order, 1:])
+
+
 # ------------------------------------------------------------------ torch
 torch = pytest.importorskip("torch")
 import curoi.torch as ct  # noqa: E402
@@ -134,6 +155,26 @@ def test_torch_gradcheck_opcheck_and_compile():
         torch.testing.assert_close(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("convention", sorted(CONVENTIONS))
+def test_torch_boxes_gradient_gradcheck(convention):
+    # Finite differences on the box numbers (not the batch index, where the
+    # result jumps), with samples kept off whole pixels by the seed.
+    _, x, boxes = _case(12, n=1, h=8, w=9, k=3, degrees=convention == "detectron2")
+    kw = dict(convention=convention, **CONVENTIONS[convention])
+    tx = torch.tensor(x)
+    index = torch.tensor(boxes[:, :1])
+    numbers = torch.tensor(boxes[:, 1:], requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda b: ct.roi_align_rotated(tx, torch.cat([index, b], dim=1), SIZE, 0.5, 2, **kw),
+        (numbers,), eps=1e-6, atol=1e-5)
+    tb = torch.tensor(boxes, requires_grad=True)
+    y = ct.roi_align_rotated(tx, tb, SIZE, 0.5, 2, **kw)
+    g = torch.randn(y.shape, dtype=y.dtype)
+    (grad,) = torch.autograd.grad(y, tb, g)
+    np.testing.assert_array_equal(grad.numpy(), curoi.roi_align_rotated_boxes_backward(
+        g.numpy(), x, boxes, SIZE, 0.5, 2, **kw))
+
+
 # -------------------------------------------------------------------- JAX
 jax = pytest.importorskip("jax")
 import curoi.jax as cj  # noqa: E402
@@ -160,3 +201,12 @@ def test_jax_jit_grad_and_vmap():
     flipped = boxes * np.array([1, 1, 1, 1, 1, -1], np.float32)
     np.testing.assert_allclose(np.asarray(ys[1]), ref.roi_align_rotated(x, flipped, SIZE, 0.5, 0),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_jax_boxes_gradient():
+    rng, x, boxes = _case(13, np.float32)
+    g = rng.standard_normal((len(boxes), x.shape[1]) + SIZE).astype(np.float32)
+    grad = jax.jit(jax.grad(lambda b: jnp.sum(
+        cj.roi_align_rotated(jnp.asarray(x), b, SIZE, 0.5, 2) * g)))(jnp.asarray(boxes))
+    np.testing.assert_array_equal(np.asarray(grad), curoi.roi_align_rotated_boxes_backward(
+        g, x, boxes, SIZE, 0.5, 2))
