@@ -830,7 +830,8 @@ def _multiscale_forward_op(ph, pw, values, channels_last):
             values.aligned, values.canonical_scale, values.canonical_level,
             values.eps, values.level_rule, channels_last)
 
-    def call(levels, rois):
+    @custom_vmap
+    def call(rois, *levels):
         first = levels[0]
         k, c = rois.shape[0], _channels(first, channels_last)
         shape = (k, ph, pw, c) if channels_last else (k, c, ph, pw)
@@ -841,7 +842,21 @@ def _multiscale_forward_op(ph, pw, values, channels_last):
                         rois)[0]
         return _varying_like(out, *levels, rois)
 
-    return call
+    @call.def_vmap
+    def rule(axis_size, in_batched, rois, *levels):
+        # As the single-map operators: a batch of pyramids is one pyramid of
+        # B*N images, the boxes' indices moved to their batch element's.
+        rois_batched, levels_batched = in_batched[0], in_batched[1:]
+        if any(levels_batched):
+            n = (levels[0].shape[1] if levels_batched[0] else levels[0].shape[0])
+            levels = [_broadcast(x, b, axis_size) for x, b in zip(levels, levels_batched)]
+            levels = [x.reshape((-1,) + x.shape[2:]) for x in levels]
+            rois = _fold_rois(rois, rois_batched, axis_size, n)
+        else:
+            rois = rois.reshape((-1, rois.shape[-1]))
+        return _unfold(call(rois, *levels), axis_size), True
+
+    return lambda levels, rois: call(rois, *levels)
 
 
 @functools.lru_cache(maxsize=None)
@@ -857,13 +872,25 @@ def _multiscale_backward_op(shapes, ph, pw, values, deterministic, channels_last
             values.eps, values.level_rule, deterministic, zeroed=False,
             channels_last=channels_last)
 
+    @custom_vmap
     def call(g, rois):
         acc = _accumulation_dtype(_dtype_name(g.dtype))
         if g.size == 0 or sum(int(np.prod(s)) for s in shapes) == 0:
             grads = [jnp.zeros(s, acc) for s in shapes]
         else:
             grads = _call(run, [jax.ShapeDtypeStruct(s, acc) for s in shapes], g, rois)
-        return [_varying_like(grad, g, rois) for grad in grads]
+        return tuple(_varying_like(grad, g, rois) for grad in grads)
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, g, rois):
+        g = _broadcast(g, in_batched[0], axis_size)
+        g = g.reshape((-1,) + g.shape[2:])
+        rois = _fold_rois(rois, in_batched[1], axis_size, shapes[0][0])
+        folded = tuple((axis_size * s[0],) + tuple(s[1:]) for s in shapes)
+        inner = _multiscale_backward_op(folded, ph, pw, values, deterministic,
+                                        channels_last)
+        grads = inner(g, rois)
+        return tuple(_unfold(grad, axis_size) for grad in grads), (True,) * len(grads)
 
     return call
 
@@ -938,7 +965,9 @@ def multiscale_roi_align(features, boxes, output_size, spatial_scales, sampling_
         The gradient is a tuple with one array per level (each level gets
         the gradient of the boxes its rule assigns it, accumulated in
         float32, float64 for float64, and rounded once); the boxes get zero.
-        Not for ``jax.vmap`` (no batching rule yet).
+        Under ``jax.vmap`` the levels are ``[B, N, C, H_l, W_l]`` and the
+        boxes ``[B, K, 5]`` (either may be unbatched), the result
+        ``[B, K, C, PH, PW]``.
     """
     ph, pw = _validate.output_size(output_size)
     channels_last = _validate.data_format(data_format)

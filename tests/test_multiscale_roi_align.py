@@ -687,3 +687,44 @@ def test_jax_errors_name_the_level():
         cj.multiscale_roi_align(levels, boxes, 2, [1 / 4, 1 / 8])
     with pytest.raises(ValueError, match=r"spatial_scales\[1\] must be a power of two"):
         cj.multiscale_roi_align(levels[:1] * 2, boxes, 2, [1 / 4, 1 / 6])
+
+
+def test_jax_vmap_over_pyramids_and_over_boxes():
+    jax = _jax()
+    import curoi.jax as cj
+    jnp = jax.numpy
+
+    features, boxes = case(np.float32, seed=33)
+    other = [x[::-1].copy() * 2 for x in features]  # images swapped, doubled
+    flipped = boxes[::-1].copy()
+
+    def f(levels, boxes):
+        return cj.multiscale_roi_align(levels, boxes, OUT, SCALES, 2, True, **kwargs())
+
+    def numpy(levels, boxes):
+        return curoi.multiscale_roi_align(levels, boxes, OUT, SCALES, 2, True, **kwargs())
+
+    pyramids = [jnp.stack([jnp.asarray(a), jnp.asarray(b)]) for a, b in zip(features, other)]
+    y = jax.vmap(f, in_axes=(0, None))(pyramids, jnp.asarray(boxes))
+    np.testing.assert_array_equal(np.asarray(y[0]), numpy(features, boxes))
+    np.testing.assert_array_equal(np.asarray(y[1]), numpy(other, boxes))
+    box_sets = jnp.stack([jnp.asarray(boxes), jnp.asarray(flipped)])
+    shared = [jnp.asarray(x) for x in features]
+    y = jax.vmap(f, in_axes=(None, 0))(shared, box_sets)
+    np.testing.assert_array_equal(np.asarray(y[1]), numpy(features, flipped))
+    # Gradients: per pyramid for batched levels; summed over the box sets
+    # for shared ones.
+    g = np.random.default_rng(34).standard_normal((len(boxes), 3) + OUT).astype(np.float32)
+
+    def backward(boxes):
+        return curoi.multiscale_roi_align_backward(g, boxes, _shapes(features), OUT, SCALES,
+                                                   2, True, **kwargs())
+
+    grads = jax.grad(lambda p: (jax.vmap(f, in_axes=(0, None))(p, jnp.asarray(boxes))
+                                * g).sum())(pyramids)
+    for grad, want in zip(grads, backward(boxes)):
+        np.testing.assert_allclose(np.asarray(grad[0]), want, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(grad[1]), want, rtol=1e-6, atol=1e-6)
+    grads = jax.grad(lambda s: (jax.vmap(f, in_axes=(None, 0))(s, box_sets) * g).sum())(shared)
+    for grad, a, b in zip(grads, backward(boxes), backward(flipped)):
+        np.testing.assert_allclose(np.asarray(grad), a + b, rtol=1e-5, atol=1e-5)
