@@ -142,10 +142,19 @@ def test_compiler_that_fails_gives_the_command(tmp_path):
 
 # ------------------------------------------------------- damaged cache
 def _build_once(cache):
+    """A cache holding the library that a fresh process uses. Built once by
+    this process (the library of the session) and copied in, rather than
+    compiled again for each test; the fresh process then loading that very
+    file shows it is the one its own build would have made."""
+    from curoi import _cpu
+    _cpu.library()
+    cache.mkdir(parents=True, exist_ok=True)
+    seeded = cache / Path(_cpu.library_path()).name
+    shutil.copyfile(_cpu.library_path(), seeded)
     first = _result(_run(cache))
     assert first["y"] == EXPECTED
     [library] = _libraries(cache)
-    assert Path(first["info"]["library"]) == library
+    assert library == seeded and Path(first["info"]["library"]) == library
     return library
 
 
@@ -162,19 +171,33 @@ def _assert_rebuilt(cache, library):
     assert (library.stat().st_ino, library.stat().st_mtime_ns) == inode
 
 
-@pytest.mark.parametrize("damage", ["garbage", "empty"])
-def test_damaged_library_is_rebuilt(tmp_path, damage):
-    cache = tmp_path / "cache"
-    library = _build_once(cache)
-    library.write_bytes(b"this is not a shared library\n" * 64 if damage == "garbage" else b"")
-    _assert_rebuilt(cache, library)
-
-
-def test_truncated_library_is_rebuilt(tmp_path):
-    cache = tmp_path / "cache"
-    library = _build_once(cache)
+def _damage(library, damage):
     data = library.read_bytes()
-    library.write_bytes(data[:len(data) // 2])
+    library.write_bytes({"garbage": b"this is not a shared library\n" * 64, "empty": b"",
+                         "truncated": data[:len(data) // 2]}[damage])
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated"])
+def test_damaged_library_is_removed_not_loaded(tmp_path, monkeypatch, damage):
+    # Loading a truncated library can kill the process (SIGBUS): the lookup
+    # must reject every kind of damage before loading, and remove the file.
+    from curoi import _cpu
+    cache = tmp_path / "cache"
+    library = _build_once(cache)
+    stem = library.name.rsplit("-", 1)[0]
+    monkeypatch.setenv("CUROI_CACHE_DIR", str(cache))
+    assert _cpu._cached_library(stem) == library  # intact: found
+    _damage(library, damage)
+    assert _cpu._cached_library(stem) is None
+    assert not library.exists()
+
+
+def test_damaged_library_is_rebuilt(tmp_path):
+    # The whole repair, in fresh processes (one kind of damage: the lookup
+    # above treats them alike).
+    cache = tmp_path / "cache"
+    library = _build_once(cache)
+    _damage(library, "truncated")
     _assert_rebuilt(cache, library)
 
 
