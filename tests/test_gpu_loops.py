@@ -7,8 +7,9 @@ weight tables). CUROI_CPU_LOOPS=gpu builds the CPU library with the GPU's
 loops, run serially, so that the code every GPU executes is checked here
 against the independent references without a GPU.
 
-The suites run in a subprocess with that variable and a private cache
-folder. The subprocess reports which library it loaded; a probe then shows
+The suites run in subprocesses (one per core: the GPU loops are serial)
+with that variable and a private cache folder. Each subprocess reports which
+library it loaded; a probe then shows
 that the harness can tell the builds apart: with several threads asked for,
 the CPU loops start curoi's worker threads while the GPU loops, serial by
 construction, start none, and the two builds are different files that give
@@ -125,38 +126,84 @@ def _last_json_line(done):
     return json.loads(lines[-1])
 
 
+def _shards(suites, count):
+    """The suites dealt into ``count`` groups of about equal size, largest
+    first: the GPU loops run serially, so each group gets a core of its own
+    (the first process to need the library builds it, the others wait for
+    that build on the cache folder's lock)."""
+    sizes = {name: (REPO / "tests" / name).stat().st_size for name in suites}
+    groups = [[] for _ in range(count)]
+    for name in sorted(suites, key=sizes.get, reverse=True):
+        min(groups, key=lambda g: sum(sizes[n] for n in g)).append(name)
+    return [g for g in groups if g]
+
+
+class _Done:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
 @pytest.fixture(scope="module")
 def gpu_loops_run(tmp_path_factory):
-    """The suites and the probe in one subprocess built with the GPU loops."""
+    """The suites and the probe in subprocesses built with the GPU loops,
+    one per core (at most 4), sharing one private cache: [(done, suites)],
+    the folder and the first process's probe result."""
+    from curoi import _cpu
     root = tmp_path_factory.mktemp("gpu_loops")
-    suites = [str(REPO / "tests" / name) for name in SUITES]
-    result = root / "gpu_loops_probe.npy"
-    script = DRIVER % {"suites": suites, "result": str(result)}
-    done = subprocess.run([sys.executable, "-c", script], env=_environment("gpu", root / "cache"),
-                          cwd=str(REPO), capture_output=True, text=True, timeout=600)
-    return done, root, result
+    env = _environment("gpu", root / "cache")
+    runs = []
+    for i, group in enumerate(_shards(SUITES, min(4, _cpu._available_cores()))):
+        suites = [str(REPO / "tests" / name) for name in group]
+        script = DRIVER % {"suites": suites, "result": str(root / f"probe-{i}.npy")}
+        runs.append((subprocess.Popen([sys.executable, "-c", script], env=env, cwd=str(REPO),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True), group))
+    results = []
+    try:
+        for proc, group in runs:
+            out, err = proc.communicate(timeout=900)
+            results.append((_Done(proc.returncode, out, err), group))
+    finally:
+        for proc, _ in runs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results, root, root / "probe-0.npy"
+
+
+def test_every_suite_runs_in_one_shard():
+    for count in (1, 2, 3, 4):
+        groups = _shards(SUITES, count)
+        assert sorted(n for g in groups for n in g) == sorted(SUITES)
+        assert len(groups) == min(count, len(SUITES))
 
 
 def test_correctness_suites_pass_with_the_gpu_loops(gpu_loops_run):
-    done, root, _ = gpu_loops_run
-    output = done.stdout + done.stderr
-    # A failing case fails here, its summary in the message.
-    assert done.returncode == 0, output[-6000:]
-    assert " passed" in done.stdout and " failed" not in done.stdout, output[-4000:]
-    report = _last_json_line(done)
-    assert Path(report["module"]).resolve().parent == REPO / "curoi"
-    # The suites ran against the GPU-loops build, loaded before them and not
-    # replaced.
-    for info in (report["before"], report["info"]):
-        assert info["loops"] == "gpu"
-        assert Path(info["library"]).parent == root / "cache"
-    assert report["before"]["library"] == report["info"]["library"]
+    results, root, _ = gpu_loops_run
+    assert sorted(n for _, group in results for n in group) == sorted(SUITES)
+    libraries = set()
+    for done, group in results:
+        output = done.stdout + done.stderr
+        # A failing case fails here, its summary in the message.
+        assert done.returncode == 0, (group, output[-6000:])
+        assert " passed" in done.stdout and " failed" not in done.stdout, output[-4000:]
+        report = _last_json_line(done)
+        assert Path(report["module"]).resolve().parent == REPO / "curoi"
+        # The suites ran against the GPU-loops build, loaded before them and
+        # not replaced.
+        for info in (report["before"], report["info"]):
+            assert info["loops"] == "gpu"
+            assert Path(info["library"]).parent == root / "cache"
+        assert report["before"]["library"] == report["info"]["library"]
+        libraries.add(report["info"]["library"])
+    assert len(libraries) == 1  # one build, shared
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"),
                     reason="counting threads by name needs Linux's /proc")
 def test_the_gpu_loops_build_is_told_apart_from_the_cpu_loops(gpu_loops_run, tmp_path):
-    done, _, gpu_result = gpu_loops_run
+    (done, _), *_ = gpu_loops_run[0]
+    gpu_result = gpu_loops_run[2]
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     gpu = _last_json_line(done)
     # The same probe with the CPU loops, in the cache the rest of the suite uses.

@@ -5,7 +5,7 @@ test_roi_align_rotated_kernels.py, test_roi_align_rotated_boxes_backward.py,
 test_roi_align_boxes_backward.py, test_roi_spp_kernels.py,
 test_prroi_pool_kernels.py, test_crop_and_resize_kernels.py,
 test_multiscale_roi_align_kernels.py) under AddressSanitizer and
-UndefinedBehaviorSanitizer, with the CPU's loops and again with the GPU's
+UndefinedBehaviorSanitizer, with the CPU's loops and with the GPU's side by side
 (CUROI_CPU_LOOPS=gpu, see test_gpu_loops.py).
 
 CUROI_SANITIZE makes curoi build its CPU library instrumented (under its own
@@ -124,14 +124,48 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def _adversarial_suite_under_sanitizers(env, logs, loops):
-    """Run the SUITES with the sanitized library built with the CPU's or the
-    GPU's loops (CUROI_CPU_LOOPS); fail on any report."""
-    env = dict(env, CUROI_CPU_LOOPS=loops)
-    _clear(logs)
+class _Done:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture(scope="module")
+def suite_runs(sanitized):
+    """The SUITES under the sanitizers with the CPU's loops and with the
+    GPU's (CUROI_CPU_LOOPS), in two processes at once, each with its own
+    report folder: {loops: (done, env, reports folder)}. The two libraries
+    build one after the other (the cache folder's lock), each on every core;
+    the suites then run side by side."""
+    env, logs = sanitized
     suites = [str(REPO / "tests" / name) for name in SUITES]
-    done = subprocess.run([sys.executable, "-c", DRIVER % {"suites": suites}], env=env,
-                          cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    started = {}
+    for loops in ("cpu", "gpu"):
+        folder = logs.parent / f"reports-{loops}"
+        folder.mkdir()
+        run_env = dict(env, CUROI_CPU_LOOPS=loops)
+        for name in ("ASAN_OPTIONS", "UBSAN_OPTIONS"):
+            run_env[name] = run_env[name].replace(f"log_path={logs}/", f"log_path={folder}/")
+            assert f"log_path={folder}/" in run_env[name]
+        started[loops] = (subprocess.Popen(
+            [sys.executable, "-c", DRIVER % {"suites": suites}], env=run_env, cwd=str(REPO),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), run_env, folder)
+    runs = {}
+    try:
+        for loops, (proc, run_env, folder) in started.items():
+            out, err = proc.communicate(timeout=600)
+            runs[loops] = (_Done(proc.returncode, out, err), run_env, folder)
+    finally:
+        for proc, _, _ in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return runs
+
+
+def _adversarial_suite_under_sanitizers(runs, loops):
+    """The SUITES' run with the sanitized library built with the CPU's or
+    the GPU's loops: fail on any report."""
+    done, env, logs = runs[loops]
     output = done.stdout + done.stderr
     assert not _reports(logs), _reports(logs)
     for marker in ("AddressSanitizer", "runtime error:", "SUMMARY: "):
@@ -159,15 +193,15 @@ def _adversarial_suite_under_sanitizers(env, logs, loops):
     assert expected <= set(result["launched"]), sorted(expected - set(result["launched"]))
 
 
-def test_adversarial_suite_passes_under_asan_and_ubsan(sanitized):
-    _adversarial_suite_under_sanitizers(*sanitized, "cpu")
+def test_adversarial_suite_passes_under_asan_and_ubsan(suite_runs):
+    _adversarial_suite_under_sanitizers(suite_runs, "cpu")
 
 
-def test_adversarial_suite_passes_under_asan_and_ubsan_with_the_gpu_loops(sanitized):
+def test_adversarial_suite_passes_under_asan_and_ubsan_with_the_gpu_loops(suite_runs):
     # The GPU's loop code, run serially on the CPU (its own library, under
     # its own cache key): out-of-bounds indexing in the GPU-only branches
     # shows up here, not only as wrong values.
-    _adversarial_suite_under_sanitizers(*sanitized, "gpu")
+    _adversarial_suite_under_sanitizers(suite_runs, "gpu")
 
 
 OUT_OF_BOUNDS = textwrap.dedent("""
