@@ -1000,3 +1000,85 @@ def test_rotated_box_gradient_is_bitwise_stable_across_launches(dtype, monkeypat
             results.append(_rotated_box_grad(*on_gpu, "mmcv", channels_last))
     for other in results[1:]:
         np.testing.assert_array_equal(_bits(other), _bits(results[0]))
+
+
+# ---------------------- spatial pyramid, precise pooling, feature pyramids
+# Through the public NumPy functions on CuPy arrays, against the CPU
+# backend on the same input.
+SPP_LEVELS = (1, 2, 3)
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_roi_spp_matches_cpu(dtype, mode):
+    x, rois, _ = make_case(dtype, [50, DTYPES.index(dtype)])
+    expected, expected_argmax = curoi.roi_spp(x, rois, SPP_LEVELS, SCALE, mode=mode,
+                                              return_argmax=True)
+    xg = cupy.asarray(x)
+    got, argmax = curoi.roi_spp(xg, cupy.asarray(rois), SPP_LEVELS, SCALE, mode=mode,
+                                return_argmax=True)
+    assert_cupy_result(got, xg)
+    assert_close(got, expected, dtype, what="roi_spp")
+    # Maxima are selections among the very same values: exact.
+    np.testing.assert_array_equal(cupy.asnumpy(argmax), expected_argmax)
+    g = np.random.default_rng(51).standard_normal(expected.shape).astype(x.dtype)
+    want = curoi.roi_spp_backward(g, rois, x.shape, SPP_LEVELS, SCALE, mode=mode,
+                                  argmax=expected_argmax)
+    for deterministic in (False, True):
+        got_grad = curoi.roi_spp_backward(cupy.asarray(g), cupy.asarray(rois), x.shape,
+                                          SPP_LEVELS, SCALE, mode=mode, argmax=argmax,
+                                          deterministic=deterministic)
+        assert_close(got_grad, want, dtype, backward=True, what="roi_spp backward")
+
+
+@pytest.mark.parametrize("data_format", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prroi_pool_and_its_gradients_match_cpu(dtype, data_format):
+    x, rois, g = make_case(dtype, [52, DTYPES.index(dtype)])
+    if data_format == "NHWC":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        g = np.ascontiguousarray(g.transpose(0, 2, 3, 1))
+    kw = dict(data_format=data_format)
+    xg, rg, gg = cupy.asarray(x), cupy.asarray(rois), cupy.asarray(g)
+    got = curoi.prroi_pool(xg, rg, OUT, SCALE, **kw)
+    assert_cupy_result(got, xg)
+    assert_close(got, curoi.prroi_pool(x, rois, OUT, SCALE, **kw), dtype, what="prroi_pool")
+    want = curoi.prroi_pool_backward(g, rois, x.shape, OUT, SCALE, **kw)
+    for deterministic in (False, True):
+        assert_close(curoi.prroi_pool_backward(gg, rg, x.shape, OUT, SCALE,
+                                               deterministic=deterministic, **kw),
+                     want, dtype, backward=True, what="prroi_pool backward")
+    if dtype in ("float32", "float64"):
+        boxes = curoi.prroi_pool_boxes_backward(gg, xg, rg, OUT, SCALE, **kw)
+        assert_close(boxes, curoi.prroi_pool_boxes_backward(g, x, rois, OUT, SCALE, **kw),
+                     dtype, backward=True, what="prroi_pool boxes backward")
+        again = curoi.prroi_pool_boxes_backward(gg, xg, rg, OUT, SCALE, **kw)
+        assert bool((again == boxes).all())  # ordered sums: the same bits
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_multiscale_roi_align_matches_cpu(dtype):
+    rng = np.random.default_rng([53, DTYPES.index(dtype)])
+    scales = [1 / 4, 1 / 8, 1 / 16]
+    features = [rng.standard_normal((2, 4, 64 >> l, 96 >> l)).astype(np_dtype(dtype))
+                for l in range(3)]
+    box_dtype = np.float64 if dtype == "float64" else np.float32
+    centres = rng.uniform(0, 1, (40, 2)) * [384, 256]
+    sizes = np.exp(rng.uniform(np.log(8), np.log(300), (40, 2)))
+    boxes = np.concatenate([rng.integers(0, 2, (40, 1)), centres - sizes / 2,
+                            centres + sizes / 2], axis=1).astype(box_dtype)
+    kw = dict(canonical_scale=64, canonical_level=3)
+    expected = curoi.multiscale_roi_align(features, boxes, OUT, scales, 2, True, **kw)
+    levels = [cupy.asarray(f) for f in features]
+    got = curoi.multiscale_roi_align(levels, cupy.asarray(boxes), OUT, scales, 2, True, **kw)
+    assert_cupy_result(got, levels[0])
+    assert_close(got, expected, dtype, what="multiscale_roi_align")
+    g = rng.standard_normal(expected.shape).astype(features[0].dtype)
+    shapes = [f.shape for f in features]
+    want = curoi.multiscale_roi_align_backward(g, boxes, shapes, OUT, scales, 2, True, **kw)
+    for deterministic in (False, True):
+        grads = curoi.multiscale_roi_align_backward(
+            cupy.asarray(g), cupy.asarray(boxes), shapes, OUT, scales, 2, True,
+            deterministic=deterministic, **kw)
+        for level, (a, b) in enumerate(zip(grads, want)):
+            assert_close(a, b, dtype, backward=True, what=f"level {level}")
