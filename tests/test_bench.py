@@ -153,7 +153,7 @@ def test_json_holds_the_raw_figures(quick_run):
     assert len(first["samples"]["curoi"]) == 2
     assert first["curoi"] == pytest.approx(np.median(first["samples"]["curoi"]))
     workloads = {r["workload"] for r in figures["results"]}
-    assert workloads == {"W1", "tiny", "stress"}
+    assert workloads == {"W1", "FPN", "tiny", "stress"}
 
 
 def test_plot_is_a_png(quick_run):
