@@ -612,6 +612,14 @@ static void roi_align_backward_scratch_group(
     const RoiAlignWeights<A>& wx = group.x[k - k0];
     A* image = scratch + g.batch_index * height * width * L;
     const T* grad_bins = grad_output + (group.index[k - k0] * channels + c) * bins;
+    // The next box's gradient rows lie a whole box of channels further on:
+    // too far for the hardware prefetcher to follow.
+    if (k + 1 < k1) {
+      const char* next = (const char*)(grad_output +
+                                       (group.index[k + 1 - k0] * channels + c) * bins);
+      for (int64_t at = 0; at < n * bins * (int64_t)sizeof(T); at += 64)
+        curoi_prefetch(next + at);
+    }
     for (int64_t ph = 0; ph < pooled_height; ++ph) {
       const int64_t rows = wy.length[ph];
       A* row0 = image + wy.begin[ph] * width * L;
