@@ -307,13 +307,13 @@ static void roi_pool_forward_channels(
 
 // A flat position h * W + w in an integer as wide as A (int32 for float,
 // int64 for double), so that the selects of roi_pool_max_lanes vectorise
-// lane for lane; int64 wherever the plane has 2^31 pixels or more.
-template <typename A, bool Wide>
+// lane for lane. A plane of 2^31 pixels or more takes int64 in any case.
+template <typename A>
 struct RoiPoolPosition {
   typedef int64_t type;
 };
 template <>
-struct RoiPoolPosition<float, false> {
+struct RoiPoolPosition<float> {
   typedef int32_t type;
 };
 
@@ -525,15 +525,10 @@ static void roi_pool_forward(
     roi_pool_tables(rois, 0, num_rois, batch, height, width, pooled_height,
                     pooled_width, spatial_scale, convention, image.data(),
                     rows.data(), cols.data());
-    // The copy's positions are those of the planes: wide only if these are.
-    if (wide)
-      roi_pool_forward_copied<T, A, int64_t>(
-          input, num_rois, batch, channels, height, width, pooled_height,
-          pooled_width, image.data(), rows.data(), cols.data(), output, argmax);
-    else
-      roi_pool_forward_copied<T, A, typename RoiPoolPosition<A, false>::type>(
-          input, num_rois, batch, channels, height, width, pooled_height,
-          pooled_width, image.data(), rows.data(), cols.data(), output, argmax);
+    // The copy's limit keeps its planes far below 2^31 pixels.
+    roi_pool_forward_copied<T, A, typename RoiPoolPosition<A>::type>(
+        input, num_rois, batch, channels, height, width, pooled_height,
+        pooled_width, image.data(), rows.data(), cols.data(), output, argmax);
     return;
   }
   const CuroiItems items = curoi_items(num_rois, channels);
@@ -562,7 +557,7 @@ static void roi_pool_forward(
             pooled_width, image.data(), rows.data(), cols.data(), output,
             argmax, best.data(), where.data(), poison.data());
       } else {
-        typedef typename RoiPoolPosition<A, false>::type P;
+        typedef typename RoiPoolPosition<A>::type P;
         static thread_local std::vector<A> best, poison;
         static thread_local std::vector<P> where;
         best.resize((size_t)(c1 - c0));
