@@ -255,6 +255,17 @@ inline void curoi_parallel_shares(int64_t limit, int64_t work, const F& f) {
       const_cast<F*>(&f), (int)threads);
 }
 
+// A function kept out of line (a hot loop with few pointers, which the
+// optimiser would otherwise fold into a caller with too many live values),
+// and a hint that memory at p is read soon.
+#if defined(_MSC_VER) && !defined(__clang__)
+#define CUROI_NOINLINE __declspec(noinline)
+static inline void curoi_prefetch(const void*) {}
+#else
+#define CUROI_NOINLINE __attribute__((noinline))
+static inline void curoi_prefetch(const void* p) { __builtin_prefetch(p); }
+#endif
+
 // With the GPU's loops on the CPU (tests), the grid-stride loop runs
 // serially: one "thread" visits every element.
 #define CUDA_1D_KERNEL_LOOP(i, n) for (int64_t i = 0; i < (int64_t)(n); ++i)
@@ -506,6 +517,15 @@ CUROI_DEVICE void curoi_sum_add(const CuroiFloatSum<A>& sum, int64_t at, A v) {
   curoi_scatter_add(sum.grad + at, v);
 }
 
+// The sum seen from element `at` on: adds at i land at at + i.
+template <typename A>
+CUROI_DEVICE CuroiFloatSum<A> curoi_sum_offset(const CuroiFloatSum<A>& sum,
+                                               int64_t at) {
+  CuroiFloatSum<A> moved;
+  moved.grad = sum.grad + at;
+  return moved;
+}
+
 // The deterministic sum: every finite term is rounded to a multiple of 2^-e
 // and added as a 64-bit integer, which is exact and so independent of order.
 // e is chosen from a bound on every sum, max|term source| * terms, such that
@@ -548,6 +568,15 @@ CUROI_DEVICE void curoi_sum_add(const CuroiFixedSum<A>& sum, int64_t at, A v) {
   } else {
     curoi_scatter_add(sum.grad + at, v);
   }
+}
+
+template <typename A>
+CUROI_DEVICE CuroiFixedSum<A> curoi_sum_offset(const CuroiFixedSum<A>& sum,
+                                               int64_t at) {
+  CuroiFixedSum<A> moved = sum;
+  moved.grad = sum.grad + at;
+  moved.fixed = sum.fixed + at;
+  return moved;
 }
 
 // grad[i] += fixed[i] * 2^-e, once every term has been added.

@@ -3,6 +3,7 @@
     python3 -m curoi bench                              # W1, all cores
     python3 -m curoi bench --workload W1,W2,tiny --threads 1,2 --repeat 9
     python3 -m curoi bench --json figures.json --plot figures.png --kernels
+    python3 -m curoi bench --rows "roi_pool backward" --threads 1  # one row
 
 Workloads (``--workload``, comma-separated):
 
@@ -158,6 +159,10 @@ def _onnx_session(node_kind, attributes, feeds, threads):
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Its pool's threads otherwise spin for a while after each run, on the
+    # cores that the next row is timed on (measured: the row after an
+    # onnxruntime row took up to 1.8x as long at 2 threads).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(model.SerializeToString(), options,
                                            providers=["CPUExecutionProvider"])
     return lambda: session.run(None, feeds)
@@ -804,6 +809,23 @@ def _workloads(text):
     return names
 
 
+def _row_filters(text):
+    filters = [part.strip().lower() for part in text.split(",") if part.strip()]
+    if not filters:
+        raise argparse.ArgumentTypeError(
+            f"expected parts of row names separated by commas, like "
+            f"'roi_pool backward'; got {text!r}")
+    return filters
+
+
+def selected(operations, filters):
+    """The operations whose label contains one of ``filters`` (lower-case
+    substrings; None keeps every operation)."""
+    if filters is None:
+        return list(operations)
+    return [op for op in operations if any(f in op.label.lower() for f in filters)]
+
+
 def parser():
     p = argparse.ArgumentParser(
         prog="python3 -m curoi bench", description=__doc__.splitlines()[0],
@@ -814,6 +836,9 @@ def parser():
     p.add_argument("--threads", type=_thread_counts, default=None,
                    help="CPU thread counts, comma-separated, e.g. 1,2 "
                         "(default: curoi.get_num_threads())")
+    p.add_argument("--rows", type=_row_filters, default=None, metavar="SUBSTRING[,SUBSTRING]",
+                   help="only the rows whose name contains one of these, ignoring case "
+                        "(e.g. 'roi_pool backward' or 'nhwc,adaptive'; default: all)")
     p.add_argument("--repeat", type=int, default=9,
                    help="timed repeats per row; the table shows medians (default 9)")
     p.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"),
@@ -870,7 +895,12 @@ def main(argv=None, stdout=None, stderr=None):
                     ops = pyramid_operations(work, dtype, count, args.quick, xp)
                 else:
                     ops = box_operations(work, dtype, count, args.quick, xp)
-                plan.append((work, dtype, count, ops))
+                ops = selected(ops, args.rows)
+                if ops:
+                    plan.append((work, dtype, count, ops))
+    if not plan and args.rows is not None:
+        raise SystemExit(f"--rows: no row of {', '.join(args.workload)} has a name "
+                         f"containing {' or '.join(map(repr, args.rows))}")
 
     # Every operation of a workload, at every thread count, is timed once
     # per round, round after round: the ratios to the peers and the speedup

@@ -220,6 +220,32 @@ def test_the_command_line(tmp_path):
     assert done.returncode == 2 and "W1, W2, tiny, stress" in done.stderr
 
 
+def test_rows_picks_rows_by_name():
+    # Case-insensitive substrings, comma-separated; a row matching any is
+    # timed, the others are not even built into the tables.
+    argv = ["--quick", "--repeat", "1", "--threads", "1", "--workload", "W1",
+            "--rows", "ROI_POOL BACKWARD, align forward, adaptive"]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    assert _bench.main(argv, stdout=stdout, stderr=stderr) == 0
+    rows = [r[0] for r in _table(stdout.getvalue(), "W1:")[2:]]
+    assert rows == [op for op in BOX_ROWS
+                    if "roi_pool backward" in op or "align forward" in op
+                    or "adaptive" in op]
+    assert "ps_roi_pool backward, C = 49" in rows  # a substring, anywhere
+    assert "roi_pool forward" not in rows and rows
+    # Progress counts only the chosen rows: 2 rounds (warm-up, 1 repeat) each.
+    assert f"{2 * len(rows)}/{2 * len(rows)}" in stderr.getvalue()
+
+
+def test_rows_that_match_nothing_say_so():
+    with pytest.raises(SystemExit, match="--rows: no row of W1 .*'no such row'"):
+        _bench.main(["--quick", "--repeat", "1", "--workload", "W1", "--rows",
+                     "no such row"], stdout=io.StringIO(), stderr=io.StringIO())
+    with pytest.raises(SystemExit) as error:
+        _bench.parser().parse_args(["--rows", " , "])
+    assert error.value.code == 2
+
+
 def test_the_kernel_report_table():
     pytest.importorskip("cupy")
     from curoi import _kernel_report, _kernels

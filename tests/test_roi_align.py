@@ -438,3 +438,38 @@ def test_no_boxes(dtype):
                                   (2, 4), sampling_ratio=2)
     assert gx.shape == x.shape and gx.dtype == dtype
     np.testing.assert_array_equal(gx.astype(np.float64), 0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+@pytest.mark.parametrize("many", [False, True], ids=["few boxes", "many boxes"])
+def test_cpu_backward_paths_vs_reference(dtype, sampling_ratio, many):
+    """The CPU's NCHW backward adds into the planes channel by channel with
+    few boxes, and into a channels-last copy of 8 channels at a time once
+    the boxes' bins outnumber the pixels. Both, with 11 channels (a partial
+    block), against the reference; the same bits at 1 and 3 threads and as
+    the NHWC backward's, transposed."""
+    rng = np.random.default_rng(50 + 2 * many + sampling_ratio)
+    n, c, h, w = 2, 11, 9, 12
+    # 40 boxes x 9 bins > 2 x 9 x 12 pixels > 3 boxes x 9 bins
+    k = 40 if many else 3
+    boxes = ref.random_boxes(rng, n, h, w, 0.5, k, dtype=dtype)
+    ref.spoil_boxes(rng, boxes, n, probability=1.0)
+    args = (3, 0.5, sampling_ratio, True)
+    g = rng.standard_normal((k, c, 3, 3)).astype(dtype)
+    gx_ref = ref.roi_align_backward(g, boxes, (n, c, h, w), *args)
+    to_nhwc = lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1))  # noqa: E731
+    before = curoi.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 3):
+            curoi.set_num_threads(threads)
+            gx = curoi.roi_align_backward(g, boxes, (n, c, h, w), *args)
+            np.testing.assert_allclose(gx, gx_ref, **TOL[dtype])
+            gxn = curoi.roi_align_backward(to_nhwc(g), boxes, (n, h, w, c), *args,
+                                           data_format="NHWC")
+            assert to_nhwc(gx).tobytes() == gxn.tobytes()
+            results.append(gx)
+    finally:
+        curoi.set_num_threads(before)
+    assert results[0].tobytes() == results[1].tobytes()

@@ -559,3 +559,69 @@ def test_no_boxes(dtype, convention):
                                  np.zeros((0, 5), np.float32), x.shape)
     assert gx.shape == x.shape and gx.dtype == dtype
     np.testing.assert_array_equal(gx.astype(np.float64), 0.0)
+
+
+# --------------------------------------------------------------------------
+# the CPU's loop structures
+# --------------------------------------------------------------------------
+
+
+def _special_map(rng, shape, dtype):
+    """Ties (few distinct values), NaNs, an all -inf channel and signed
+    zeros: the cases where the first maximum and the NaN rule decide."""
+    x = np.round(rng.standard_normal(shape) * 2) / 2
+    x[x == 0] = -0.0
+    x = x.astype(dtype)
+    flat = x.reshape(-1)
+    flat[rng.integers(0, flat.size, 4)] = np.nan
+    x[:, 1] = -np.inf
+    return x
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("many", [False, True], ids=["few boxes", "many boxes"])
+@pytest.mark.parametrize("special", [False, True], ids=["distinct", "special"])
+def test_cpu_paths_vs_reference(convention, dtype, many, special):
+    """The CPU forward scans NCHW planes a channel or two at a time with few
+    boxes, and a channels-last copy of 16 channels at a time once the boxes'
+    bins outnumber the pixels; the backward adds two planes at once and an
+    odd one alone. Both forward paths, with 19 channels (a partial block of
+    each kind), NCHW and NHWC, against the reference; the same bits at 1
+    and 3 threads."""
+    rng = np.random.default_rng(40 + 2 * many + special + 4 * (convention == "mmcv"))
+    n, c, h, w = 2, 19, 9, 11
+    # 40 boxes x 9 bins > 2 x 9 x 11 pixels > 3 boxes x 9 bins
+    k = 40 if many else 3
+    x = (_special_map(rng, (n, c, h, w), dtype) if special
+         else ref.permutation_map(rng, (n, c, h, w), dtype))
+    boxes = ref.random_boxes(rng, n, h, w, 1.0, k, dtype=dtype)
+    ref.spoil_boxes(rng, boxes, n, probability=1.0)
+    y_ref, arg_ref = ref.roi_pool(x, boxes, 3, 1.0, convention)
+    g = rng.standard_normal(y_ref.shape).astype(dtype)
+    gx_ref = ref.roi_pool_backward(g, arg_ref, boxes, x.shape)
+    to_nhwc = lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1))  # noqa: E731
+    before = curoi.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 3):
+            curoi.set_num_threads(threads)
+            got = []
+            for argmax_dtype in ("int64", "int32"):
+                y, arg = curoi.roi_pool(x, boxes, 3, 1.0, convention=convention,
+                                        return_argmax=True, argmax_dtype=argmax_dtype)
+                np.testing.assert_array_equal(y, y_ref)
+                np.testing.assert_array_equal(arg, arg_ref)
+                yn, argn = curoi.roi_pool(to_nhwc(x), boxes, 3, 1.0, convention=convention,
+                                          return_argmax=True, argmax_dtype=argmax_dtype,
+                                          data_format="NHWC")
+                np.testing.assert_array_equal(yn, to_nhwc(y_ref))
+                np.testing.assert_array_equal(argn, to_nhwc(arg_ref))
+                gx = curoi.roi_pool_backward(g, arg, boxes, x.shape)
+                np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
+                got += [y, arg, yn, argn, gx]
+            results.append(got)
+    finally:
+        curoi.set_num_threads(before)
+    for one, three in zip(*results):
+        assert one.tobytes() == three.tobytes()
