@@ -17,11 +17,12 @@ log. Needs only NVRTC (``cupy_backends.cuda.libs.nvrtc``), not nvcc or
 ptxas.
 """
 
+import concurrent.futures
 import dataclasses
 import functools
 import re
 
-from . import _gpu, _kernels, _sources
+from . import _cpu, _gpu, _kernels, _sources
 
 #: Volta, Ampere, Hopper: the oldest architecture curoi supports, the first
 #: with native bfloat16, and the generation of current data-centre GPUs.
@@ -314,10 +315,13 @@ def report(families=_sources.FAMILIES, dtypes=DTYPES, archs=ARCHS, progress=None
     given, is called with (done, total) after each module compiles."""
     cases = [(f, d, a) for f in families for d in dtypes for a in archs]
     rows = []
-    for done, (family, dtype, arch) in enumerate(cases, 1):
-        rows += module_report(family, dtype, arch)
-        if progress is not None:
-            progress(done, len(cases))
+    # NVRTC releases the GIL while it compiles: one module per core at once.
+    with concurrent.futures.ThreadPoolExecutor(_cpu._available_cores()) as pool:
+        compiled = pool.map(lambda case: compile_module(*case), cases)
+        for done, ((family, dtype, arch), _) in enumerate(zip(cases, compiled), 1):
+            rows += module_report(family, dtype, arch)
+            if progress is not None:
+                progress(done, len(cases))
     return rows
 
 

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import curoi
+from conftest import seed_cache
 
 EXPECTED = [16.5, 18.5, 36.5, 38.5]
 
@@ -29,6 +29,7 @@ SCRIPT = r"""
 import json, os, sys, time
 import numpy as np
 import curoi
+before = curoi.backend_info()["cpu"]  # before the first call: nothing loaded
 if len(sys.argv) > 1:
     sync = sys.argv[1]
     open(os.path.join(sync, "ready-%d" % os.getpid()), "w").close()
@@ -43,7 +44,8 @@ except Exception as error:
                       "runtime_error": isinstance(error, RuntimeError),
                       "info": curoi.backend_info()["cpu"]}))
     sys.exit(3)
-print(json.dumps({"y": y.ravel().tolist(), "info": curoi.backend_info()["cpu"]}))
+print(json.dumps({"y": y.ravel().tolist(), "info": curoi.backend_info()["cpu"],
+                  "before": before}))
 """
 
 
@@ -100,6 +102,11 @@ def test_many_processes_build_an_empty_cache_at_once(tmp_path):
         assert p.returncode == 0, err
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert all(r["y"] == EXPECTED for r in results), results
+    # The library is built on first use, into the cache folder that
+    # backend_info names before and after.
+    assert all(r["before"]["library"] is None for r in results)
+    assert all(r["before"]["cache_dir"] == r["info"]["cache_dir"] == str(cache)
+               for r in results)
     # Everyone loaded the same, final file ...
     paths = {r["info"]["library"] for r in results}
     assert len(paths) == 1, paths
@@ -146,11 +153,7 @@ def _build_once(cache):
     this process (the library of the session) and copied in, rather than
     compiled again for each test; the fresh process then loading that very
     file shows it is the one its own build would have made."""
-    from curoi import _cpu
-    _cpu.library()
-    cache.mkdir(parents=True, exist_ok=True)
-    seeded = cache / Path(_cpu.library_path()).name
-    shutil.copyfile(_cpu.library_path(), seeded)
+    seeded = seed_cache(cache)
     first = _result(_run(cache))
     assert first["y"] == EXPECTED
     [library] = _libraries(cache)
@@ -202,23 +205,18 @@ def test_damaged_library_is_rebuilt(tmp_path):
 
 
 # ------------------------------------------------ compiler without OpenMP
-def test_a_compiler_without_openmp_builds_the_multithreaded_library(tmp_path):
+def test_the_build_needs_no_openmp(monkeypatch):
     # The kernels' threads are curoi's own (std::thread), so a compiler
-    # without OpenMP (like Apple clang) builds the same library, without a
-    # warning, and it runs its kernels on several threads.
-    compiler = shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        pytest.skip("no C++ compiler")
-    wrapper = tmp_path / "no-openmp-c++"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        'for a in "$@"; do [ "$a" = "-fopenmp" ] && '
-        '{ echo "unsupported option -fopenmp" >&2; exit 1; }; done\n'
-        f'exec "{compiler}" "$@"\n')
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-    done = _run(tmp_path / "cache", CXX=str(wrapper), CUROI_NUM_THREADS="2")
-    assert _result(done)["y"] == EXPECTED
-    assert "Warning" not in done.stderr, done.stderr
+    # without OpenMP (like Apple clang) builds the same library: no flag of
+    # any build variant asks for it. (That the library runs its kernels on
+    # several threads is test_num_threads.py's.)
+    from curoi import _cpu
+    for loops in ("cpu", "gpu"):
+        monkeypatch.setenv("CUROI_CPU_LOOPS", loops)
+        monkeypatch.setenv("CUROI_SANITIZE", "address,undefined")
+        flags = _cpu._FLAGS + _cpu.loops_flags()[1] + _cpu.sanitize_flags()
+        assert not [f for f in flags if "openmp" in f.lower() or "gomp" in f], flags
+        assert "-pthread" in flags
 
 
 # --------------------------------------------------------- backend_info
@@ -254,26 +252,6 @@ def test_backend_info_honours_cxx(monkeypatch):
         pytest.skip("no C++ compiler")
     monkeypatch.setenv("CXX", compiler)
     assert curoi.backend_info()["cpu"]["compiler"] == compiler
-
-
-def test_library_is_built_on_first_use_into_the_cache_dir(tmp_path):
-    # In a fresh process: backend_info names the cache folder and no library
-    # before the first call, and the library inside that folder after it.
-    script = """if True:
-        import json, numpy as np, curoi
-        before = curoi.backend_info()["cpu"]
-        curoi.roi_pool(np.ones((1, 1, 4, 4), np.float32), np.array([[0, 0, 0, 3, 3]],
-                       np.float32), 1)
-        print(json.dumps([before, curoi.backend_info()["cpu"]]))
-    """
-    cache = tmp_path / "cache"
-    done = subprocess.run([sys.executable, "-c", script], env=_env(cache),
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    before, after = json.loads(done.stdout)
-    assert before["cache_dir"] == after["cache_dir"] == str(cache)
-    assert before["library"] is None
-    assert Path(after["library"]).parent == cache and Path(after["library"]).is_file()
 
 
 # ------------------------------------------------ unusable cache folder

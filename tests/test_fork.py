@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import seed_cache
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 TIMEOUT = 120
@@ -207,15 +209,11 @@ def test_multiprocessing_fork_pool_maps_over_batches():
 
 
 def test_spawn_and_forkserver_reuse_the_cached_library(tmp_path):
-    # A compiler wrapper logs every build (its link: the one command with
-    # -shared): the parent builds once into an empty cache; the fresh
-    # interpreters of the workers must find it there.
-    log = tmp_path / "builds.log"
-    wrapper = tmp_path / "logging-c++"
-    wrapper.write_text(  # links, not compiles or the --version queries of the cache key
-        '#!/bin/sh\ncase " $* " in *" -shared "*) echo build >> "' + str(log) + '";; esac\n'
-        'exec c++ "$@"\n')
-    wrapper.chmod(0o755)
+    # The cache holds the library (the session's, copied in); the parent and
+    # the fresh interpreters of the workers must all load that file, and
+    # none of them may build or replace it.
+    library = seed_cache(tmp_path / "cache")
+    before = library.stat().st_ino, library.stat().st_mtime_ns
     # Workers are fresh interpreters that import this file: a real module.
     (tmp_path / "fork_worker.py").write_text(_PRELUDE + textwrap.dedent("""
         def work(seed):
@@ -236,10 +234,12 @@ def test_spawn_and_forkserver_reuse_the_cached_library(tmp_path):
                 for seed, (got, library) in enumerate(results):
                     check(got, expected(*case(seed)))
                     assert library == mine, (method, library, mine)
+            assert mine == {str(library)!r}, mine
             print("ok")
-    """, env={"CXX": str(wrapper), "CUROI_CACHE_DIR": str(tmp_path / "cache")})
+    """, env={"CUROI_CACHE_DIR": str(tmp_path / "cache")})
     assert "ok" in out
-    assert log.read_text().split() == ["build"]
+    assert sorted((tmp_path / "cache").iterdir()) == [library]
+    assert (library.stat().st_ino, library.stat().st_mtime_ns) == before
 
 
 def test_torch_dataloader_workers():
