@@ -29,8 +29,9 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *,
         return_argmax: also return where each maximum was.
         argmax_dtype: ``"int64"`` or ``"int32"`` (or the NumPy types): the
             argmax's integer type. int32 is what torchvision keeps; it takes
-            half the memory, and :func:`roi_pool_backward` reads it in about
-            two thirds of the time. It needs feature planes of fewer than
+            half the memory, and :func:`roi_pool_backward` reads it faster
+            (the benchmark's ``roi_pool backward`` rows show both). It needs
+            feature planes of fewer than
             ``2**31`` pixels (a ValueError otherwise).
         data_format: ``"NCHW"`` (features ``[N, C, H, W]``) or ``"NHWC"``
             (channels-last ``[N, H, W, C]`` read in place, results
