@@ -647,6 +647,8 @@ def roi_spp(input: Tensor, boxes=None, levels=(1, 2, 4), spatial_scale: float = 
     """
     levels = _operators.spp_levels(levels)
     if boxes is None:
+        if not torch.compiler.is_compiling():  # (a symbol there, see _TorchOperator)
+            _validate.spatial_scale(spatial_scale)  # checked, though whole maps ignore it
         _check_input(input)
         n, _, h, w = input.shape
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32

@@ -190,6 +190,9 @@ def test_torch_whole_maps_channels_last_and_determinism(torch):
     x = torch.tensor(_features(shape=(3, 2, 7, 5)))
     np.testing.assert_array_equal(ct.roi_spp(x, None, (1, 2)).numpy(),
                                   curoi.roi_spp(x.numpy(), None, (1, 2)))
+    for run in (ct.roi_spp, curoi.roi_spp):  # checked even where it does not apply
+        with pytest.raises(ValueError, match="spatial_scale"):
+            run(x if run is ct.roi_spp else x.numpy(), None, (1, 2), spatial_scale=-1.0)
     xl = torch.tensor(_features()).to(memory_format=torch.channels_last).requires_grad_()
     x = torch.tensor(_features(), requires_grad=True)
     boxes = torch.tensor(BOXES)
