@@ -17,11 +17,13 @@ Workloads (``--workload``, comma-separated):
   Align's max mode (sampling_ratio 2), rotated RoI Align (the boxes turned
   by random angles in [-90, 90] degrees), and position-sensitive RoI Pool and
   RoI Align (sampling_ratio 2) on features of C = 10 x 7 x 7 = 490 channels,
-  as R-FCN's; RoI Align's box gradient; TensorFlow's crop_and_resize (the
-  features channels-last, the boxes normalised to the image, 7x7; forward,
-  and the image and box gradients together) against TensorFlow when it is
-  importable; Precise RoI Pooling (forward, backward, box gradient) and
-  spatial pyramid pooling (levels 1, 2, 4; max);
+  as R-FCN's; the box gradients of RoI Align and rotated RoI Align; Precise
+  RoI Pooling (forward, backward, box gradient) and spatial pyramid pooling
+  (levels 1, 2, 4; max);
+- ``crop``, TensorFlow's crop_and_resize on W1's features channels-last and
+  W1's boxes normalised to the image, 7x7: forward, and the image and box
+  gradients together, against TensorFlow when it is importable (its thread
+  pools set to the first thread count; they cannot change afterwards);
 - ``W2``, a Mask R-CNN mask head: [2, 256, 100, 136], 256 boxes,
   spatial_scale 1/8, 14x14, sampling_ratio 2 and adaptive, aligned;
 - ``tiny``: one box on [1, 4, 16, 16], 2x2, the cost of a call in
@@ -83,6 +85,8 @@ WORKLOADS = {
     "W2": Workload("W2", "Mask R-CNN mask head", (2, 256, 100, 136), 256, 1 / 8, 14, 2),
     "tiny": Workload("tiny", "one small call", (1, 4, 16, 16), 1, 1.0, 2, 2),
     "stress": Workload("stress", "pathological boxes", (2, 256, 50, 68), 512, 1 / 16, 7, 2),
+    "crop": Workload("crop", "TensorFlow's crop_and_resize", (2, 256, 50, 68), 1024,
+                     1 / 16, 7, 2),
     # The finest level's shape and scale; three coarser levels halve it.
     "FPN": Workload("FPN", "feature pyramid box head", (2, 256, 200, 272), 1024, 1 / 4, 7,
                     2),
@@ -376,7 +380,7 @@ def box_operations(work, dtype, threads, quick, xp=np):
         "curoi": lambda: curoi.roi_pool_backward(gy, argmax64, boxes, x.shape)}))
     if work.name == "W1":
         rows += family_operations(work, x, boxes, gy, rng, torch, quick, xp)
-        rows += part2_operations(work, x, boxes, gy, threads, xp)
+        rows += part2_operations(work, x, boxes, gy, xp)
     for row in rows:  # a peer that does not take this dtype is left out
         row.contenders = {k: v for k, v in row.contenders.items() if v is not None}
     return rows
@@ -471,15 +475,45 @@ def _tensorflow(threads):
 SPP_LEVELS = (1, 2, 4)
 
 
-def part2_operations(work, x, boxes, gy, threads, xp=np):
-    """W1's rows for the box gradients, TensorFlow's crop_and_resize (on
-    W1's features channels-last, against TensorFlow itself when importable),
-    Precise RoI Pooling and spatial pyramid pooling, on W1's boxes."""
+def part2_operations(work, x, boxes, gy, xp=np):
+    """W1's rows for the box gradients, Precise RoI Pooling and spatial
+    pyramid pooling, on W1's boxes."""
     size, scale, ratio = work.output_size, work.spatial_scale, work.sampling_ratio
-    n, c, h, w = x.shape
     rows = [Operation(f"roi_align boxes backward, sampling_ratio {ratio}", {
         "curoi": lambda: curoi.roi_align_boxes_backward(gy, x, boxes, size, scale, ratio,
                                                         True)})]
+    rows += [
+        Operation("prroi_pool forward", {
+            "curoi": lambda: curoi.prroi_pool(x, boxes, size, scale)}),
+        Operation("prroi_pool backward", {
+            "curoi": lambda: curoi.prroi_pool_backward(gy, boxes, x.shape, size, scale)}),
+        Operation("prroi_pool boxes backward", {
+            "curoi": lambda: curoi.prroi_pool_boxes_backward(gy, x, boxes, size, scale)}),
+    ]
+    _, spp_argmax = curoi.roi_spp(x, boxes, SPP_LEVELS, scale, return_argmax=True)
+    gy_spp = xp.ones(spp_argmax.shape, x.dtype)
+    levels = "levels " + ", ".join(map(str, SPP_LEVELS))
+    rows += [
+        Operation(f"roi_spp forward, {levels}", {
+            "curoi": lambda: curoi.roi_spp(x, boxes, SPP_LEVELS, scale)}),
+        Operation(f"roi_spp backward, {levels}", {
+            "curoi": lambda: curoi.roi_spp_backward(gy_spp, boxes, x.shape, SPP_LEVELS,
+                                                    scale, argmax=spp_argmax)}),
+    ]
+    return rows
+
+
+def crop_operations(work, dtype, threads, quick, xp=np):
+    """The crop workload: TensorFlow's crop_and_resize on W1's features
+    (channels-last, TensorFlow's layout) and boxes (normalised to the
+    image, (y1, x1, y2, x2)), against TensorFlow itself when importable. A
+    workload of its own, timed apart from W1's rows: in shared rounds, the
+    rows timed after TensorFlow's ran slower."""
+    x, boxes, rng = _inputs(WORKLOADS["W1"], dtype, quick, xp)
+    size, scale = work.output_size, work.spatial_scale
+    n, c, h, w = x.shape
+    gy = xp.asarray(rng.standard_normal((len(boxes), c, size, size), dtype=np.float32)
+                    .astype(x.dtype))
     # crop_and_resize: the boxes normalised to the image, (y1, x1, y2, x2).
     b = np.asarray(boxes.get() if hasattr(boxes, "get") else boxes, dtype=np.float64)
     image_w, image_h = w / scale, h / scale
@@ -510,27 +544,8 @@ def part2_operations(work, x, boxes, gy, threads, xp=np):
             return grad_image.numpy(), grad_boxes.numpy()
 
         crop["backward"]["tensorflow"] = tf_backward
-    rows += [
-        Operation(f"crop_and_resize forward, NHWC, {size}x{size}", crop["forward"]),
-        Operation(f"crop_and_resize backward, image and boxes, NHWC", crop["backward"]),
-        Operation("prroi_pool forward", {
-            "curoi": lambda: curoi.prroi_pool(x, boxes, size, scale)}),
-        Operation("prroi_pool backward", {
-            "curoi": lambda: curoi.prroi_pool_backward(gy, boxes, x.shape, size, scale)}),
-        Operation("prroi_pool boxes backward", {
-            "curoi": lambda: curoi.prroi_pool_boxes_backward(gy, x, boxes, size, scale)}),
-    ]
-    _, spp_argmax = curoi.roi_spp(x, boxes, SPP_LEVELS, scale, return_argmax=True)
-    gy_spp = xp.ones(spp_argmax.shape, x.dtype)
-    levels = "levels " + ", ".join(map(str, SPP_LEVELS))
-    rows += [
-        Operation(f"roi_spp forward, {levels}", {
-            "curoi": lambda: curoi.roi_spp(x, boxes, SPP_LEVELS, scale)}),
-        Operation(f"roi_spp backward, {levels}", {
-            "curoi": lambda: curoi.roi_spp_backward(gy_spp, boxes, x.shape, SPP_LEVELS,
-                                                    scale, argmax=spp_argmax)}),
-    ]
-    return rows
+    return [Operation(f"crop_and_resize forward, NHWC, {size}x{size}", crop["forward"]),
+            Operation("crop_and_resize backward, image and boxes, NHWC", crop["backward"])]
 
 
 def _fpn_levels(boxes, scales):
@@ -693,6 +708,10 @@ def _description(work, dtype, quick, device):
                 f"1/{round(1 / work.spatial_scale)} and {FPN_LEVELS - 1} coarser levels, "
                 f"{_box_count(work, quick)} boxes, {work.output_size}x{work.output_size}, "
                 f"sampling_ratio {work.sampling_ratio}, not aligned; {device}; milliseconds")
+    if work.name == "crop":
+        return (f"{work.name}: {work.title}, {dtype} [{n}, {h}, {w}, {c}] (NHWC), "
+                f"{_box_count(work, quick)} boxes of W1, crop {work.output_size}x"
+                f"{work.output_size}, bilinear; {device}; milliseconds")
     if work.name == "tiny":
         return (f"{work.name}: {work.title}, {dtype} [{n}, {c}, {h}, {w}], "
                 f"{_box_count(work, quick)} box, {work.output_size}x{work.output_size}; "
@@ -832,7 +851,7 @@ def parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("--workload", type=_workloads, default=["W1"],
-                   help="comma-separated: W1, W2, FPN, tiny, stress (default W1)")
+                   help="comma-separated: W1, W2, FPN, crop, tiny, stress (default W1)")
     p.add_argument("--threads", type=_thread_counts, default=None,
                    help="CPU thread counts, comma-separated, e.g. 1,2 "
                         "(default: curoi.get_num_threads())")
@@ -893,6 +912,8 @@ def main(argv=None, stdout=None, stderr=None):
                     ops = stress_operations(work, dtype, count, args.quick, xp)
                 elif name == "FPN":
                     ops = pyramid_operations(work, dtype, count, args.quick, xp)
+                elif name == "crop":
+                    ops = crop_operations(work, dtype, count, args.quick, xp)
                 else:
                     ops = box_operations(work, dtype, count, args.quick, xp)
                 ops = selected(ops, args.rows)
