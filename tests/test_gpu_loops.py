@@ -138,11 +138,6 @@ def _shards(suites, count):
     return [g for g in groups if g]
 
 
-class _Done:
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
 @pytest.fixture(scope="module")
 def gpu_loops_run(tmp_path_factory):
     """The suites and the probe in subprocesses built with the GPU loops,
@@ -162,7 +157,8 @@ def gpu_loops_run(tmp_path_factory):
     try:
         for proc, group in runs:
             out, err = proc.communicate(timeout=900)
-            results.append((_Done(proc.returncode, out, err), group))
+            results.append((subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
+                            group))
     finally:
         for proc, _ in runs:
             if proc.poll() is None:

@@ -124,11 +124,6 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-class _Done:
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
 @pytest.fixture(scope="module")
 def suite_runs(sanitized):
     """The SUITES under the sanitizers with the CPU's loops and with the
@@ -153,7 +148,8 @@ def suite_runs(sanitized):
     try:
         for loops, (proc, run_env, folder) in started.items():
             out, err = proc.communicate(timeout=600)
-            runs[loops] = (_Done(proc.returncode, out, err), run_env, folder)
+            runs[loops] = (subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
+                           run_env, folder)
     finally:
         for proc, _, _ in started.values():
             if proc.poll() is None:
