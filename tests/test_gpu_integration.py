@@ -21,6 +21,7 @@ the GPU path keeps its promises:
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.cuda
 cupy = pytest.importorskip("cupy")
 
 
@@ -311,3 +312,22 @@ def test_jax_jit_on_gpu_arrays_takes_no_memory_from_cupy():
     np.testing.assert_allclose(
         np.asarray(gr), curoi.roi_align_boxes_backward(g, x, rois, OUT, SCALE, 2, True),
         rtol=1e-4, atol=1e-3)
+
+
+# ----------------------------------------------------------- channels-last
+def test_torch_channels_last_cuda_tensors_run_in_place():
+    torch = _torch()
+    import curoi.torch as ct
+
+    x, rois, g = _case(70)
+    xt = torch.from_numpy(x).cuda().to(memory_format=torch.channels_last)
+    xt.requires_grad_(True)
+    y = ct.roi_align(xt, torch.from_numpy(rois).cuda(), OUT, SCALE, 2, True)
+    y.backward(torch.from_numpy(g).cuda().to(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert xt.grad.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(_numpy(y), curoi.roi_align(x, rois, OUT, SCALE, 2, True),
+                               **TOL)
+    np.testing.assert_allclose(
+        _numpy(xt.grad), curoi.roi_align_backward(g, rois, x.shape, OUT, SCALE, 2, True),
+        **TOL)
