@@ -63,10 +63,11 @@ What does not work (yet):
   exactly; a larger one raises a ValueError at trace time.
 
 On a GPU the kernels are compiled by NVRTC on first use (inside the first
-call), and the deterministic backward takes its temporary int64 buffer from
-CuPy's memory pool, outside XLA's: if XLA has preallocated most of the GPU
-memory, lower ``XLA_PYTHON_CLIENT_MEM_FRACTION`` or set
-``XLA_PYTHON_CLIENT_PREALLOCATE=false``.
+call). Every byte a launch uses is XLA's: temporaries (the deterministic
+backward's int64 fixed-point sums, the box gradients' partial sums) are one
+more output of the launch's callback, sized when the program is traced and
+handed to the kernels as their workspace, so XLA's preallocated pool covers
+them and CuPy allocates nothing.
 
 Needs JAX 0.7 or newer (``jax.experimental.buffer_callback``), and CuPy for
 GPU arrays (``pip install curoi[cuda12]``).
