@@ -300,6 +300,10 @@ def info():
     except Exception as error:
         result["note"] = f"no usable CUDA device ({error})"
     result["include_dirs"] = list(cuda_include_dirs())
+    try:
+        result["minimum_arch"] = f"sm_{minimum_arch(nvrtc_version()[0])}"
+    except Exception:  # no NVRTC: nothing can be compiled anyway
+        result["minimum_arch"] = None
     return result
 
 

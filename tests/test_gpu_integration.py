@@ -183,6 +183,22 @@ def test_a_cuda_graph_replays_multiscale_and_crop_calls():
     _check(outputs, expected)
 
 
+def test_a_first_use_during_a_capture_asks_for_a_warm_up(monkeypatch):
+    torch = _torch()
+    from curoi import _gpu
+
+    monkeypatch.setattr(_gpu, "_modules", {})  # nothing compiled yet
+    x = torch.ones((1, 1, 4, 4), device="cuda")
+    rois = torch.tensor([[0.0, 0.0, 0.0, 3.0, 3.0]], device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="warm-up"):
+        with torch.cuda.graph(graph):
+            curoi.roi_align(x, rois, 2)
+    torch.cuda.synchronize()
+    # Outside a capture the same call compiles and runs.
+    assert float(curoi.roi_align(x, rois, 2).sum()) == 4.0
+
+
 def test_torch_compile_reduce_overhead_replays_forward_and_backward():
     torch = _torch()
     import curoi.torch as ct
