@@ -523,6 +523,57 @@ CUROI_DEVICE CuroiOutputIndex curoi_output_at(int64_t index, int64_t total,
                                            pooled_height, pooled_width);
 }
 
+// ------------------------------------------- a GPU thread's tile of channels
+// What does not depend on the channel (a box's row, its bin's samples, taps
+// and weights) is computed once per (box, bin) and reused across a tile of
+// channels: a thread of the GPU loops owns one bin of one box and `count`
+// of its channels, first, first + step, ... The launch has
+// boxes * PH * PW * groups threads, groups = ceil(C / tile) chosen by the
+// caller (curoi/_ops.py, channel_groups) so that small calls still fill the
+// GPU. Adjacent threads stay coalesced in both layouts:
+// - NCHW: adjacent threads take adjacent bins of a box (the digits are pw,
+//   ph, group, box, innermost first) and a thread's channels are contiguous
+//   (step 1): for each channel, a warp writes adjacent output elements;
+// - NHWC: adjacent threads take adjacent groups of one bin (group, pw, ph,
+//   box) and a thread's channels are `groups` apart: for each of them, a
+//   warp reads and writes adjacent channels of one pixel.
+struct CuroiChannelTile {
+  int64_t k, ph, pw;
+  int64_t first, step, count;
+};
+
+template <bool ChannelsLast>
+CUROI_DEVICE CuroiChannelTile curoi_channel_tile(int64_t index, int64_t total,
+                                                 int64_t channels,
+                                                 int64_t groups,
+                                                 int64_t pooled_height,
+                                                 int64_t pooled_width) {
+  int64_t d[4];
+  CuroiChannelTile t;
+  const int64_t tile = (channels + groups - 1) / groups;
+  if (ChannelsLast) {
+    curoi_unflatten(index, total, groups, pooled_width, pooled_height, d);
+    const int64_t g = d[0];
+    t.pw = d[1];
+    t.ph = d[2];
+    t.k = d[3];
+    t.first = g;
+    t.step = groups;
+    t.count = g < channels ? (channels - g + groups - 1) / groups : 0;
+  } else {
+    curoi_unflatten(index, total, pooled_width, pooled_height, groups, d);
+    t.pw = d[0];
+    t.ph = d[1];
+    const int64_t g = d[2];
+    t.k = d[3];
+    t.first = g * tile;
+    t.step = 1;
+    const int64_t left = channels - t.first;
+    t.count = left < 0 ? 0 : (left < tile ? left : tile);
+  }
+  return t;
+}
+
 // A box row is (batch index, x1, y1, x2, y2). Its batch index is usable only
 // when it is finite and lies in [0, batch); otherwise the box reads nothing and
 // writes no gradient. Returns -1 for an unusable box.

@@ -54,6 +54,28 @@ def _run(family, direction, dtype, args, total, cuda):
         _cpu.launch(family, direction, dtype, args)
 
 
+#: Threads a GPU launch of the tiled loops aims at (curoi_channel_tile in
+#: curoi_common.cuh): about two of an H100's full waves at 64 registers a
+#: thread. Fewer channels a thread would only add geometry; more would leave
+#: SMs idle.
+TILE_THREADS = 2 ** 18
+
+#: The most channels one GPU thread takes.
+MAX_CHANNEL_TILE = 32
+
+
+def channel_groups(bins, channels):
+    """How many groups the ``channels`` of each of ``bins`` (box, bin)
+    pairs are split into on the GPU, one thread per group: tiles as large as
+    MAX_CHANNEL_TILE while the launch keeps TILE_THREADS threads, down to one
+    channel a thread for small calls."""
+    if bins <= 0 or channels <= 0:
+        return 1
+    tile = bins * channels // TILE_THREADS
+    tile = max(1, min(MAX_CHANNEL_TILE, tile, channels))
+    return -(-channels // tile)
+
+
 #: Threads of the scale's launch on a GPU: each strides over its share of
 #: the gradient, and each warp folds its threads' maxima into one atomic, so
 #: a few thousand atomics meet at the result whatever the gradient's size.

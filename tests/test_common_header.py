@@ -3,7 +3,9 @@ compiled here by the host compiler and checked against Python arithmetic.
 
 curoi_output_index locates an output element for the GPU's one-thread-per-
 element loop (the CPU loops over bins instead), with a 32-bit branch for
-outputs below 2^32 elements and a 64-bit one above; both branches run here.
+outputs below 2^32 elements and a 64-bit one above; both branches run here. curoi_channel_tile gives a thread of the tiled
+GPU loops its bin and its channels; together the threads of a launch must
+cover every output element exactly once.
 """
 
 import ctypes
@@ -29,11 +31,25 @@ extern "C" void locate(const int64_t* index, int64_t count, int64_t total,
     out[4 * i + 3] = at.pw;
   }
 }
+
+extern "C" void tiles(int64_t threads, int64_t channels, int64_t groups,
+                      int64_t pooled_h, int64_t pooled_w, int channels_last,
+                      int64_t* out) {
+  for (int64_t i = 0; i < threads; ++i) {
+    const CuroiChannelTile t =
+        channels_last ? curoi_channel_tile<true>(i, threads, channels, groups,
+                                                 pooled_h, pooled_w)
+                      : curoi_channel_tile<false>(i, threads, channels, groups,
+                                                  pooled_h, pooled_w);
+    const int64_t v[6] = {t.k, t.ph, t.pw, t.first, t.step, t.count};
+    for (int j = 0; j < 6; ++j) out[6 * i + j] = v[j];
+  }
+}
 """
 
 
 @pytest.fixture(scope="module")
-def locate(tmp_path_factory):
+def harness(tmp_path_factory):
     argv = _cpu.compiler_command()
     if argv is None:
         pytest.skip("no C++ compiler")
@@ -46,7 +62,12 @@ def locate(tmp_path_factory):
                 "-I", str(_sources.kernel_dir()), str(source), "-o", str(library)],
         capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    function = ctypes.CDLL(str(library)).locate
+    return ctypes.CDLL(str(library))
+
+
+@pytest.fixture(scope="module")
+def locate(harness):
+    function = harness.locate
     function.restype = None
     function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
 
@@ -85,3 +106,36 @@ def test_output_index_matches_integer_arithmetic(locate, shape):
     index = index[(index >= 0) & (index < total)]
     np.testing.assert_array_equal(locate(index, k, c, ph, pw),
                                   _expected(index, c, ph, pw))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("k, c, ph, pw", [
+    (1, 1, 1, 1), (3, 17, 7, 7), (2, 490, 3, 3), (1024, 256, 7, 7),
+    (1, 256, 7, 7), (5, 3, 2, 5),
+])
+def test_channel_tiles_cover_each_output_once(harness, channels_last, k, c, ph, pw):
+    from curoi import _ops
+    function = harness.tiles
+    function.restype = None
+    function.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_int, ctypes.c_void_p]
+    groups = _ops.channel_groups(k * ph * pw, c)
+    threads = k * ph * pw * groups
+    out = np.empty((threads, 6), np.int64)
+    function(threads, c, groups, ph, pw, int(channels_last), out.ctypes.data)
+    kk, yy, xx, first, step, count = out.T
+    assert (count >= 1).all() or channels_last  # NCHW groups are never empty
+    assert count.max() <= _ops.MAX_CHANNEL_TILE
+    seen = np.zeros((k, c, ph, pw), np.int64)
+    for row in out:
+        channels = row[3] + row[4] * np.arange(row[5])
+        seen[row[0], channels, row[1], row[2]] += 1
+    np.testing.assert_array_equal(seen, 1)
+    # Coalescing: neighbouring threads differ in the fastest output index.
+    if channels_last:
+        np.testing.assert_array_equal(first[:groups], np.arange(groups))
+    else:
+        np.testing.assert_array_equal(xx[:pw], np.arange(pw))
+    if k * c * ph * pw < _ops.TILE_THREADS:
+        assert count.max() == 1  # a small call gets a thread per channel
+    else:
+        assert threads >= _ops.TILE_THREADS  # and a large one fills the GPU
