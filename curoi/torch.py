@@ -26,9 +26,19 @@ and passes ``torch.library.opcheck``. The implementations call curoi's
 public functions on the tensors: CPU tensors run the kernels compiled by the
 host C++ compiler, CUDA tensors run them through CuPy on
 ``torch.cuda.current_stream()`` of the tensor's device, and results are
-allocated by torch. The boxes get a gradient where the operator has one
-(``roi_align`` with ``mode="avg"``, ``roi_align_rotated``, ``prroi_pool``,
-``crop_and_resize``), when they require grad; None elsewhere.
+allocated by torch.
+
+Box gradients follow the library an operator comes from: none for
+``roi_align``, ``roi_pool``, ``ps_roi_*``, ``roi_align_rotated``,
+``roi_spp`` and ``multiscale_roi_align`` (as torchvision, detectron2 and
+mmcv), unless ``boxes_grad=True`` asks for the ones curoi has
+(``roi_align`` with ``mode="avg"``, ``roi_align_rotated``); ``prroi_pool``
+(mmcv's) and ``crop_and_resize`` (TensorFlow's) give theirs by default.
+
+Every function and module compiles with ``torch.jit.script`` (the scripted
+code calls the ``torch.ops.curoi`` ops directly) and traces with
+``torch.jit.trace``; ``torch.fx.symbolic_trace`` keeps each function as one
+node. ``roi_align`` takes quantized CPU features as torchvision's does.
 
 ``torch.onnx.export`` of a model using these functions writes ONNX
 ``RoiAlign`` (opset 16) and ``MaxRoiPool`` nodes, with the TorchScript
