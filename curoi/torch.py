@@ -596,13 +596,25 @@ _roi_pool_op, _roi_pool_backward_op = _ROI_POOL.forward_op, _ROI_POOL.backward_o
 # which torch.fx.wrap does not reach).
 
 
+_FX_SCANNED = (torch.fx.Proxy, list, tuple)
+
+
 def _fx_node(fn, *args):
     """The call as one node of the graph that torch.fx.symbolic_trace is
-    building, when an argument is one of its proxies; else None."""
+    building, when an argument (or an item of a list argument) is one of
+    its proxies; else None. A call on plain tensors is not scanned further:
+    this runs on every eager call, and torch.fx.wrap catches a proxy among
+    the other arguments wherever the function is called through its module."""
+    if type(args[0]) is Tensor and type(args[1]) is Tensor:
+        return None
     for arg in args:
-        for item in (arg if isinstance(arg, (list, tuple)) else (arg,)):
-            if isinstance(item, torch.fx.Proxy):
-                return item.tracer.create_proxy("call_function", fn, args, {})
+        if isinstance(arg, _FX_SCANNED):
+            for item in (arg,) if isinstance(arg, torch.fx.Proxy) else arg:
+                if isinstance(item, torch.fx.Proxy):
+                    # While tracing, the module's name is torch.fx.wrap's
+                    # wrapper of the function: the node calls the function.
+                    fn = getattr(fn, "__wrapped__", fn)
+                    return item.tracer.create_proxy("call_function", fn, args, {})
     return None
 
 

@@ -21,6 +21,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import curoi.torch as ct  # noqa: E402
+# Bound before any tracing: torch.fx.wrap patches curoi.torch's own names
+# only, so this one reaches the function itself under symbolic_trace.
+from curoi.torch import roi_pool as imported_roi_pool  # noqa: E402
 
 import reference as ref  # noqa: E402
 
@@ -170,6 +173,22 @@ def test_scripted_multiscale_module_infers_torchvisions_scales():
     assert loaded.scales == module.scales == [0.25, 0.125]
 
 
+def test_scripted_channels_last_and_errors():
+    # channels-last features stay channels-last, with the eager bits; a bad
+    # argument fails with curoi's message (TorchScript wraps its class).
+    scripted = torch.jit.script(ct.roi_align)
+    x = X.to(memory_format=torch.channels_last)
+    y = scripted(x, ROIS, 3, 0.5, 2, True)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, ct.roi_align(X, ROIS, 3, 0.5, 2, True), rtol=0, atol=0)
+    with pytest.raises(Exception, match="sampling_ratio"):
+        scripted(X, ROIS, 3, 0.5, 10**12, True)
+    with pytest.raises(Exception, match=r"boxes must be a \[K, 5\]"):
+        scripted(X, ROIS[:, 1:], 3)
+    with pytest.raises(Exception, match="mode must be 'avg' or 'max'"):
+        scripted(X, ROIS, 3, 1.0, 2, False, "mean")
+
+
 def test_scripted_graph_calls_the_curoi_op_directly():
     graph = str(torch.jit.script(ct.roi_align).graph)
     assert "curoi::roi_align" in graph
@@ -212,10 +231,9 @@ class _Head(torch.nn.Module):
         self.conv = torch.nn.Conv2d(8, 8, 1).double()
 
     def forward(self, x, boxes):
-        from curoi.torch import roi_pool  # a name torch.fx.wrap does not patch
         f = self.conv(x)
         return torch.cat([ct.roi_align(f, boxes, 2, 0.5, 2, True).flatten(1),
-                          roi_pool(f, boxes, 2, 0.5).flatten(1),
+                          imported_roi_pool(f, boxes, 2, 0.5).flatten(1),
                           ct.ps_roi_align(f, boxes, 2, 0.5, 2).flatten(1),
                           ct.prroi_pool(f, boxes, 2, 0.5).flatten(1),
                           ct.roi_spp(f, boxes, [1, 2], 0.5).flatten(1)], 1)
@@ -362,8 +380,11 @@ def test_curoi_ops_take_torchvisions_argument_lists(name):
     schema = getattr(torch.ops.curoi, name).default._schema
     names = _argument_names(TORCHVISION_SCHEMAS[name])
     assert [a.name for a in schema.arguments[:len(names)]] == names
-    assert all(a.default_value is not None or a.name in names or a.has_default_value()
-               for a in schema.arguments)
+    types = [a.split()[0] for a in TORCHVISION_SCHEMAS[name].split("(")[1].split(")")[0]
+             .split(", ")]
+    # torchvision's int sampling_ratio is a SymInt here: it takes an int.
+    assert [str(a.type).replace("SymInt", "int") for a in schema.arguments[:len(names)]] == [
+        t.replace("SymInt", "int") for t in types]
     extra = schema.arguments[len(names):]
     assert all(a.has_default_value() for a in extra), str(schema)
 
