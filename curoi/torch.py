@@ -82,9 +82,6 @@ class QuantizedBatchError(ValueError, RuntimeError):
 
 
 # --------------------------------------------------------------- arguments
-_QUANTIZED = (torch.quint8, torch.qint8, torch.qint32)
-
-
 def _check_input(input, quantized=False):
     """``quantized``: whether the operator takes quantized features
     (``roi_align``, as torchvision's)."""
@@ -631,7 +628,7 @@ def _script_rois(input: Tensor, boxes: Union[Tensor, List[Tensor]], columns: int
         parts: List[Tensor] = []
         for i, b in enumerate(boxes):
             torch._assert(b.dim() == 2 and b.size(1) == columns - 1,
-                          f"boxes[i] must be a [L, {columns - 1}] tensor, one per image")
+                          f"boxes[{i}] must be a [L, {columns - 1}] tensor, one per image")
             part = b.dequantize() if b.is_quantized else b
             ids.append(torch.full_like(part[:, :1], float(i)))
             parts.append(part)
