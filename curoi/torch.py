@@ -1028,7 +1028,7 @@ class RoIAlign(nn.Module):
     def __repr__(self) -> str:
         # torchvision's text, plus curoi's options where they are not the
         # defaults.
-        extra = "" if self.mode == "avg" else f", mode={self.mode!r}"
+        extra = "" if self.mode == "avg" else f", mode='{self.mode}'"
         extra += ", boxes_grad=True" if self.boxes_grad else ""
         return (f"{self.__class__.__name__}(output_size={self.output_size}, "
                 f"spatial_scale={self.spatial_scale}, "
@@ -1052,7 +1052,7 @@ class RoIPool(nn.Module):
 
     def __repr__(self) -> str:
         # torchvision's text, plus the convention when it is not torchvision's.
-        extra = "" if self.convention == "torchvision" else f", convention={self.convention!r}"
+        extra = "" if self.convention == "torchvision" else f", convention='{self.convention}'"
         return (f"{self.__class__.__name__}(output_size={self.output_size}, "
                 f"spatial_scale={self.spatial_scale}{extra})")
 
@@ -1117,7 +1117,7 @@ class RoIAlignRotated(nn.Module):
 
     def __repr__(self) -> str:
         extra = ("" if self.convention == "detectron2" else
-                 f", convention={self.convention!r}, aligned={self.aligned}, "
+                 f", convention='{self.convention}', aligned={self.aligned}, "
                  f"clockwise={self.clockwise}")
         extra += ", boxes_grad=True" if self.boxes_grad else ""
         return (f"{self.__class__.__name__}(output_size={self.output_size}, "
