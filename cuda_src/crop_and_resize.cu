@@ -2,9 +2,11 @@
 // CropAndResizeGradImage and CropAndResizeGradBoxes kernels), with TF's
 // numbers: forward, gradient of the image, gradient of the boxes.
 //
-// Box k is (y1, x1, y2, x2) in normalised coordinates (0 and 1 are the
-// centres of the first and last pixel) on image box_indices[k]. Crop row y
-// of a crop of crop_height rows samples image row
+// Box k is row k of rois [K, 5]: (b, y1, x1, y2, x2), the corners in
+// normalised coordinates (0 and 1 are the centres of the first and last
+// pixel) on image b (TensorFlow's box_indices[k], which the front ends put in
+// the first column). Crop row y of a crop of crop_height rows samples image
+// row
 //   in_y = y1*(H-1) + y * ((y2-y1)*(H-1)/(crop_height-1))  if crop_height > 1,
 //   in_y = 0.5*(y1+y2)*(H-1)                               otherwise,
 // and crop column x image column in_x, likewise from x1, x2, W, crop_width.
@@ -27,9 +29,10 @@
 // GPU forward computes y1*(H-1) + y*(y2-y1)*((H-1)/(crop_height-1)), which
 // may differ in the last bit (and so, for nearest, by a pixel at a tie).
 //
-// A box index outside [0, N) reads nothing: its crop is extrapolation_value
-// and it gets no gradient. TF raises an error there; curoi cannot check on
-// the device without making the host wait for the result.
+// A box index outside [0, N) (or NaN) reads nothing: its crop is
+// extrapolation_value and it gets no gradient; a fractional one is
+// truncated. TF raises an error there; curoi cannot check on the device
+// without making the host wait for the result.
 //
 // The gradient of the boxes is TF's CropAndResizeBackpropBoxes: per point on
 // the map, with the bilinear corners,
@@ -105,10 +108,17 @@ CUROI_DEVICE bool crop_and_resize_tap(A v, int64_t size, CropTap<A>* tap) {
 }
 
 // The image a box reads, or -1 for an index outside [0, batch).
-CUROI_DEVICE int64_t crop_and_resize_batch(const int32_t* box_indices,
-                                           int64_t k, int64_t batch) {
-  const int64_t b = box_indices[k];
-  return b >= 0 && b < batch ? b : -1;
+template <typename A>
+CUROI_DEVICE int64_t crop_and_resize_batch(const A* rois, int64_t k,
+                                           int64_t batch) {
+  const A b = rois[k * 5];
+  return b >= (A)0 && b < (A)batch ? (int64_t)b : -1;  // NaN fails both
+}
+
+// Box k's (y1, x1, y2, x2).
+template <typename A>
+CUROI_DEVICE const A* crop_and_resize_box(const A* rois, int64_t k) {
+  return rois + k * 5 + 1;
 }
 
 // The bilinear corners of a point: pixel (row, column) of a plane lies at
@@ -272,26 +282,28 @@ CUROI_DEVICE void crop_and_resize_box_grad_bin(
 template <typename T>
 CUROI_DEVICE void crop_and_resize_box_grad_at(
     const T* grad_output, const T* image,
-    const typename AccType<T>::type* boxes, const int32_t* box_indices,
+    const typename AccType<T>::type* rois,
     int64_t k, int64_t ph, int64_t pw, int64_t batch, int64_t channels,
     int64_t height, int64_t width, int64_t crop_height, int64_t crop_width,
     int channels_last, typename AccType<T>::type* partial) {
   const int64_t bins = crop_height * crop_width;
   const int64_t bin = ph * crop_width + pw;
-  const int64_t b = crop_and_resize_batch(box_indices, k, batch);
+  const int64_t b = crop_and_resize_batch(rois, k, batch);
   const int64_t plane_size = height * width;
   const int64_t image_at = b < 0 ? 0 : b * channels * plane_size;
   if (channels_last)
     crop_and_resize_box_grad_bin(grad_output + (k * bins + bin) * channels, 1,
-                                 image + image_at, channels, 1, boxes + k * 4,
-                                 b, ph, pw, channels, height, width,
-                                 crop_height, crop_width,
+                                 image + image_at, channels, 1,
+                                 crop_and_resize_box(rois, k), b, ph, pw,
+                                 channels, height, width, crop_height,
+                                 crop_width,
                                  partial + (k * bins + bin) * 4);
   else
     crop_and_resize_box_grad_bin(grad_output + k * channels * bins + bin, bins,
-                                 image + image_at, 1, plane_size, boxes + k * 4,
-                                 b, ph, pw, channels, height, width,
-                                 crop_height, crop_width,
+                                 image + image_at, 1, plane_size,
+                                 crop_and_resize_box(rois, k), b, ph, pw,
+                                 channels, height, width, crop_height,
+                                 crop_width,
                                  partial + (k * bins + bin) * 4);
 }
 
@@ -303,8 +315,8 @@ CUROI_DEVICE void crop_and_resize_box_grad_at(
 
 template <bool ChannelsLast, typename T>
 CUROI_DEVICE void crop_and_resize_forward_loop(
-    const T* image, const typename AccType<T>::type* boxes,
-    const int32_t* box_indices, int64_t num_boxes, int64_t batch,
+    const T* image, const typename AccType<T>::type* rois, int64_t num_boxes,
+    int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t crop_height,
     int64_t crop_width, typename AccType<T>::type extrapolation_value,
     int method, T* output) {
@@ -313,8 +325,8 @@ CUROI_DEVICE void crop_and_resize_forward_loop(
   CUDA_1D_KERNEL_LOOP(index, total) {
     const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
         index, total, channels, crop_height, crop_width);
-    const int64_t b = crop_and_resize_batch(box_indices, at.k, batch);
-    const A* box = boxes + at.k * 4;
+    const int64_t b = crop_and_resize_batch(rois, at.k, batch);
+    const A* box = crop_and_resize_box(rois, at.k);
     A value = extrapolation_value;
     CropTap<A> ty, tx;
     if (b >= 0 &&
@@ -335,18 +347,18 @@ CUROI_DEVICE void crop_and_resize_forward_loop(
 
 template <typename T>
 CUROI_DEVICE void crop_and_resize_forward(
-    const T* image, const typename AccType<T>::type* boxes,
-    const int32_t* box_indices, int64_t num_boxes, int64_t batch,
+    const T* image, const typename AccType<T>::type* rois, int64_t num_boxes,
+    int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t crop_height,
     int64_t crop_width, typename AccType<T>::type extrapolation_value,
     int method, int channels_last, T* output) {
   if (channels_last)
-    crop_and_resize_forward_loop<true>(image, boxes, box_indices, num_boxes,
+    crop_and_resize_forward_loop<true>(image, rois, num_boxes,
                                        batch, channels, height, width,
                                        crop_height, crop_width,
                                        extrapolation_value, method, output);
   else
-    crop_and_resize_forward_loop<false>(image, boxes, box_indices, num_boxes,
+    crop_and_resize_forward_loop<false>(image, rois, num_boxes,
                                         batch, channels, height, width,
                                         crop_height, crop_width,
                                         extrapolation_value, method, output);
@@ -357,8 +369,8 @@ CUROI_DEVICE void crop_and_resize_forward(
 // atomically.
 template <bool ChannelsLast, typename T, typename Sum>
 CUROI_DEVICE void crop_and_resize_backward_loop(
-    const T* grad_output, const typename AccType<T>::type* boxes,
-    const int32_t* box_indices, int64_t num_boxes, int64_t batch,
+    const T* grad_output, const typename AccType<T>::type* rois,
+    int64_t num_boxes, int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t crop_height,
     int64_t crop_width, int method, const Sum& grad_image) {
   typedef typename AccType<T>::type A;
@@ -366,9 +378,9 @@ CUROI_DEVICE void crop_and_resize_backward_loop(
   CUDA_1D_KERNEL_LOOP(index, total) {
     const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
         index, total, channels, crop_height, crop_width);
-    const int64_t b = crop_and_resize_batch(box_indices, at.k, batch);
+    const int64_t b = crop_and_resize_batch(rois, at.k, batch);
     if (b < 0) continue;
-    const A* box = boxes + at.k * 4;
+    const A* box = crop_and_resize_box(rois, at.k);
     CropTap<A> ty, tx;
     if (!crop_and_resize_tap(crop_and_resize_position(box[0], box[2], at.ph,
                                                       crop_height, height),
@@ -386,17 +398,17 @@ CUROI_DEVICE void crop_and_resize_backward_loop(
 
 template <typename T, typename Sum>
 CUROI_DEVICE void crop_and_resize_backward(
-    const T* grad_output, const typename AccType<T>::type* boxes,
-    const int32_t* box_indices, int64_t num_boxes, int64_t batch,
+    const T* grad_output, const typename AccType<T>::type* rois,
+    int64_t num_boxes, int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t crop_height,
     int64_t crop_width, int method, int channels_last, const Sum& grad_image) {
   if (channels_last)
-    crop_and_resize_backward_loop<true>(grad_output, boxes, box_indices,
+    crop_and_resize_backward_loop<true>(grad_output, rois,
                                         num_boxes, batch, channels, height,
                                         width, crop_height, crop_width, method,
                                         grad_image);
   else
-    crop_and_resize_backward_loop<false>(grad_output, boxes, box_indices,
+    crop_and_resize_backward_loop<false>(grad_output, rois,
                                          num_boxes, batch, channels, height,
                                          width, crop_height, crop_width,
                                          method, grad_image);
@@ -407,7 +419,7 @@ CUROI_DEVICE void crop_and_resize_backward(
 template <typename T>
 CUROI_DEVICE void crop_and_resize_boxes_backward(
     const T* grad_output, const T* image,
-    const typename AccType<T>::type* boxes, const int32_t* box_indices,
+    const typename AccType<T>::type* rois,
     int64_t num_boxes, int64_t batch, int64_t channels, int64_t height,
     int64_t width, int64_t crop_height, int64_t crop_width,
     int channels_last, typename AccType<T>::type* partial) {
@@ -415,7 +427,7 @@ CUROI_DEVICE void crop_and_resize_boxes_backward(
   CUDA_1D_KERNEL_LOOP(index, total) {
     int64_t d[4];
     curoi_unflatten(index, total, crop_width, crop_height, num_boxes, d);
-    crop_and_resize_box_grad_at(grad_output, image, boxes, box_indices, d[2],
+    crop_and_resize_box_grad_at(grad_output, image, rois, d[2],
                                 d[1], d[0], batch, channels, height, width,
                                 crop_height, crop_width, channels_last,
                                 partial);
@@ -453,14 +465,14 @@ struct CropAndResizeGroup {
   int64_t batch_index[CUROI_BOX_GROUP];
   CropAxisTable<A> y[CUROI_BOX_GROUP], x[CUROI_BOX_GROUP];
 
-  void build(const A* boxes, const int32_t* box_indices, int64_t first,
+  void build(const A* rois, int64_t first,
              int64_t end, int64_t batch, int64_t height, int64_t width,
              int64_t crop_height, int64_t crop_width) {
     for (int64_t k = first; k < end; ++k) {
       const int64_t i = k - first;
-      batch_index[i] = crop_and_resize_batch(box_indices, k, batch);
+      batch_index[i] = crop_and_resize_batch(rois, k, batch);
       if (batch_index[i] < 0) continue;
-      const A* box = boxes + k * 4;
+      const A* box = crop_and_resize_box(rois, k);
       y[i].build(box[0], box[2], crop_height, height);
       x[i].build(box[1], box[3], crop_width, width);
     }
@@ -559,8 +571,8 @@ static void crop_and_resize_forward_nhwc(
 
 template <typename T>
 static void crop_and_resize_forward(
-    const T* image, const typename AccType<T>::type* boxes,
-    const int32_t* box_indices, int64_t num_boxes, int64_t batch,
+    const T* image, const typename AccType<T>::type* rois, int64_t num_boxes,
+    int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t crop_height,
     int64_t crop_width, typename AccType<T>::type extrapolation_value,
     int method, int channels_last, T* output) {
@@ -570,7 +582,7 @@ static void crop_and_resize_forward(
   curoi_parallel_for(items.count(), 1, cost, [&](int64_t item) {
     static thread_local CropAndResizeGroup<A> group;
     const int64_t k0 = items.first_box(item), k1 = items.end_box(item);
-    group.build(boxes, box_indices, k0, k1, batch, height, width, crop_height,
+    group.build(rois, k0, k1, batch, height, width, crop_height,
                 crop_width);
     const int64_t c0 = items.first_channel(item), c1 = items.end_channel(item);
     if (channels_last)
@@ -690,8 +702,8 @@ static void crop_and_resize_backward_block(
 // same bits whatever the number of threads.
 template <typename T, typename Sum>
 static void crop_and_resize_backward(
-    const T* grad_output, const typename AccType<T>::type* boxes,
-    const int32_t* box_indices, int64_t num_boxes, int64_t batch,
+    const T* grad_output, const typename AccType<T>::type* rois,
+    int64_t num_boxes, int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t crop_height,
     int64_t crop_width, int method, int channels_last, const Sum& grad_image) {
   typedef typename AccType<T>::type A;
@@ -706,7 +718,7 @@ static void crop_and_resize_backward(
   CropAndResizeGroup<A>& group = callers_group;
   for (int64_t k0 = 0; k0 < num_boxes; k0 += CUROI_BOX_GROUP) {
     const int64_t k1 = curoi_min(k0 + (int64_t)CUROI_BOX_GROUP, num_boxes);
-    group.build(boxes, box_indices, k0, k1, batch, height, width, crop_height,
+    group.build(rois, k0, k1, batch, height, width, crop_height,
                 crop_width);
     curoi_parallel_for(blocks, 1, cost, [&](int64_t i) {
       const int64_t c0 = i * block, c1 = curoi_min(c0 + block, channels);
@@ -724,7 +736,7 @@ static void crop_and_resize_backward(
 template <typename T>
 static void crop_and_resize_boxes_backward(
     const T* grad_output, const T* image,
-    const typename AccType<T>::type* boxes, const int32_t* box_indices,
+    const typename AccType<T>::type* rois,
     int64_t num_boxes, int64_t batch, int64_t channels, int64_t height,
     int64_t width, int64_t crop_height, int64_t crop_width,
     int channels_last, typename AccType<T>::type* partial) {
@@ -732,7 +744,7 @@ static void crop_and_resize_boxes_backward(
   curoi_parallel_for(num_boxes * crop_height, 1, cost, [&](int64_t item) {
     const int64_t k = item / crop_height, ph = item - k * crop_height;
     for (int64_t pw = 0; pw < crop_width; ++pw)
-      crop_and_resize_box_grad_at(grad_output, image, boxes, box_indices, k,
+      crop_and_resize_box_grad_at(grad_output, image, rois, k,
                                   ph, pw, batch, channels, height, width,
                                   crop_height, crop_width, channels_last,
                                   partial);
@@ -743,36 +755,36 @@ static void crop_and_resize_boxes_backward(
 // ------------------------------------------------------------------ kernels
 #define CUROI_DEFINE_CROP_AND_RESIZE(T, suffix)                                \
   CUROI_KERNEL void crop_and_resize_forward_##suffix(                          \
-      const T* image, const AccType<T>::type* boxes,                           \
-      const int32_t* box_indices, int64_t num_boxes, int64_t batch,            \
+      const T* image, const AccType<T>::type* rois, int64_t num_boxes,         \
+      int64_t batch,                                                           \
       int64_t channels, int64_t height, int64_t width, int64_t crop_height,    \
       int64_t crop_width, AccType<T>::type extrapolation_value, int method,    \
       int channels_last, T* output) {                                          \
-    crop_and_resize_forward<T>(image, boxes, box_indices, num_boxes, batch,    \
+    crop_and_resize_forward<T>(image, rois, num_boxes, batch,                  \
                                channels, height, width, crop_height,           \
                                crop_width, extrapolation_value, method,        \
                                channels_last, output);                         \
   }                                                                            \
   CUROI_KERNEL void crop_and_resize_backward_##suffix(                         \
-      const T* grad_output, const AccType<T>::type* boxes,                     \
-      const int32_t* box_indices, int64_t num_boxes, int64_t batch,            \
+      const T* grad_output, const AccType<T>::type* rois, int64_t num_boxes,   \
+      int64_t batch,                                                           \
       int64_t channels, int64_t height, int64_t width, int64_t crop_height,    \
       int64_t crop_width, int method, int channels_last,                       \
       AccType<T>::type* grad_image) {                                          \
     CuroiFloatSum<AccType<T>::type> sum;                                       \
     sum.grad = grad_image;                                                     \
-    crop_and_resize_backward<T>(grad_output, boxes, box_indices, num_boxes,    \
+    crop_and_resize_backward<T>(grad_output, rois, num_boxes,                  \
                                 batch, channels, height, width, crop_height,   \
                                 crop_width, method, channels_last, sum);       \
   }                                                                            \
   CUROI_KERNEL void crop_and_resize_backward_fixed_##suffix(                   \
-      const T* grad_output, const AccType<T>::type* boxes,                     \
-      const int32_t* box_indices, int64_t num_boxes, int64_t batch,            \
+      const T* grad_output, const AccType<T>::type* rois, int64_t num_boxes,   \
+      int64_t batch,                                                           \
       int64_t channels, int64_t height, int64_t width, int64_t crop_height,    \
       int64_t crop_width, int method, int channels_last,                       \
       const double* max_abs, int64_t* fixed, AccType<T>::type* grad_image) {   \
     crop_and_resize_backward<T>(                                               \
-        grad_output, boxes, box_indices, num_boxes, batch, channels, height,   \
+        grad_output, rois, num_boxes, batch, channels, height,                 \
         width, crop_height, crop_width, method, channels_last,                 \
         curoi_fixed_sum(grad_image, fixed, max_abs,                            \
                         num_boxes * crop_height * crop_width));                \
@@ -783,23 +795,23 @@ static void crop_and_resize_boxes_backward(
     curoi_fixed_finish(fixed, max_abs, terms, total, grad_image);              \
   }                                                                            \
   CUROI_KERNEL void crop_and_resize_boxes_backward_##suffix(                   \
-      const T* grad_output, const T* image, const AccType<T>::type* boxes,     \
-      const int32_t* box_indices, int64_t num_boxes, int64_t batch,            \
+      const T* grad_output, const T* image, const AccType<T>::type* rois,      \
+      int64_t num_boxes, int64_t batch,                                        \
       int64_t channels, int64_t height, int64_t width, int64_t crop_height,    \
       int64_t crop_width, int method, int channels_last,                       \
       AccType<T>::type* partial) {                                             \
     /* method changes nothing: TF differentiates the boxes through the */      \
     /* bilinear formula for both methods. */                                   \
     (void)method;                                                              \
-    crop_and_resize_boxes_backward<T>(grad_output, image, boxes, box_indices,  \
+    crop_and_resize_boxes_backward<T>(grad_output, image, rois,                \
                                       num_boxes, batch, channels, height,      \
                                       width, crop_height, crop_width,          \
                                       channels_last, partial);                 \
   }                                                                            \
-  CUROI_KERNEL void crop_and_resize_boxes_backward_finish_##suffix(          \
+  CUROI_KERNEL void crop_and_resize_boxes_backward_finish_##suffix(            \
       const AccType<T>::type* partial, int64_t num_boxes, int64_t bins,        \
-      AccType<T>::type* grad_boxes) {                                          \
-    curoi_boxes_finish(partial, num_boxes, bins, 4, 0, grad_boxes);            \
+      AccType<T>::type* grad_rois) {                                           \
+    curoi_boxes_finish(partial, num_boxes, bins, 5, 1, grad_rois);             \
   }
 
 CUROI_INSTANTIATE(CUROI_DEFINE_CROP_AND_RESIZE)

@@ -16,8 +16,9 @@
 // run serially), so that the GPU's loop code runs in CI on a machine
 // without a GPU.
 //
-// No shared memory, warp intrinsics or __syncthreads: the CPU build has no
-// thread blocks to give them a meaning.
+// No shared memory or __syncthreads: the CPU build has no thread blocks to
+// give them a meaning. The one warp-wide operation, curoi_warp_max, is
+// defined for both: a CPU "thread" is a warp of one.
 #ifndef CUROI_COMMON_CUH
 #define CUROI_COMMON_CUH
 
@@ -40,6 +41,10 @@ typedef unsigned int uint32_t;
 
 #define CUROI_KERNEL extern "C" __global__
 #define CUROI_DEVICE __device__ __forceinline__
+// A kernel argument passed by value whose members are read through pointers
+// where it lies (sm_70 and newer), rather than through a copy in local
+// memory.
+#define CUROI_GRID_CONSTANT __grid_constant__
 
 // One iteration per element; the index and the stride are 64-bit so that
 // tensors of more than 2^31 elements are covered.
@@ -60,6 +65,23 @@ CUROI_DEVICE void curoi_scatter_add_int64(int64_t* address, int64_t value) {
 
 CUROI_DEVICE int64_t curoi_round_to_int64(double v) { return __double2ll_rn(v); }
 
+// A maximum over the 32 threads of a warp, and whether this thread is the
+// one that then writes it. Every thread of the warp must call
+// curoi_warp_max, after its grid-stride loop.
+CUROI_DEVICE double curoi_warp_max(double v) {
+  for (int offset = 16; offset > 0; offset >>= 1)
+    v = fmax(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+CUROI_DEVICE bool curoi_warp_leader() { return (threadIdx.x & 31) == 0; }
+
+// *address = max(*address, v) for non-negative doubles, whose bit patterns
+// order as their values do.
+CUROI_DEVICE void curoi_atomic_max_nonnegative(double* address, double v) {
+  atomicMax((unsigned long long*)address,
+            (unsigned long long)__double_as_longlong(v));
+}
+
 #else
 // ---------------------------------------------------------------- CPU build
 #include <stdint.h>
@@ -79,6 +101,7 @@ CUROI_DEVICE int64_t curoi_round_to_int64(double v) { return __double2ll_rn(v); 
 #define CUROI_KERNEL extern "C" __attribute__((visibility("default")))
 #endif
 #define CUROI_DEVICE static inline
+#define CUROI_GRID_CONSTANT
 
 // Threads for the kernels' loops, set from Python (curoi.set_num_threads)
 // through ctypes. One variable for the whole library, whichever source file
@@ -335,6 +358,19 @@ static inline void curoi_scatter_add_int64(int64_t* address, int64_t value) {
 }
 
 static inline int64_t curoi_round_to_int64(double v) { return llrint(v); }
+
+// The GPU's warp-wide maximum, for a CPU "thread" (a loop iteration of the
+// GPU's loops, or a participant of the CPU's), which is a warp of its own.
+static inline double curoi_warp_max(double v) { return v; }
+static inline bool curoi_warp_leader() { return true; }
+
+// *address = max(*address, v) for non-negative doubles, atomically: the
+// CPU loops' participants fold their maxima into one result.
+static inline void curoi_atomic_max_nonnegative(double* address, double v) {
+  static std::mutex guard;  // a few participants, once each per launch
+  std::lock_guard<std::mutex> lock(guard);
+  if (*address < v) *address = v;
+}
 
 #endif
 

@@ -4,8 +4,10 @@
 // detectron2's ROIPooler do with a launch per level and a gather/scatter on
 // the host.
 //
-// The levels are passed as a table: the addresses of their feature maps
-// (gradients, backward), their sizes (H_l, W_l) and spatial scales. Level l
+// The levels are passed by value, as one MultiscaleLevels argument (the
+// kernel's arguments are all a CUDA graph records, so nothing is copied to
+// the device per call): the addresses of their feature maps (gradients,
+// backward), their sizes (H_l, W_l) and spatial scales. Level l
 // is [N, C, H_l, W_l] ([N, H_l, W_l, C] channels-last), and every box is
 // pooled from it with RoI Align's formulas (roi_align_geometry.cuh) and
 // loops (roi_align_loops.cuh), with H_l, W_l and scales[l]: the numbers are
@@ -47,6 +49,33 @@ CUROI_DEVICE float multiscale_sqrt(float v) { return sqrtf(v); }
 CUROI_DEVICE double multiscale_sqrt(double v) { return sqrt(v); }
 CUROI_DEVICE float multiscale_log2(float v) { return log2f(v); }
 CUROI_DEVICE double multiscale_log2(double v) { return log2(v); }
+
+// The pyramid's levels: at most MULTISCALE_MAX_LEVELS (curoi._kernels
+// mirrors this layout; the front ends refuse more levels). The scales come
+// in both accumulation types, so that float kernels convert nothing.
+#define MULTISCALE_MAX_LEVELS 16
+struct MultiscaleLevels {
+  int64_t address[MULTISCALE_MAX_LEVELS];  // each level's array, as an int64
+  int64_t size[2 * MULTISCALE_MAX_LEVELS];  // H_l, W_l
+  float scale_f32[MULTISCALE_MAX_LEVELS];
+  double scale_f64[MULTISCALE_MAX_LEVELS];
+  int64_t count;
+};
+
+CUROI_DEVICE const float* multiscale_scales(const MultiscaleLevels& levels,
+                                            float) {
+  return levels.scale_f32;
+}
+CUROI_DEVICE const double* multiscale_scales(const MultiscaleLevels& levels,
+                                             double) {
+  return levels.scale_f64;
+}
+
+// How many entries of the table are levels, clamped to what it holds.
+CUROI_DEVICE int64_t multiscale_count(const MultiscaleLevels& levels) {
+  return curoi_max(curoi_min(levels.count, (int64_t)MULTISCALE_MAX_LEVELS),
+                   (int64_t)0);
+}
 
 // A level table entry is the address of an array, as an int64.
 template <typename P>
@@ -364,49 +393,49 @@ static void multiscale_roi_align_backward(
 // max|g| (terms = num_rois * PH * PW), as for RoI Align.
 #define CUROI_DEFINE_MULTISCALE_ROI_ALIGN(T, suffix)                           \
   CUROI_KERNEL void multiscale_roi_align_forward_##suffix(                     \
-      const int64_t* features, const int64_t* sizes,                           \
-      const AccType<T>::type* scales, int64_t num_levels,                      \
+      CUROI_GRID_CONSTANT const MultiscaleLevels levels,                       \
       const AccType<T>::type* rois, int64_t num_rois, int64_t batch,           \
       int64_t channels, int64_t pooled_height, int64_t pooled_width,           \
       int sampling_ratio, int aligned, AccType<T>::type canonical_scale,       \
       int canonical_level, AccType<T>::type eps, int level_rule,               \
       int channels_last, T* output) {                                          \
     multiscale_roi_align_forward<T>(                                           \
-        features,                                                              \
-        multiscale_rule(sizes, scales, num_levels, canonical_scale,            \
+        levels.address,                                                        \
+        multiscale_rule(levels.size,                                           \
+                        multiscale_scales(levels, AccType<T>::type()),         \
+                        multiscale_count(levels), canonical_scale,             \
                         canonical_level, eps, level_rule),                     \
         rois, num_rois, batch, channels, pooled_height, pooled_width,          \
         sampling_ratio, aligned, channels_last, output);                       \
   }                                                                            \
   CUROI_KERNEL void multiscale_roi_align_backward_##suffix(                    \
-      const T* grad_output, const int64_t* sizes,                              \
-      const AccType<T>::type* scales, int64_t num_levels,                      \
+      const T* grad_output, CUROI_GRID_CONSTANT const MultiscaleLevels levels, \
       const AccType<T>::type* rois, int64_t num_rois, int64_t batch,           \
       int64_t channels, int64_t pooled_height, int64_t pooled_width,           \
       int sampling_ratio, int aligned, AccType<T>::type canonical_scale,       \
       int canonical_level, AccType<T>::type eps, int level_rule,               \
-      int channels_last, const int64_t* grad_inputs) {                         \
+      int channels_last) {                                                     \
     MultiscaleFloatSums<AccType<T>::type> sums;                                \
-    sums.grads = grad_inputs;                                                  \
+    sums.grads = levels.address;                                               \
     multiscale_roi_align_backward<T>(                                          \
         grad_output,                                                           \
-        multiscale_rule(sizes, scales, num_levels, canonical_scale,            \
+        multiscale_rule(levels.size,                                           \
+                        multiscale_scales(levels, AccType<T>::type()),         \
+                        multiscale_count(levels), canonical_scale,             \
                         canonical_level, eps, level_rule),                     \
         rois, num_rois, batch, channels, pooled_height, pooled_width,          \
         sampling_ratio, aligned, channels_last, sums);                         \
   }                                                                            \
   CUROI_KERNEL void multiscale_roi_align_backward_fixed_##suffix(              \
-      const T* grad_output, const int64_t* sizes,                              \
-      const AccType<T>::type* scales, int64_t num_levels,                      \
+      const T* grad_output, CUROI_GRID_CONSTANT const MultiscaleLevels levels, \
       const AccType<T>::type* rois, int64_t num_rois, int64_t batch,           \
       int64_t channels, int64_t pooled_height, int64_t pooled_width,           \
       int sampling_ratio, int aligned, AccType<T>::type canonical_scale,       \
       int canonical_level, AccType<T>::type eps, int level_rule,               \
-      int channels_last, const double* max_abs, int64_t* fixed,                \
-      const int64_t* grad_inputs) {                                            \
+      int channels_last, const double* max_abs, int64_t* fixed) {              \
     MultiscaleFixedSums<AccType<T>::type> sums;                                \
-    sums.grads = grad_inputs;                                                  \
-    sums.sizes = sizes;                                                        \
+    sums.grads = levels.address;                                               \
+    sums.sizes = levels.size;                                                  \
     sums.batch = batch;                                                        \
     sums.channels = channels;                                                  \
     sums.fixed = fixed;                                                        \
@@ -415,18 +444,20 @@ static void multiscale_roi_align_backward(
                                 num_rois * pooled_height * pooled_width));     \
     multiscale_roi_align_backward<T>(                                          \
         grad_output,                                                           \
-        multiscale_rule(sizes, scales, num_levels, canonical_scale,            \
+        multiscale_rule(levels.size,                                           \
+                        multiscale_scales(levels, AccType<T>::type()),         \
+                        multiscale_count(levels), canonical_scale,             \
                         canonical_level, eps, level_rule),                     \
         rois, num_rois, batch, channels, pooled_height, pooled_width,          \
         sampling_ratio, aligned, channels_last, sums);                         \
   }                                                                            \
   CUROI_KERNEL void multiscale_roi_align_fixed_finish_##suffix(                \
       const int64_t* fixed, const double* max_abs, int64_t terms,              \
-      const int64_t* sizes, int64_t num_levels, int64_t batch,                 \
-      int64_t channels, const int64_t* grad_inputs) {                          \
-    multiscale_fixed_finish<AccType<T>::type>(fixed, max_abs, terms, sizes,    \
-                                              num_levels, batch, channels,     \
-                                              grad_inputs);                    \
+      CUROI_GRID_CONSTANT const MultiscaleLevels levels, int64_t batch,        \
+      int64_t channels) {                                                      \
+    multiscale_fixed_finish<AccType<T>::type>(                                 \
+        fixed, max_abs, terms, levels.size, multiscale_count(levels), batch,   \
+        channels, levels.address);                                             \
   }
 
 CUROI_INSTANTIATE(CUROI_DEFINE_MULTISCALE_ROI_ALIGN)

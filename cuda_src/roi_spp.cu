@@ -9,7 +9,8 @@
 //   avg (1): the mean over the same bin's pixels, 0 for an empty bin (argmax
 //     is neither read nor written: it may be null).
 //
-// levels[L] (int64) are the grid sizes, e.g. {1, 2, 4}; bins = sum of l*l.
+// levels (RoiSppLevels, passed by value) holds the grid sizes, e.g. {1, 2,
+// 4}; bins = sum of l*l.
 // The output is [K, C * bins], each box's row the levels' [C, l, l] blocks one
 // after the other (level by level, then channel, then row, then column): the
 // concatenation of roi_pool(x, boxes, (l, l)).reshape(K, -1) over the levels.
@@ -28,6 +29,20 @@
 // Levels are clamped to [0, CUROI_SPP_MAX_LEVEL], so that l*l and C*l*l
 // cannot overflow; a larger grid could not be held in memory anyway.
 #define CUROI_SPP_MAX_LEVEL ((int64_t)1 << 20)
+
+// The grid sizes, at most ROI_SPP_MAX_LEVELS of them (curoi._kernels
+// mirrors this layout; the front ends refuse more).
+#define ROI_SPP_MAX_LEVELS 16
+struct RoiSppLevels {
+  int64_t size[ROI_SPP_MAX_LEVELS];
+  int64_t count;
+};
+
+// How many entries of the table are levels, clamped to what it holds.
+CUROI_DEVICE int64_t roi_spp_count(const RoiSppLevels& levels) {
+  return curoi_max(curoi_min(levels.count, (int64_t)ROI_SPP_MAX_LEVELS),
+                   (int64_t)0);
+}
 
 CUROI_DEVICE int64_t roi_spp_level(const int64_t* levels, int64_t i) {
   const int64_t l = levels[i];
@@ -409,39 +424,42 @@ static void roi_spp_backward(
 
 #define CUROI_DEFINE_ROI_SPP(T, suffix)                                        \
   CUROI_KERNEL void roi_spp_forward_##suffix(                                  \
-      const T* input, const AccType<T>::type* rois, const int64_t* levels,     \
-      int64_t num_levels, int64_t num_rois, int64_t batch, int64_t channels,   \
-      int64_t height, int64_t width, int64_t bins,                             \
-      AccType<T>::type spatial_scale, int convention, int mode,                \
+      const T* input, const AccType<T>::type* rois,                            \
+      CUROI_GRID_CONSTANT const RoiSppLevels levels, int64_t num_rois,         \
+      int64_t batch, int64_t channels, int64_t height, int64_t width,          \
+      int64_t bins, AccType<T>::type spatial_scale, int convention, int mode,  \
       int channels_last, T* output, int32_t* argmax) {                         \
-    roi_spp_forward<T>(input, rois, levels, num_levels, num_rois, batch,       \
-                       channels, height, width, bins, spatial_scale,           \
-                       convention, mode, channels_last, output, argmax);       \
+    roi_spp_forward<T>(input, rois, levels.size, roi_spp_count(levels),        \
+                       num_rois, batch, channels, height, width, bins,         \
+                       spatial_scale, convention, mode, channels_last, output, \
+                       argmax);                                                \
   }                                                                            \
   CUROI_KERNEL void roi_spp_backward_##suffix(                                 \
       const T* grad_output, const int32_t* argmax,                             \
-      const AccType<T>::type* rois, const int64_t* levels,                     \
-      int64_t num_levels, int64_t num_rois, int64_t batch, int64_t channels,   \
-      int64_t height, int64_t width, int64_t bins,                             \
-      AccType<T>::type spatial_scale, int convention, int mode,                \
+      const AccType<T>::type* rois,                                            \
+      CUROI_GRID_CONSTANT const RoiSppLevels levels, int64_t num_rois,         \
+      int64_t batch, int64_t channels, int64_t height, int64_t width,          \
+      int64_t bins, AccType<T>::type spatial_scale, int convention, int mode,  \
       int channels_last, AccType<T>::type* grad_input) {                       \
     CuroiFloatSum<AccType<T>::type> sum;                                       \
     sum.grad = grad_input;                                                     \
-    roi_spp_backward<T>(grad_output, argmax, rois, levels, num_levels,         \
-                        num_rois, batch, channels, height, width, bins,        \
-                        spatial_scale, convention, mode, channels_last, sum);  \
+    roi_spp_backward<T>(grad_output, argmax, rois, levels.size,                \
+                        roi_spp_count(levels), num_rois, batch, channels,      \
+                        height, width, bins, spatial_scale, convention, mode,  \
+                        channels_last, sum);                                   \
   }                                                                            \
   CUROI_KERNEL void roi_spp_backward_fixed_##suffix(                           \
       const T* grad_output, const int32_t* argmax,                             \
-      const AccType<T>::type* rois, const int64_t* levels,                     \
-      int64_t num_levels, int64_t num_rois, int64_t batch, int64_t channels,   \
-      int64_t height, int64_t width, int64_t bins,                             \
-      AccType<T>::type spatial_scale, int convention, int mode,                \
+      const AccType<T>::type* rois,                                            \
+      CUROI_GRID_CONSTANT const RoiSppLevels levels, int64_t num_rois,         \
+      int64_t batch, int64_t channels, int64_t height, int64_t width,          \
+      int64_t bins, AccType<T>::type spatial_scale, int convention, int mode,  \
       int channels_last, const double* max_abs, int64_t* fixed,                \
       AccType<T>::type* grad_input) {                                          \
-    roi_spp_backward<T>(grad_output, argmax, rois, levels, num_levels,         \
-                        num_rois, batch, channels, height, width, bins,        \
-                        spatial_scale, convention, mode, channels_last,        \
+    roi_spp_backward<T>(grad_output, argmax, rois, levels.size,                \
+                        roi_spp_count(levels), num_rois, batch, channels,      \
+                        height, width, bins, spatial_scale, convention, mode,  \
+                        channels_last,                                         \
                         curoi_fixed_sum(grad_input, fixed, max_abs,            \
                                         num_rois * bins));                     \
   }                                                                            \

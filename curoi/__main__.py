@@ -1,4 +1,5 @@
-"""`python3 -m curoi` runs the demo; `python3 -m curoi bench --help` the benchmark."""
+"""`python3 -m curoi` runs the demo; `python3 -m curoi bench --help` the
+benchmark; `python3 -m curoi check --help` the GPU verification."""
 
 import sys
 
@@ -9,9 +10,16 @@ def main(argv=None):
         from ._bench import main as bench
 
         return bench(argv[1:])
+    if argv and argv[0] == "check":
+        from ._check import main as check
+
+        return check(argv[1:])
     if argv:
         print("usage: python3 -m curoi            run the demo\n"
               "       python3 -m curoi bench ...  time curoi against its peers "
+              "(--help for options)\n"
+              "       python3 -m curoi check --device cuda --out DIR\n"
+              "                                   the whole GPU verification "
               "(--help for options)", file=sys.stderr)
         return 0 if argv[0] in ("-h", "--help") else 2
     from ._demo import main as demo

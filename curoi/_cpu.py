@@ -472,13 +472,29 @@ _C_TYPES = {
 }
 
 
+# A by-value struct as ctypes passes it: only its size and alignment matter
+# to the calling convention (the kernels' structs are larger than 16 bytes,
+# which every ABI curoi builds for passes in memory, and 8-byte aligned).
+_STRUCT_TYPES = {
+    struct: type(struct.name, (ctypes.Structure,),
+                 {"_fields_": [("words", ctypes.c_uint64 * (struct.dtype.itemsize // 8))]})
+    for struct in _kernels.STRUCTS
+}
+
+
+def _c_type(kind, acc):
+    if isinstance(kind, _kernels.Struct):
+        return _STRUCT_TYPES[kind]
+    return _C_TYPES.get(kind, acc)
+
+
 def _function(name, acc_is_double):
     fn = _functions.get(name)
     if fn is None:
         fn = getattr(library(), name)
         kinds = _kernels.SIGNATURES[name.rsplit("_", 1)[0]]
         acc = ctypes.c_double if acc_is_double else ctypes.c_float
-        fn.argtypes = [_C_TYPES.get(kind, acc) for kind in kinds]
+        fn.argtypes = [_c_type(kind, acc) for kind in kinds]
         fn.restype = None
         _functions[name] = fn
     return fn
@@ -522,15 +538,18 @@ def launch(family, direction, dtype_name, args):
     if found is None:
         if dtype_name not in _kernels.CPU_DTYPES:
             raise AssertionError(f"no CPU kernel for {dtype_name}")
-        pointers = tuple(i for i, kind in
-                         enumerate(_kernels.SIGNATURES[f"{family}_{direction}"])
-                         if kind == _kernels.PTR)
-        found = _launchers[key] = (_kernel(key), pointers)
-    fn, pointers = found
+        kinds = _kernels.SIGNATURES[f"{family}_{direction}"]
+        pointers = tuple(i for i, kind in enumerate(kinds) if kind == _kernels.PTR)
+        structs = tuple((i, _STRUCT_TYPES[kind]) for i, kind in enumerate(kinds)
+                        if isinstance(kind, _kernels.Struct))
+        found = _launchers[key] = (_kernel(key), pointers, structs)
+    fn, pointers, structs = found
     args = list(args)
     for i in pointers:
         if args[i] is not None:
             args[i] = address(args[i])
+    for i, struct in structs:
+        args[i] = struct.from_buffer_copy(args[i].tobytes())
     fn(*args)
 
 

@@ -144,6 +144,76 @@ def module_source(family):
     )
 
 
+# ------------------------------------------------------ architectures
+#: The oldest GPU architecture (compute capability as major * 10 + minor)
+#: curoi builds its kernels for, by NVRTC's major version. Its kernels need
+#: sm_60 at least (atomicAdd on doubles, for the float64 backward); they are
+#: built and checked from sm_70 (Volta) with CUDA 12's NVRTC (the cuda12
+#: extra), and CUDA 13's NVRTC (the cuda13 extra) starts at sm_75 (Turing).
+MINIMUM_ARCH = {12: 70, 13: 75}
+
+
+def minimum_arch(nvrtc_major):
+    """The oldest compute capability this NVRTC major version builds for."""
+    if nvrtc_major in MINIMUM_ARCH:
+        return MINIMUM_ARCH[nvrtc_major]
+    # Newer NVRTC releases drop old architectures, never add them back.
+    known = max(MINIMUM_ARCH) if nvrtc_major > max(MINIMUM_ARCH) else min(MINIMUM_ARCH)
+    return MINIMUM_ARCH[known]
+
+
+def checked_archs(nvrtc_major):
+    """The architectures every kernel is compiled for in the checks: the
+    oldest supported one, Ampere (native bfloat16) and Hopper."""
+    return tuple(f"sm_{arch}" for arch in (minimum_arch(nvrtc_major), 80, 90))
+
+
+def nvrtc_version():
+    """(major, minor) of the NVRTC that CuPy loads."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    return tuple(nvrtc.getVersion())
+
+
+class UnsupportedDeviceError(RuntimeError):
+    """The CUDA device is older than the kernels are built for."""
+
+
+def unsupported_device_message(device_id, name, capability, nvrtc):
+    """Why device ``device_id`` (``name``, compute capability ``capability``
+    as major * 10 + minor) cannot run curoi's kernels with NVRTC version
+    ``nvrtc`` (major, minor), or None when it can."""
+    floor = minimum_arch(nvrtc[0])
+    if capability >= floor:
+        return None
+    advice = ("Use the cuda12 extra (CUDA 12's NVRTC builds for sm_70 and newer) "
+              "with a driver for CUDA 12."
+              if capability >= MINIMUM_ARCH[12] else
+              "The float64 backward needs sm_60 at least, and curoi is built and "
+              f"checked from sm_{MINIMUM_ARCH[12]} (Volta): run on a newer GPU or "
+              "on the CPU (NumPy or CPU tensors).")
+    return (f"CUDA device {device_id} ({name}, sm_{capability}) is older than curoi "
+            f"supports with NVRTC {nvrtc[0]}.{nvrtc[1]}, which builds its kernels "
+            f"for sm_{floor} and newer. {advice}")
+
+
+_checked_devices = set()
+
+
+def _check_device(cupy, device_id):
+    if device_id in _checked_devices:
+        return
+    props = cupy.cuda.runtime.getDeviceProperties(device_id)
+    name = props["name"]
+    if isinstance(name, bytes):
+        name = name.decode()
+    message = unsupported_device_message(
+        device_id, name, 10 * int(props["major"]) + int(props["minor"]), nvrtc_version())
+    if message is not None:
+        raise UnsupportedDeviceError(message)
+    _checked_devices.add(device_id)
+
+
 def _module(cupy, device_id, family, dtype_name):
     key = (device_id, family, dtype_name)
     module = _modules.get(key)
@@ -151,6 +221,8 @@ def _module(cupy, device_id, family, dtype_name):
         with _lock:
             module = _modules.get(key)
             if module is None:
+                _check_device(cupy, device_id)
+                _check_not_capturing(cupy)
                 with cupy.cuda.Device(device_id):
                     module = cupy.RawModule(
                         code=module_source(family),
@@ -159,6 +231,22 @@ def _module(cupy, device_id, family, dtype_name):
                     module.compile()
                 _modules[key] = module
     return module
+
+
+def _check_not_capturing(cupy):
+    """A kernel module is compiled and loaded on its first use, which a CUDA
+    graph being captured on the current stream cannot record."""
+    stream = cupy.cuda.get_current_stream()
+    try:
+        capturing = stream.is_capturing()
+    except Exception:  # a CuPy or driver that cannot tell: try anyway
+        return
+    if capturing:
+        raise RuntimeError(
+            "curoi compiles each kernel on its first use, which cannot happen "
+            "while a CUDA graph is being captured: call the operation once "
+            "before capturing (a warm-up run, as torch.cuda.graph's "
+            "documentation recommends), then capture")
 
 
 def launch(family, direction, dtype_name, args, total):
@@ -179,6 +267,8 @@ def launch(family, direction, dtype_name, args, total):
             arg = acc(arg)
         elif arg is None:  # an optional output the kernel leaves alone
             arg = np.uint64(0)
+        # A Struct's value, a one-element structured NumPy array, is passed
+        # by value as it is.
         values.append(arg)
     blocks = min(-(-total // _THREADS_PER_BLOCK), _MAX_BLOCKS)
     kernel((blocks,), (_THREADS_PER_BLOCK,), tuple(values))
@@ -210,6 +300,10 @@ def info():
     except Exception as error:
         result["note"] = f"no usable CUDA device ({error})"
     result["include_dirs"] = list(cuda_include_dirs())
+    try:
+        result["minimum_arch"] = f"sm_{minimum_arch(nvrtc_version()[0])}"
+    except Exception:  # no NVRTC: nothing can be compiled anyway
+        result["minimum_arch"] = None
     return result
 
 

@@ -142,9 +142,11 @@ def device_of(x, framework, name):
         )
     kind, index = x.__dlpack_device__()
     kind = int(kind)
-    if kind == _DLPACK_CPU:
+    if kind in (_DLPACK_CPU, _DLPACK_CUDA_HOST):
+        # Pinned (page-locked) host memory is host memory: the CPU kernels
+        # read it in place, and NumPy imports it through DLPack.
         return Device("cpu")
-    if kind in (_DLPACK_CUDA, _DLPACK_CUDA_HOST, _DLPACK_CUDA_MANAGED):
+    if kind in (_DLPACK_CUDA, _DLPACK_CUDA_MANAGED):
         return Device("cuda", int(index))
     raise ValueError(
         f"{name} lives on a {_DLPACK_DEVICE_NAMES.get(kind, f'DLPack type {kind}')} "
@@ -195,29 +197,55 @@ class Caller:
     # ------------------------------------------------------------ streams
     @contextlib.contextmanager
     def on_device(self):
-        """Make the caller's device and stream current for CuPy.
+        """Make the caller's device, stream and allocator current for CuPy
+        while a call runs.
 
-        CuPy input runs on CuPy's current stream; torch input on torch's
-        current stream of its device; other producers on CuPy's current
-        stream, which DLPack synchronises with the producer's."""
+        - CuPy input runs on CuPy's current stream, its buffers from CuPy's
+          current allocator (its memory pool unless the caller set another).
+        - torch input runs on ``torch.cuda.current_stream()`` of its device,
+          with that device current for torch too (``Tensor.__dlpack__``
+          refuses a tensor on another device from PyTorch 2.10), and every
+          buffer CuPy allocates meanwhile (results' copies, casts,
+          temporaries) comes from PyTorch's caching allocator on that
+          stream: ``torch.cuda.memory_allocated`` counts it, and a CUDA
+          graph being captured records it in its own pool.
+        - TensorFlow input: TensorFlow computes on a stream of its own that
+          it does not expose, so the device is synchronised before the
+          launch (TensorFlow's pending work is done) and CuPy's stream after
+          it (TensorFlow's later work sees the results).
+        - Other producers run on CuPy's current stream, which DLPack orders
+          after the producer's work.
+        """
         if not self.device.is_cuda:
             yield
             return
         cupy = _gpu.require_cupy()
-        with cupy.cuda.Device(self.device.index):
+        index = self.device.index
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(cupy.cuda.Device(index))
             if self.framework == "torch":
                 import torch
 
-                stream = torch.cuda.current_stream(self.device.index)
-                if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14
-                    external = cupy.cuda.Stream.from_external(stream)
-                else:
-                    external = cupy.cuda.ExternalStream(
-                        stream.cuda_stream, self.device.index)
-                with external:
-                    yield
-            else:
-                yield
+                stack.enter_context(torch.cuda.device(index))
+                stream = torch.cuda.current_stream(index)
+                stack.enter_context(external_stream(cupy, stream.cuda_stream, index))
+            allocator = self.cuda_allocator(cupy)
+            if allocator is not None:
+                stack.enter_context(cupy.cuda.using_allocator(allocator))
+            if self.framework == "tensorflow":
+                cupy.cuda.runtime.deviceSynchronize()
+                stack.callback(_synchronize_current_stream, cupy)
+            yield
+
+    def cuda_allocator(self, cupy):
+        """The CuPy allocator that the call's GPU buffers come from:
+        PyTorch's caching allocator for torch tensors, None (CuPy's current
+        allocator: its memory pool, or whatever the caller set) otherwise."""
+        if self.framework == "torch":
+            import torch
+
+            return torch_allocator(torch, cupy, self.device.index)
+        return None
 
     # -------------------------------------------------------------- input
     def view(self, x, name, allow_int=False):
@@ -245,7 +273,15 @@ class Caller:
             x = x.detach()  # __dlpack__ refuses tensors that require grad
         if self.device.is_cuda:
             cupy = _gpu.require_cupy()
-            array = x if framework == "cupy" else cupy.from_dlpack(x)
+            if framework == "cupy":
+                array = x
+            elif framework == "tensorflow":
+                # TensorFlow's __dlpack__ refuses the stream= that CuPy passes
+                # for CUDA arrays; its own exporter gives a capsule (ordering
+                # is on_device's).
+                array = cupy.from_dlpack(_tensorflow().experimental.dlpack.to_dlpack(x))
+            else:
+                array = cupy.from_dlpack(x)
             return cupy.ascontiguousarray(array)
         if framework != "numpy":
             dtype = getattr(x, "dtype", None)  # a bare DLPack producer has none
@@ -323,6 +359,49 @@ class Caller:
         if cast_to is not None:
             out = cast(out, fw, cast_to)
         return out
+
+
+class _StreamHandle:
+    """A raw CUDA stream handle as the CUDA stream protocol (what CuPy's
+    ``Stream.from_external`` reads)."""
+
+    __slots__ = ("_handle",)
+
+    def __init__(self, handle):
+        self._handle = int(handle)
+
+    def __cuda_stream__(self):
+        return (0, self._handle)
+
+
+def external_stream(cupy, handle, device_id):
+    """CuPy's view of a stream that another framework owns, from its raw
+    handle: torch's ``Stream.cuda_stream`` (every PyTorch release has it;
+    ``Stream.__cuda_stream__`` only PyTorch 2.10 and later), XLA's
+    ``ctx.stream``. ``Stream.from_external`` on CuPy 14 and later,
+    ``ExternalStream`` before it."""
+    if hasattr(cupy.cuda.Stream, "from_external"):
+        return cupy.cuda.Stream.from_external(_StreamHandle(handle))
+    return cupy.cuda.ExternalStream(int(handle), device_id)
+
+
+def torch_allocator(torch, cupy, device_id):
+    """A CuPy allocator (size -> MemoryPointer) that takes its memory from
+    PyTorch's caching allocator on torch's current stream of ``device_id``:
+    a uint8 tensor per buffer, kept alive by CuPy's view of it and handed
+    back to PyTorch's cache when that view is freed."""
+    device = torch.device("cuda", device_id)
+
+    def allocate(size):
+        block = torch.empty(size, dtype=torch.uint8, device=device)
+        memory = cupy.cuda.UnownedMemory(block.data_ptr(), size, block, device_id)
+        return cupy.cuda.MemoryPointer(memory, 0)
+
+    return allocate
+
+
+def _synchronize_current_stream(cupy):
+    cupy.cuda.get_current_stream().synchronize()
 
 
 def _is_bfloat16(dtype):

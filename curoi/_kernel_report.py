@@ -24,9 +24,20 @@ import re
 
 from . import _cpu, _gpu, _kernels, _sources
 
-#: Volta, Ampere, Hopper: the oldest architecture curoi supports, the first
-#: with native bfloat16, and the generation of current data-centre GPUs.
-ARCHS = ("sm_70", "sm_80", "sm_90")
+def _archs():
+    """The oldest architecture this NVRTC builds curoi for (sm_70 with CUDA
+    12, sm_75 with CUDA 13; see curoi._gpu.MINIMUM_ARCH), the first with
+    native bfloat16, and the generation of current data-centre GPUs."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        major = nvrtc.getVersion()[0]
+    except Exception:  # no NVRTC: nothing is compiled; name CUDA 12's
+        major = 12
+    return _gpu.checked_archs(major)
+
+
+ARCHS = _archs()
 DTYPES = tuple(_kernels.SUFFIXES)
 
 

@@ -2,16 +2,62 @@
 
 Each kernel is ``<family>_<direction>_<suffix>``, for example
 ``roi_align_forward_f32``. Arguments are marshalled from the kinds below:
-``ptr`` an array, ``i64`` a 64-bit integer, ``i32`` a C int and ``acc`` a
+``ptr`` an array, ``i64`` a 64-bit integer, ``i32`` a C int, ``acc`` a
 real number in the accumulation type (float for float32 and half precision,
-double for float64).
+double for float64), and a :class:`Struct` a table passed by value.
 """
+
+import dataclasses
+
+import numpy as np
 
 PTR, I64, I32, ACC = "ptr", "i64", "i32", "acc"
 
+
+@dataclasses.dataclass(frozen=True)
+class Struct:
+    """A kernel argument passed by value: the C struct ``name`` of the
+    kernel sources, whose layout the NumPy structured ``dtype`` mirrors
+    (members laid out with no padding, so that no compiler can differ;
+    tests/test_kernel_structs.py compares the two). The value is a
+    one-element array of that dtype; the GPU backend hands it to CuPy as is,
+    the CPU backend as the same bytes through ctypes. A CUDA graph records
+    kernel arguments, so a table passed so needs no copy to the device."""
+
+    name: str
+    dtype: np.dtype
+
+    def new(self):
+        return np.zeros(1, dtype=self.dtype)
+
+
+#: The most levels a pyramid (multiscale RoI Align) or a spatial pyramid
+#: (roi_spp) may have: MULTISCALE_MAX_LEVELS and ROI_SPP_MAX_LEVELS in the
+#: kernel sources.
+MAX_LEVELS = 16
+
+#: multiscale_roi_align.cu's MultiscaleLevels: each level's array (an
+#: address), its (H_l, W_l) and spatial scale (in float and double), and the
+#: level count.
+MULTISCALE_LEVELS = Struct("MultiscaleLevels", np.dtype([
+    ("address", np.int64, (MAX_LEVELS,)),
+    ("size", np.int64, (2 * MAX_LEVELS,)),
+    ("scale_f32", np.float32, (MAX_LEVELS,)),
+    ("scale_f64", np.float64, (MAX_LEVELS,)),
+    ("count", np.int64),
+]))
+
+#: roi_spp.cu's RoiSppLevels: the grid sizes l and their count.
+SPP_LEVELS = Struct("RoiSppLevels", np.dtype([
+    ("size", np.int64, (MAX_LEVELS,)),
+    ("count", np.int64),
+]))
+
+STRUCTS = (MULTISCALE_LEVELS, SPP_LEVELS)
+
 _SHAPE = (I64,) * 7  # num_rois, batch, channels, height, width, pooled h, pooled w
-# num_levels, num_rois, batch, channels, height, width, bins
-_SPP_SHAPE = (I64,) * 7
+# the levels (SPP_LEVELS), num_rois, batch, channels, height, width, bins
+_SPP_SHAPE = (SPP_LEVELS,) + (I64,) * 6
 
 # Every kernel but the finishing passes (fixed_finish, elementwise, and
 # boxes_backward_finish, per box) takes an int channels_last
@@ -50,17 +96,16 @@ SIGNATURES = {
     # partial, num_rois, bins (PH*PW), grad_rois ([K, 5], 0 in the batch
     # column): each box's bins added in order
     "roi_align_boxes_backward_finish": (PTR, I64, I64, PTR),
-    # Spatial pyramid pooling (roi_spp.cu): levels (int64 grid sizes),
-    # num_levels, then num_rois, batch, channels, height, width, bins (sum of
-    # l*l); outputs [K, C * bins] in either layout.
-    # input, rois, levels, num_levels, shape, spatial_scale, convention,
-    # mode, channels_last, output, argmax (int32; may be null)
-    "roi_spp_forward": (PTR, PTR, PTR) + _SPP_SHAPE + (ACC, I32, I32, I32, PTR, PTR),
-    # grad_output, argmax (int32; may be null for avg), rois, levels,
-    # num_levels, shape, spatial_scale, convention, mode, channels_last,
-    # grad_input
-    "roi_spp_backward": (PTR, PTR, PTR, PTR) + _SPP_SHAPE + (ACC, I32, I32, I32, PTR),
-    "roi_spp_backward_fixed": (PTR, PTR, PTR, PTR) + _SPP_SHAPE
+    # Spatial pyramid pooling (roi_spp.cu): the levels (SPP_LEVELS: the
+    # grid sizes), then num_rois, batch, channels, height, width, bins (sum
+    # of l*l); outputs [K, C * bins] in either layout.
+    # input, rois, levels, shape, spatial_scale, convention, mode,
+    # channels_last, output, argmax (int32; may be null)
+    "roi_spp_forward": (PTR, PTR) + _SPP_SHAPE + (ACC, I32, I32, I32, PTR, PTR),
+    # grad_output, argmax (int32; may be null for avg), rois, levels, shape,
+    # spatial_scale, convention, mode, channels_last, grad_input
+    "roi_spp_backward": (PTR, PTR, PTR) + _SPP_SHAPE + (ACC, I32, I32, I32, PTR),
+    "roi_spp_backward_fixed": (PTR, PTR, PTR) + _SPP_SHAPE
     + (ACC, I32, I32, I32, PTR, PTR, PTR),
     # fixed, max_abs, terms (K * bins), total (N*C*H*W), grad_input
     "roi_spp_fixed_finish": (PTR, PTR, I64, I64, PTR),
@@ -119,48 +164,48 @@ SIGNATURES = {
     # thread in a fixed order.
     "prroi_pool_boxes_backward": (PTR, PTR, PTR) + _SHAPE + (ACC, I32, PTR),
     # Crop and resize (TensorFlow's tf.image.crop_and_resize,
-    # crop_and_resize.cu): boxes [K, 4] (y1, x1, y2, x2) normalised, in the
-    # accumulation type, box_indices [K] int32; the shape's pooled h, w are
-    # the crop size; image [N, H, W, C] and outputs [K, PH, PW, C] with
+    # crop_and_resize.cu): rois [K, 5] (box index, y1, x1, y2, x2), the
+    # corners normalised, in the accumulation type; the shape's pooled h, w
+    # are the crop size; image [N, H, W, C] and outputs [K, PH, PW, C] with
     # channels_last = 1 (TF's layout), else [N, C, H, W] and [K, C, PH, PW].
-    # image, boxes, box_indices, shape, extrapolation_value, method,
-    # channels_last, output
-    "crop_and_resize_forward": (PTR, PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR),
-    # grad_output, boxes, box_indices, shape, method, channels_last, grad_image
-    "crop_and_resize_backward": (PTR, PTR, PTR) + _SHAPE + (I32, I32, PTR),
-    "crop_and_resize_backward_fixed": (PTR, PTR, PTR) + _SHAPE
-    + (I32, I32, PTR, PTR, PTR),
+    # image, rois, shape, extrapolation_value, method, channels_last, output
+    "crop_and_resize_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR),
+    # grad_output, rois, shape, method, channels_last, grad_image
+    "crop_and_resize_backward": (PTR, PTR) + _SHAPE + (I32, I32, PTR),
+    "crop_and_resize_backward_fixed": (PTR, PTR) + _SHAPE + (I32, I32, PTR, PTR, PTR),
     # fixed, max_abs, terms (K*PH*PW), total (N*C*H*W), grad_image
     "crop_and_resize_fixed_finish": (PTR, PTR, I64, I64, PTR),
     # The gradient of the boxes, in two passes of fixed order (no atomics):
-    # grad_output, image, boxes, box_indices, shape, method, channels_last,
-    # partial ([K, PH, PW, 4] in the accumulation type: each bin's share of
-    # its box's (dy1, dx1, dy2, dx2))
-    "crop_and_resize_boxes_backward": (PTR, PTR, PTR, PTR) + _SHAPE + (I32, I32, PTR),
-    # partial, num_boxes, bins (PH*PW), grad_boxes [K, 4]: the bins added in order
+    # grad_output, image, rois, shape, method, channels_last, partial
+    # ([K, PH, PW, 4] in the accumulation type: each bin's share of its box's
+    # (dy1, dx1, dy2, dx2))
+    "crop_and_resize_boxes_backward": (PTR, PTR, PTR) + _SHAPE + (I32, I32, PTR),
+    # partial, num_boxes, bins (PH*PW), grad_rois [K, 5]: the bins added in
+    # order, 0 in the box-index column
     "crop_and_resize_boxes_backward_finish": (PTR, I64, I64, PTR),
     # Multiscale RoI Align (multiscale_roi_align.cu): L pyramid levels, level
     # l [N, C, H_l, W_l] ([N, H_l, W_l, C]), each box pooled from the level
-    # its size selects. The level table: `levels` (int64 [L], the addresses
-    # of the levels' arrays), sizes (int64 [L, 2]: H_l, W_l), scales ([L],
-    # accumulation dtype), num_levels; then rois, num_rois, batch, channels,
-    # pooled h, pooled w, sampling_ratio, aligned, canonical_scale (acc),
-    # canonical_level, eps (acc), level_rule (MULTISCALE_LEVEL_RULES),
-    # channels_last.
-    # levels (features), sizes, scales, num_levels, ..., output
-    "multiscale_roi_align_forward": (PTR, PTR, PTR, I64, PTR) + (I64,) * 5
+    # its size selects. The levels (MULTISCALE_LEVELS: the addresses of the
+    # levels' features, or gradients, their sizes and scales); then rois,
+    # num_rois, batch, channels, pooled h, pooled w, sampling_ratio, aligned,
+    # canonical_scale (acc), canonical_level, eps (acc), level_rule
+    # (MULTISCALE_LEVEL_RULES), channels_last.
+    # levels (features), ..., output
+    "multiscale_roi_align_forward": (MULTISCALE_LEVELS, PTR) + (I64,) * 5
     + (I32, I32, ACC, I32, ACC, I32, I32, PTR),
-    # grad_output, sizes, scales, num_levels, ..., levels (the gradients,
-    # accumulation dtype)
-    "multiscale_roi_align_backward": (PTR, PTR, PTR, I64, PTR) + (I64,) * 5
-    + (I32, I32, ACC, I32, ACC, I32, I32, PTR),
+    # grad_output, levels (the gradients, accumulation dtype), ...
+    "multiscale_roi_align_backward": (PTR, MULTISCALE_LEVELS, PTR) + (I64,) * 5
+    + (I32, I32, ACC, I32, ACC, I32, I32),
     # As backward, then max_abs, fixed (int64: every level's N*C*H_l*W_l
-    # sums back to back, in level order), levels (the gradients).
-    "multiscale_roi_align_backward_fixed": (PTR, PTR, PTR, I64, PTR) + (I64,) * 5
-    + (I32, I32, ACC, I32, ACC, I32, I32, PTR, PTR, PTR),
-    # fixed, max_abs, terms (K*PH*PW), sizes, num_levels, batch, channels,
-    # levels (the gradients)
-    "multiscale_roi_align_fixed_finish": (PTR, PTR, I64, PTR, I64, I64, I64, PTR),
+    # sums back to back, in level order).
+    "multiscale_roi_align_backward_fixed": (PTR, MULTISCALE_LEVELS, PTR) + (I64,) * 5
+    + (I32, I32, ACC, I32, ACC, I32, I32, PTR, PTR),
+    # fixed, max_abs, terms (K*PH*PW), levels (the gradients), batch, channels
+    "multiscale_roi_align_fixed_finish": (PTR, PTR, I64, MULTISCALE_LEVELS, I64, I64),
+    # The deterministic backward's scale (fixed_point.cu): values (a
+    # gradient of any kernel dtype), count, max_abs (one double, 0 before
+    # the launch; max |finite value| after it).
+    "fixed_point_scale": (PTR, I64, PTR),
 }
 
 #: data_format -> the kernels' channels_last argument.
@@ -197,9 +242,11 @@ CROP_AND_RESIZE_METHODS = {"bilinear": 0, "nearest": 1}
 #: What a kernel does, the last part of its SIGNATURES key. boxes_backward
 #: is a gradient with respect to the boxes; boxes_backward_finish completes
 #: it where a family computes it in two passes (partial sums per box and
-#: bin, then each box's bins added in order).
+#: bin, then each box's bins added in order); scale is the fixed-point
+#: sums' scale (the fixed_point family, shared by every deterministic
+#: backward).
 DIRECTIONS = ("forward", "backward", "backward_fixed", "fixed_finish",
-              "boxes_backward", "boxes_backward_finish")
+              "boxes_backward", "boxes_backward_finish", "scale")
 
 
 def directions(family: str):

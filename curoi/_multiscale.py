@@ -118,6 +118,9 @@ def pyramid(features):
     if not features:
         raise ValueError("features must hold at least one level, got an empty "
                          f"{type(features).__name__}")
+    if len(features) > _kernels.MAX_LEVELS:
+        raise ValueError(f"features may hold at most {_kernels.MAX_LEVELS} levels, "
+                         f"got {len(features)}")
     return list(features)
 
 

@@ -81,6 +81,10 @@ class Operator:
     #: gradient with respect to the rois (the batch-index column stays 0);
     #: None for an operator that gives the boxes no gradient.
     boxes_backward: Callable = None
+    #: (k, ph, pw, acc_dtype) -> the temporaries boxes_backward takes, as
+    #: (shape, dtype) pairs (curoi._ops; a front end whose framework owns
+    #: them, curoi.jax, allocates that much); None: none.
+    boxes_scratch: Callable = None
     #: (boxes, caller, batch, acc_dtype) -> the kernels' rois, for an
     #: operator whose NumPy functions take its boxes in another form (a
     #: tuple of arrays, which the front end hands here; torch and JAX build
@@ -154,11 +158,13 @@ def whole_map_rois(n, h, w, acc, xp=np):
     map, in feature pixels. Both RoI Pool conventions read pixels
     ``0..W-1`` from them at spatial_scale 1: torchvision's rounded corners
     with an inclusive end, and mmcv's ``x1`` to ``x2 + 1``."""
-    rois = np.zeros((n, 5), dtype=acc)
-    rois[:, 0] = np.arange(n)
+    # Built by xp where it will be read (kernels on a GPU), not copied there
+    # from the host.
+    rois = xp.zeros((n, 5), dtype=acc)
+    rois[:, 0] = xp.arange(n, dtype=acc)
     rois[:, 3] = w - 1
     rois[:, 4] = h - 1
-    return rois if xp is np else xp.asarray(rois)
+    return rois
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,6 +201,7 @@ ROI_ALIGN = Operator(
     forward=_align_forward,
     backward=_align_backward,
     boxes_backward=_align_boxes_backward,
+    boxes_scratch=_ops.roi_align_boxes_scratch,
 )
 
 
@@ -376,6 +383,7 @@ ROI_ALIGN_ROTATED = Operator(
     forward=_rotated_forward,
     backward=_rotated_backward,
     boxes_backward=_rotated_boxes_backward,
+    boxes_scratch=_ops.roi_align_rotated_boxes_scratch,
     box_columns=6,
     box_layout="(batch index, centre x, centre y, width, height, angle)",
     check=_check_rotated,
@@ -408,42 +416,24 @@ PRROI_POOL = Operator(
 # ----------------------------------------- TensorFlow's crop_and_resize
 # The front ends carry TensorFlow's boxes [K, 4] (y1, x1, y2, x2) and
 # box_indices [K] as one rois array [K, 5] (box index, y1, x1, y2, x2), so
-# that crop_and_resize is described like the others; the kernels take them
-# apart again.
+# that crop_and_resize is described like the others; the kernels read it so.
 CROP_METHODS = tuple(_kernels.CROP_AND_RESIZE_METHODS)
 
 
-def _crop_parts(rois):
-    """rois [K, 5] -> (boxes [K, 4], box_indices [K] int32); an index that
-    is not a whole number in int32's range becomes -1 (reads nothing)."""
-    xp = _ops._xp(rois)
-    index = rois[:, 0]
-    valid = (index >= 0) & (index < 2**31 - 1)  # NaN fails both
-    indices = xp.where(valid, index, -1).astype(np.int32)
-    return xp.ascontiguousarray(rois[:, 1:]), indices
-
-
 def _crop_forward(x, rois, out, saved, v, channels_last):
-    boxes, indices = _crop_parts(rois)
-    _ops.crop_and_resize_forward(x, boxes, indices, out, v.method,
-                                 v.extrapolation_value, channels_last)
+    _ops.crop_and_resize_forward(x, rois, out, v.method, v.extrapolation_value,
+                                 channels_last)
 
 
 def _crop_backward(g, rois, saved, grad_input, v, deterministic, zeroed,
                    channels_last):
-    boxes, indices = _crop_parts(rois)
-    _ops.crop_and_resize_backward(g, boxes, indices, grad_input, v.method,
-                                  deterministic, zeroed=zeroed,
-                                  channels_last=channels_last)
+    _ops.crop_and_resize_backward(g, rois, grad_input, v.method, deterministic,
+                                  zeroed=zeroed, channels_last=channels_last)
 
 
 def _crop_boxes_backward(g, x, rois, grad_rois, v, channels_last):
-    boxes, indices = _crop_parts(rois)
-    grad = _ops._xp(rois).empty(boxes.shape, grad_rois.dtype)
-    _ops.crop_and_resize_boxes_backward(g, x, boxes, indices, grad, v.method,
+    _ops.crop_and_resize_boxes_backward(g, x, rois, grad_rois, v.method,
                                         channels_last)
-    grad_rois[:, 0] = 0
-    grad_rois[:, 1:] = grad
 
 
 def _crop_rois(boxes, caller, batch, acc):
@@ -477,6 +467,7 @@ CROP_AND_RESIZE = Operator(
     forward=_crop_forward,
     backward=_crop_backward,
     boxes_backward=_crop_boxes_backward,
+    boxes_scratch=_ops.roi_align_boxes_scratch,
     box_layout=CROP_BOX,
     rois_from=_crop_rois,
     input_name="image",
@@ -494,6 +485,9 @@ def spp_levels(value, name="levels"):
     levels = tuple(value)
     if not levels:
         raise ValueError(f"{name} must hold at least one grid size, got {value!r}")
+    if len(levels) > _kernels.MAX_LEVELS:
+        raise ValueError(f"{name} may hold at most {_kernels.MAX_LEVELS} grid sizes, "
+                         f"got {len(levels)}")
     for level in levels:
         if not _validate._is_int(level) or not 1 <= int(level) <= 2**15:
             raise ValueError(f"{name} must hold whole numbers in [1, 32768] (a level "
@@ -508,8 +502,7 @@ def spp_bins(levels):
 
 def _spp_forward(x, rois, out, saved, v, channels_last):
     argmax = saved[0]
-    levels = _ops._xp(x).asarray(np.array(v.levels, dtype=np.int64))
-    _ops.roi_spp_forward(x, rois, levels, out, argmax, v.spatial_scale, v.convention,
+    _ops.roi_spp_forward(x, rois, v.levels, out, argmax, v.spatial_scale, v.convention,
                          v.mode, channels_last)
     if argmax is not None and v.mode == "avg":
         argmax.fill(-1)  # average bins have no position; the kernel leaves it
@@ -517,7 +510,6 @@ def _spp_forward(x, rois, out, saved, v, channels_last):
 
 def _spp_backward(g, rois, saved, grad_input, v, deterministic, zeroed,
                   channels_last):
-    levels = _ops._xp(g).asarray(np.array(v.levels, dtype=np.int64))
     argmax = saved[0] if saved and v.mode == "max" else None
     if argmax is None and v.mode == "max":
         raise ValueError("mode='max' needs argmax: the forward's, from return_argmax=True")
@@ -527,7 +519,7 @@ def _spp_backward(g, rois, saved, grad_input, v, deterministic, zeroed,
         # becomes -1 (no gradient), as the kernels treat any bad position.
         xp = _ops._xp(argmax)
         argmax = xp.where((argmax >= 0) & (argmax < 2**31), argmax, -1).astype(np.int32)
-    _ops.roi_spp_backward(g, argmax, rois, levels, grad_input, v.spatial_scale,
+    _ops.roi_spp_backward(g, argmax, rois, v.levels, grad_input, v.spatial_scale,
                           v.convention, v.mode, deterministic, zeroed=zeroed,
                           channels_last=channels_last)
 

@@ -20,9 +20,12 @@ The public functions (curoi.roi_align, ...), curoi.torch and curoi.jax all
 end here, so every front end gets the same numbers.
 """
 
+import contextlib
+import threading
+
 import numpy as np
 
-from . import _cpu, _gpu, _kernels
+from . import _cpu, _gpu, _kernels, _memory
 
 
 # dtype -> name, without numpy's dtype.name (microseconds a call).
@@ -51,21 +54,20 @@ def _run(family, direction, dtype, args, total, cuda):
         _cpu.launch(family, direction, dtype, args)
 
 
-def _finite_max_abs(grad_output, xp):
-    """max |grad_output| over its finite entries (0 if none), as a float64
-    array of one element on grad_output's device: the kernels read it there,
-    so the GPU never waits for the host."""
-    if grad_output.size == 0:
-        return xp.zeros(1, dtype=np.float64)
-    if xp is np:
-        # Two reading passes and no temporary in the usual all-finite case.
-        largest = max(float(grad_output.max()), -float(grad_output.min()))
-        if np.isfinite(largest):
-            return np.array([largest], dtype=np.float64)
-    magnitude = xp.abs(grad_output.astype(np.float32, copy=False)
-                       if grad_output.dtype.itemsize < 4 else grad_output)
-    finite = xp.where(xp.isfinite(magnitude), magnitude, 0)
-    return finite.max().astype(np.float64).reshape(1)
+#: Threads of the scale's launch on a GPU: each strides over its share of
+#: the gradient, and each warp folds its threads' maxima into one atomic, so
+#: a few thousand atomics meet at the result whatever the gradient's size.
+SCALE_THREADS = 2 ** 17
+
+
+def _finite_max_abs(grad_output, max_abs, cuda):
+    """max |grad_output| over its finite entries (0 if none) into
+    ``max_abs``, a zeroed float64 array of one element on grad_output's
+    device: one reading pass (fixed_point.cu), and the kernels read the
+    result there, so the GPU never waits for the host."""
+    _run("fixed_point", "scale", _name(grad_output.dtype),
+         (grad_output, grad_output.size, max_abs),
+         min(grad_output.size, SCALE_THREADS), cuda)
 
 
 #: Run the fixed-point sum on the CPU too when asked for determinism. The
@@ -75,6 +77,54 @@ def _finite_max_abs(grad_output, xp):
 #: kernels through the CPU backend.
 FIXED_POINT_ON_CPU = False
 
+_pinned = threading.local()
+
+
+@contextlib.contextmanager
+def fixed_point_on_cpu(value):
+    """FIXED_POINT_ON_CPU as ``value`` for the launches inside, whatever the
+    module's flag says meanwhile: curoi.jax sizes a launch's workspace when
+    it traces the program and runs the launch under the same choice."""
+    previous = getattr(_pinned, "value", None)
+    _pinned.value = bool(value)
+    try:
+        yield
+    finally:
+        _pinned.value = previous
+
+
+def uses_fixed_point_on_cpu():
+    pinned = getattr(_pinned, "value", None)
+    return FIXED_POINT_ON_CPU if pinned is None else pinned
+
+
+def backward_scratch(size, deterministic, cuda):
+    """The temporaries, as (shape, dtype) pairs in the order they are taken,
+    of a backward whose gradients hold ``size`` elements: the deterministic
+    flavour's scale (one float64) and int64 fixed-point sums where it runs
+    (on a GPU, or on the CPU with FIXED_POINT_ON_CPU); none otherwise."""
+    if deterministic and (cuda or uses_fixed_point_on_cpu()):
+        return [((1,), np.float64), ((size,), np.int64)]
+    return []
+
+
+def boxes_scratch(k, ph, pw, columns, acc):
+    """The temporaries of a box gradient in two passes: each (box, bin)'s
+    partial sums of its ``columns`` box coordinates, in ``acc``."""
+    return [((k, ph * pw, columns), np.dtype(acc))]
+
+
+def roi_align_boxes_scratch(k, ph, pw, acc):
+    """The temporaries of :func:`roi_align_boxes_backward` (and of
+    :func:`crop_and_resize_boxes_backward`: four corners too)."""
+    return boxes_scratch(k, ph, pw, 4, acc)
+
+
+def roi_align_rotated_boxes_scratch(k, ph, pw, acc):
+    """The temporaries of :func:`roi_align_rotated_boxes_backward`: the
+    centre, size and angle."""
+    return boxes_scratch(k, ph, pw, 5, acc)
+
 
 def _nchw(shape, channels_last):
     """A 4-D shape in [N, C, H, W] order, whichever layout it has."""
@@ -83,18 +133,19 @@ def _nchw(shape, channels_last):
     return tuple(shape)
 
 
-def _backward(family, args_before_sum, grad_output, grad_input, deterministic,
-              zeroed, terms, levels=None):
+def _backward(family, args, grad_output, grad_input, deterministic, zeroed,
+              terms, levels=None):
     """Launch ``family``'s backward. On the GPU the deterministic flavour
     sums in int64 fixed point and then adds the sums into grad_input (see
     CuroiFixedSum in curoi_common.cuh); the plain one adds atomically.
+    ``args`` are the kernels' arguments before the sum's; grad_input
+    follows them.
 
     ``levels`` is for families that write several gradients (one per level
-    of a pyramid): grad_input is then their list, and ``levels`` the pair
-    (table, finish): the kernels take ``table`` (the gradients' addresses)
-    where they would take grad_input, the fixed-point sums of every
-    gradient lie back to back in one int64 buffer, and fixed_finish takes
-    ``finish`` after its ``terms``, where it would take (total, grad_input).
+    of a pyramid) and take them in a table among ``args``: grad_input is
+    then their list, the fixed-point sums of every gradient lie back to
+    back in one int64 buffer, and fixed_finish takes ``levels`` (its
+    arguments after ``terms``) where it would take (total, grad_input).
     """
     cuda = _is_cuda(grad_output)
     dtype = _name(grad_output.dtype)
@@ -105,17 +156,17 @@ def _backward(family, args_before_sum, grad_output, grad_input, deterministic,
     size = sum(grad.size for grad in grads)
     if size == 0:
         return
-    table, finish = levels if levels is not None else (grad_input,
-                                                       (size, grad_input))
-    if not (deterministic and (cuda or FIXED_POINT_ON_CPU)):
-        _run(family, "backward", dtype, args_before_sum + (table,),
-             grad_output.size, cuda)
+    sum_args, finish = ((), levels) if levels is not None else (
+        (grad_input,), (size, grad_input))
+    scratch = backward_scratch(size, deterministic, cuda)
+    if not scratch:
+        _run(family, "backward", dtype, args + sum_args, grad_output.size, cuda)
         return
     xp = _xp(grad_output)
-    max_abs = _finite_max_abs(grad_output, xp)
-    fixed = xp.zeros(size, dtype=np.int64)
-    _run(family, "backward_fixed", dtype,
-         args_before_sum + (max_abs, fixed, table), grad_output.size, cuda)
+    max_abs, fixed = (_memory.zeros(xp, shape, kind) for shape, kind in scratch)
+    _finite_max_abs(grad_output, max_abs, cuda)
+    _run(family, "backward_fixed", dtype, args + (max_abs, fixed) + sum_args,
+         grad_output.size, cuda)
     _run(family, "fixed_finish", dtype, (fixed, max_abs, terms) + finish,
          size, cuda)
 
@@ -167,7 +218,8 @@ def roi_align_boxes_backward(grad_output, x, rois, grad_rois, spatial_scale,
         grad_rois.fill(0)
         return
     cuda = _is_cuda(x)
-    partial = _xp(x).empty((k, ph * pw, 4), dtype=grad_rois.dtype)
+    (shape, dtype), = roi_align_boxes_scratch(k, ph, pw, grad_rois.dtype)
+    partial = _memory.empty(_xp(x), shape, dtype)
     _run("roi_align", "boxes_backward", _name(x.dtype),
          (grad_output, x, rois, k, n, c, h, w, ph, pw, spatial_scale,
           sampling_ratio, int(aligned), int(channels_last), partial),
@@ -282,7 +334,9 @@ def roi_align_rotated_boxes_backward(grad_output, x, rois, grad_rois,
         return
     cuda = _is_cuda(x)
     dtype = _name(x.dtype)
-    partial = _xp(x).empty((k, ph * pw, 5), dtype=grad_rois.dtype)
+    (shape, partial_dtype), = roi_align_rotated_boxes_scratch(k, ph, pw,
+                                                              grad_rois.dtype)
+    partial = _memory.empty(_xp(x), shape, partial_dtype)
     _run("roi_align_rotated", "boxes_backward", dtype,
          (grad_output, x, rois, k, n, c, h, w, ph, pw, spatial_scale,
           sampling_ratio, _kernels.ROTATED_CONVENTIONS[convention],
@@ -391,8 +445,9 @@ def ps_roi_align_backward(grad_output, rois, grad_input, spatial_scale,
 
 
 # Spatial pyramid pooling (SPPnet): for each box, RoI Pool's bins (either
-# convention) over an l x l grid for each level l of ``levels`` (an int64
-# array on the kernels' device, e.g. [1, 2, 4]). Outputs are [K, C * bins],
+# convention) over an l x l grid for each level l of ``levels`` (a sequence
+# of ints, e.g. (1, 2, 4), passed to the kernels by value). Outputs are
+# [K, C * bins],
 # bins = sum(l * l), each row the levels' [C, l, l] blocks in turn: the
 # concatenation of roi_pool(x, boxes, (l, l)).reshape(K, -1) over the
 # levels, in this order whatever the input's layout (channels_last moves
@@ -401,6 +456,15 @@ def ps_roi_align_backward(grad_output, rois, grad_input, spatial_scale,
 
 def _spp_bins(row, channels):
     return row // channels if channels else 0
+
+
+def spp_levels(levels):
+    """The grid sizes ``levels`` (at most _kernels.MAX_LEVELS of them, as
+    the front ends check) as the kernels' by-value RoiSppLevels."""
+    table = _kernels.SPP_LEVELS.new()
+    table["size"][0, :len(levels)] = levels
+    table["count"] = len(levels)
+    return table
 
 
 def roi_spp_forward(x, rois, levels, out, argmax, spatial_scale, convention,
@@ -418,7 +482,7 @@ def roi_spp_forward(x, rois, levels, out, argmax, spatial_scale, convention,
             argmax.fill(-1)
         return
     _run("roi_spp", "forward", _name(x.dtype),
-         (x, rois, levels, levels.size, k, n, c, h, w,
+         (x, rois, spp_levels(levels), k, n, c, h, w,
           _spp_bins(out.shape[1], c), spatial_scale,
           _kernels.POOL_CONVENTIONS[convention], _kernels.SPP_MODES[mode],
           int(channels_last), out, argmax),
@@ -438,7 +502,7 @@ def roi_spp_backward(grad_output, argmax, rois, levels, grad_input,
     k = grad_output.shape[0]
     bins = _spp_bins(grad_output.shape[1], c)
     _backward("roi_spp",
-              (grad_output, argmax, rois, levels, levels.size, k, n, c, h, w,
+              (grad_output, argmax, rois, spp_levels(levels), k, n, c, h, w,
                bins, spatial_scale, _kernels.POOL_CONVENTIONS[convention],
                _kernels.SPP_MODES[mode], int(channels_last)),
               grad_output, grad_input, deterministic, zeroed, k * bins)
@@ -500,27 +564,27 @@ def prroi_pool_boxes_backward(grad_output, x, rois, grad_rois, spatial_scale,
 
 # Crop and resize (TensorFlow's tf.image.crop_and_resize): ``image`` is
 # channels-last [N, H, W, C] by default (TF's layout; [N, C, H, W] with
-# channels_last=False), ``boxes`` [K, 4] normalised (y1, x1, y2, x2) in the
-# accumulation dtype, ``box_indices`` [K] int32, crops [K, PH, PW, C]
-# ([K, C, PH, PW]) whose PH, PW are the crop size. A box index outside
-# [0, N) gives an all-extrapolation_value crop and no gradient.
+# channels_last=False), ``rois`` [K, 5] (box index, y1, x1, y2, x2) in the
+# accumulation dtype, the corners normalised (TF's boxes and box_indices in
+# one array), crops [K, PH, PW, C] ([K, C, PH, PW]) whose PH, PW are the
+# crop size. A box index outside [0, N) gives an all-extrapolation_value
+# crop and no gradient.
 
 
-def crop_and_resize_forward(image, boxes, box_indices, out, method,
-                            extrapolation_value, channels_last=True):
-    """``out`` = the crops of ``image`` that ``boxes`` on images
-    ``box_indices`` select, resized to ``out``'s PH x PW by ``method``
-    ("bilinear" or "nearest"); points off the image are
-    ``extrapolation_value`` (see crop_and_resize.cu)."""
+def crop_and_resize_forward(image, rois, out, method, extrapolation_value,
+                            channels_last=True):
+    """``out`` = the crops of ``image`` that ``rois`` select, resized to
+    ``out``'s PH x PW by ``method`` ("bilinear" or "nearest"); points off
+    the image are ``extrapolation_value`` (see crop_and_resize.cu)."""
     n, c, h, w = _nchw(image.shape, channels_last)
     k, _, ph, pw = _nchw(out.shape, channels_last)
     _run("crop_and_resize", "forward", _name(image.dtype),
-         (image, boxes, box_indices, k, n, c, h, w, ph, pw, extrapolation_value,
+         (image, rois, k, n, c, h, w, ph, pw, extrapolation_value,
           _kernels.CROP_AND_RESIZE_METHODS[method], int(channels_last), out),
          out.size, _is_cuda(image))
 
 
-def crop_and_resize_backward(grad_output, boxes, box_indices, grad_image, method,
+def crop_and_resize_backward(grad_output, rois, grad_image, method,
                              deterministic=False, zeroed=False, channels_last=True):
     """``grad_image`` ([N, H, W, C], or [N, C, H, W] without
     ``channels_last``, in the accumulation dtype) = the gradient of
@@ -530,51 +594,58 @@ def crop_and_resize_backward(grad_output, boxes, box_indices, grad_image, method
     n, c, h, w = _nchw(grad_image.shape, channels_last)
     k, _, ph, pw = _nchw(grad_output.shape, channels_last)
     _backward("crop_and_resize",
-              (grad_output, boxes, box_indices, k, n, c, h, w, ph, pw,
+              (grad_output, rois, k, n, c, h, w, ph, pw,
                _kernels.CROP_AND_RESIZE_METHODS[method], int(channels_last)),
               grad_output, grad_image, deterministic, zeroed, k * ph * pw)
 
 
-def crop_and_resize_boxes_backward(grad_output, image, boxes, box_indices,
-                                   grad_boxes, method, channels_last=True):
-    """``grad_boxes[K, 4]`` (accumulation dtype, as ``boxes``) = the
-    gradient of :func:`crop_and_resize_forward` with respect to the boxes
-    for ``grad_output``: TF's CropAndResizeGradBoxes, the bilinear
-    derivative whatever ``method`` (as TF). Deterministic: each box's sum
-    runs in a fixed order (see crop_and_resize.cu)."""
+def crop_and_resize_boxes_backward(grad_output, image, rois, grad_rois, method,
+                                   channels_last=True):
+    """``grad_rois[K, 5]`` (accumulation dtype, as ``rois``) = the gradient
+    of :func:`crop_and_resize_forward` with respect to the boxes for
+    ``grad_output``: TF's CropAndResizeGradBoxes in columns 1-4 (0 in the
+    box-index column), the bilinear derivative whatever ``method`` (as TF).
+    Deterministic: each box's sum runs in a fixed order (see
+    crop_and_resize.cu)."""
     n, c, h, w = _nchw(image.shape, channels_last)
     k, _, ph, pw = _nchw(grad_output.shape, channels_last)
     cuda = _is_cuda(image)
     dtype = _name(image.dtype)
-    partial = _xp(image).empty((k, ph, pw, 4), dtype=grad_boxes.dtype)
+    (shape, partial_dtype), = roi_align_boxes_scratch(k, ph, pw, grad_rois.dtype)
+    partial = _memory.empty(_xp(image), shape, partial_dtype)
     _run("crop_and_resize", "boxes_backward", dtype,
-         (grad_output, image, boxes, box_indices, k, n, c, h, w, ph, pw,
+         (grad_output, image, rois, k, n, c, h, w, ph, pw,
           _kernels.CROP_AND_RESIZE_METHODS[method], int(channels_last), partial),
-         partial.size // 4, cuda)
+         k * ph * pw, cuda)
     _run("crop_and_resize", "boxes_backward_finish", dtype,
-         (partial, k, ph * pw, grad_boxes), grad_boxes.size, cuda)
+         (partial, k, ph * pw, grad_rois), k * 4, cuda)
 
 
 # Multiscale RoI Align (multiscale_roi_align.cu): the levels of a feature
 # pyramid, each box pooled by RoI Align from the level its size selects.
-# The kernels take a table of the levels' arrays (their addresses, built here
-# and kept alive until the launch returns), sizes and spatial scales.
+# The kernels take the levels' arrays (their addresses; the arrays are kept
+# alive by the caller until the launch returns), sizes and spatial scales in
+# one table passed by value.
 
 
-def _level_table(arrays, spatial_scales, channels_last, xp, dtype):
-    """(addresses, sizes, scales) of the levels ``arrays``, on their device:
-    int64 addresses (host addresses of NumPy arrays, device pointers of CuPy
-    ones), int64 ``[L, 2]`` (H_l, W_l) and ``[L]`` spatial scales in the
-    accumulation dtype."""
-    if xp is np:
-        addresses = [_cpu.address(a) for a in arrays]
-    else:
-        addresses = [a.data.ptr for a in arrays]
-    sizes = [_nchw(a.shape, channels_last)[2:] for a in arrays]
-    acc = np.float64 if dtype == "float64" else np.float32
-    return (xp.asarray(np.array(addresses, dtype=np.int64)),
-            xp.asarray(np.array(sizes, dtype=np.int64).reshape(-1, 2)),
-            xp.asarray(np.array(spatial_scales, dtype=acc).reshape(-1)))
+def _level_table(arrays, spatial_scales, channels_last):
+    """The kernels' by-value MultiscaleLevels for the levels ``arrays``: their
+    addresses (host addresses of NumPy arrays, device pointers of CuPy ones),
+    (H_l, W_l) and spatial scales. At most _kernels.MAX_LEVELS levels, as
+    the front ends check."""
+    table = _kernels.MULTISCALE_LEVELS.new()
+    count = len(arrays)
+    if count > _kernels.MAX_LEVELS:
+        raise ValueError(f"multiscale RoI Align takes at most {_kernels.MAX_LEVELS} "
+                         f"levels, got {count}")
+    table["address"][0, :count] = [
+        _cpu.address(a) if isinstance(a, np.ndarray) else a.data.ptr for a in arrays]
+    table["size"][0, :2 * count] = [
+        extent for a in arrays for extent in _nchw(a.shape, channels_last)[2:]]
+    table["scale_f32"][0, :count] = spatial_scales
+    table["scale_f64"][0, :count] = spatial_scales
+    table["count"] = count
+    return table
 
 
 def multiscale_roi_align_forward(features, rois, out, spatial_scales,
@@ -593,11 +664,9 @@ def multiscale_roi_align_forward(features, rois, out, spatial_scales,
         return
     first = features[0]
     n, c, _, _ = _nchw(first.shape, channels_last)
-    dtype = _name(first.dtype)
-    table, sizes, scales = _level_table(features, spatial_scales,
-                                        channels_last, _xp(first), dtype)
-    _run("multiscale_roi_align", "forward", dtype,
-         (table, sizes, scales, len(features), rois, k, n, c, ph, pw,
+    _run("multiscale_roi_align", "forward", _name(first.dtype),
+         (_level_table(features, spatial_scales, channels_last), rois, k, n, c,
+          ph, pw,
           sampling_ratio, int(aligned), canonical_scale, int(canonical_level),
           eps, _kernels.MULTISCALE_LEVEL_RULES[level_rule],
           int(channels_last), out),
@@ -618,15 +687,11 @@ def multiscale_roi_align_backward(grad_output, rois, grad_inputs,
     if not grad_inputs:
         return
     n = _nchw(grad_inputs[0].shape, channels_last)[0]
-    table, sizes, scales = _level_table(grad_inputs, spatial_scales,
-                                        channels_last, _xp(grad_output),
-                                        _name(grad_output.dtype))
+    table = _level_table(grad_inputs, spatial_scales, channels_last)
     _backward("multiscale_roi_align",
-              (grad_output, sizes, scales, len(grad_inputs), rois, k, n, c,
-               ph, pw, sampling_ratio, int(aligned), canonical_scale,
-               int(canonical_level), eps,
+              (grad_output, table, rois, k, n, c, ph, pw, sampling_ratio,
+               int(aligned), canonical_scale, int(canonical_level), eps,
                _kernels.MULTISCALE_LEVEL_RULES[level_rule],
                int(channels_last)),
               grad_output, list(grad_inputs), deterministic, zeroed,
-              k * ph * pw,
-              levels=(table, (sizes, len(grad_inputs), n, c, table)))
+              k * ph * pw, levels=(table, n, c))

@@ -9,10 +9,14 @@ import functools
 import hashlib
 from pathlib import Path
 
-#: The kernel families: one ``.cu`` file each.
+#: The kernel families: one ``.cu`` file each (``fixed_point`` holds what
+#: every family's deterministic backward shares).
 FAMILIES = ("roi_pool", "roi_align", "roi_align_max", "ps_roi_pool", "ps_roi_align",
             "roi_align_rotated", "roi_spp", "prroi_pool", "crop_and_resize",
-            "multiscale_roi_align")
+            "multiscale_roi_align", "fixed_point")
+#: The families that are not an operator of their own, but kernels that the
+#: others' launches share.
+SHARED_FAMILIES = ("fixed_point",)
 
 COMMON_HEADER = "curoi_common.cuh"
 

@@ -67,10 +67,11 @@ What does not work (yet):
   exactly; a larger one raises a ValueError at trace time.
 
 On a GPU the kernels are compiled by NVRTC on first use (inside the first
-call), and the deterministic backward takes its temporary int64 buffer from
-CuPy's memory pool, outside XLA's: if XLA has preallocated most of the GPU
-memory, lower ``XLA_PYTHON_CLIENT_MEM_FRACTION`` or set
-``XLA_PYTHON_CLIENT_PREALLOCATE=false``.
+call). Every byte a launch uses is XLA's: temporaries (the deterministic
+backward's int64 fixed-point sums, the box gradients' partial sums) are one
+more output of the launch's callback, sized when the program is traced and
+handed to the kernels as their workspace, so XLA's preallocated pool covers
+them and CuPy allocates nothing.
 
 Needs JAX 0.7 or newer (``jax.experimental.buffer_callback``), and CuPy for
 GPU arrays (``pip install curoi[cuda12]``).
@@ -91,8 +92,8 @@ except ImportError as error:  # pragma: no cover - only without JAX
         "`pip install \"jax[cuda12]>=0.7\"` (NVIDIA GPUs)"
     ) from error
 
-from . import _boxes, _gpu, _multiscale, _operators, _ops, _validate
-from ._interop import FLOAT_DTYPES, HALF_DTYPES
+from . import _boxes, _gpu, _memory, _multiscale, _operators, _ops, _validate
+from ._interop import FLOAT_DTYPES, HALF_DTYPES, external_stream
 from ._operators import (ALIGN_MODES, PS_ROI_ALIGN, PS_ROI_POOL, ROI_ALIGN,
                          ROI_ALIGN_MAX, ROI_ALIGN_ROTATED, ROI_POOL, ROI_SPP, PRROI_POOL,
                          CROP_AND_RESIZE)
@@ -218,26 +219,12 @@ def _rois(boxes, acc, columns=5):
 # --------------------------------------------------------------------------
 
 
-class _XlaStream:
-    """XLA's CUDA stream, as the CUDA stream protocol that CuPy 14 reads."""
-
-    def __init__(self, handle):
-        self._handle = handle
-
-    def __cuda_stream__(self):
-        return (0, self._handle)
-
-
-def _cupy_stream(cupy, handle, device_id):
-    if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14
-        return cupy.cuda.Stream.from_external(_XlaStream(handle))
-    return cupy.cuda.ExternalStream(handle, device_id)
-
-
-def _run_on_buffers(ctx, run, outputs, inputs, int64_outputs=()):
+def _run_on_buffers(ctx, run, outputs, inputs, int64_outputs=(), scratch=False):
     """Call ``run(*input_views, *output_views)`` on kernel views of XLA's
     buffers. ``int64_outputs``: positions of outputs that JAX holds as int32
-    pairs (JAX has no int64 without x64) and the kernel writes as int64."""
+    pairs (JAX has no int64 without x64) and the kernel writes as int64.
+    ``scratch``: the last output is a uint8 buffer that the launches'
+    temporaries are taken from (see curoi._memory), not one of ``run``'s."""
     kind, device_id = inputs[0].__dlpack_device__()
     kind = int(kind)
     if kind == _DLPACK_CPU:
@@ -246,9 +233,7 @@ def _run_on_buffers(ctx, run, outputs, inputs, int64_outputs=()):
         ins = [np.from_dlpack(b) for b in inputs]
         outs = [np.from_dlpack(b) for b in outputs]
         _check_views(ins + outs)
-        outs = [v.view(np.int64)[..., 0] if i in int64_outputs else v
-                for i, v in enumerate(outs)]
-        run(*ins, *outs)
+        _run_views(run, ins, outs, int64_outputs, scratch)
         return
     if kind != _DLPACK_CUDA:
         raise RuntimeError(
@@ -260,14 +245,32 @@ def _run_on_buffers(ctx, run, outputs, inputs, int64_outputs=()):
     with cupy.cuda.Device(device_id):
         # The kernels launch on XLA's own stream, so they are ordered with the
         # rest of the XLA program without any synchronisation; CuPy passes
-        # the same stream to __dlpack__, so the views need none either.
-        with _cupy_stream(cupy, ctx.stream, device_id):
+        # the same stream to __dlpack__, so the views need none either. XLA
+        # owns every byte the launch uses: CuPy may allocate nothing.
+        with external_stream(cupy, ctx.stream, device_id), \
+                cupy.cuda.using_allocator(_no_allocation):
             ins = [cupy.from_dlpack(b) for b in inputs]
             outs = [cupy.from_dlpack(b) for b in outputs]
             _check_views(ins + outs)
-            outs = [v.view(np.int64)[..., 0] if i in int64_outputs else v
-                    for i, v in enumerate(outs)]
-            run(*ins, *outs)
+            _run_views(run, ins, outs, int64_outputs, scratch)
+
+
+def _run_views(run, ins, outs, int64_outputs, scratch):
+    workspace = outs.pop() if scratch else None
+    outs = [v.view(np.int64)[..., 0] if i in int64_outputs else v
+            for i, v in enumerate(outs)]
+    if workspace is None:
+        run(*ins, *outs)
+        return
+    with _memory.workspace(workspace):
+        run(*ins, *outs)
+
+
+def _no_allocation(size):
+    raise RuntimeError(
+        f"curoi.jax: a kernel launch asked CuPy for {size} bytes of GPU memory "
+        "outside XLA's buffers (its temporaries come from the call's workspace); "
+        "this is a bug in curoi, please report it")
 
 
 def _check_views(views):
@@ -281,12 +284,19 @@ def _check_views(views):
             )
 
 
-def _call(run, out_types, *args, int64_outputs=()):
-    """One kernel launch inside the XLA program."""
-    def callback(ctx, outputs, *inputs):
-        _run_on_buffers(ctx, run, list(outputs), list(inputs), int64_outputs)
+def _call(run, out_types, *args, int64_outputs=(), scratch=0):
+    """One kernel launch inside the XLA program; ``scratch`` bytes of
+    workspace for its temporaries, allocated by XLA as one more output."""
+    out_types = tuple(out_types)
+    if scratch:
+        out_types += (jax.ShapeDtypeStruct((scratch,), jnp.uint8),)
 
-    return _buffer_callback(callback, tuple(out_types))(*args)
+    def callback(ctx, outputs, *inputs):
+        _run_on_buffers(ctx, run, list(outputs), list(inputs), int64_outputs,
+                        bool(scratch))
+
+    results = tuple(_buffer_callback(callback, out_types)(*args))
+    return results[:-1] if scratch else results
 
 
 def _int64_type(shape):
@@ -457,15 +467,21 @@ def _forward_op(op, ph, pw, values, channels_last, saved_dtypes):
 
 @functools.lru_cache(maxsize=None)
 def _backward_op(op, input_shape, output_size, values, deterministic,
-                 channels_last, saved_dtypes):
+                 channels_last, saved_dtypes, cuda, fixed_on_cpu):
     """``grad_output``, the saved results, ``rois`` -> the gradient of the
-    features ``input_shape`` (in their layout) in the accumulation dtype."""
+    features ``input_shape`` (in their layout) in the accumulation dtype,
+    for a GPU (``cuda``) or the CPU: their temporaries differ (see
+    curoi._ops.backward_scratch), and XLA allocates them as the launch's
+    workspace (``call.scratch`` bytes)."""
+    scratch = _memory.footprint(_ops.backward_scratch(
+        int(np.prod(input_shape)), deterministic, cuda or fixed_on_cpu))
 
     def run(g, *args):
         *saved, rois, grad_input = args
         saved = [_saved_view(v, d) for v, d in zip(saved, saved_dtypes)]
-        op.backward(g, rois, saved, grad_input, values, deterministic, False,
-                    channels_last)
+        with _ops.fixed_point_on_cpu(fixed_on_cpu):
+            op.backward(g, rois, saved, grad_input, values, deterministic, False,
+                        channels_last)
 
     @custom_vmap
     def call(g, *args):
@@ -474,7 +490,7 @@ def _backward_op(op, input_shape, output_size, values, deterministic,
             grad = jnp.zeros(input_shape, acc)
         else:
             out = jax.ShapeDtypeStruct(input_shape, acc)
-            grad = _call(run, [out], g, *args)[0]
+            grad = _call(run, [out], g, *args, scratch=scratch)[0]
         return _varying_like(grad, g, *args)
 
     @call.def_vmap
@@ -491,9 +507,10 @@ def _backward_op(op, input_shape, output_size, values, deterministic,
         rois = _fold_rois(rois, rois_batched, axis_size, input_shape[0])
         folded = (axis_size * input_shape[0],) + tuple(input_shape[1:])
         inner = _backward_op(op, folded, output_size, values, deterministic,
-                             channels_last, saved_dtypes)
+                             channels_last, saved_dtypes, cuda, fixed_on_cpu)
         return _unfold(inner(g, *saved, rois), axis_size), True
 
+    call.scratch = scratch
     return call
 
 
@@ -512,7 +529,11 @@ def _boxes_backward_op(op, ph, pw, values, channels_last):
         if g.size == 0 or x.size == 0:
             grad = jnp.zeros(rois.shape, acc)
         else:
-            grad = _call(run, [jax.ShapeDtypeStruct(rois.shape, acc)], g, x, rois)[0]
+            scratch = 0
+            if op.boxes_scratch is not None:
+                scratch = _memory.footprint(op.boxes_scratch(rois.shape[0], ph, pw, acc))
+            grad = _call(run, [jax.ShapeDtypeStruct(rois.shape, acc)], g, x, rois,
+                         scratch=scratch)[0]
         return _varying_like(grad, g, x, rois)
 
     @call.def_vmap
@@ -525,12 +546,14 @@ def _boxes_backward_op(op, ph, pw, values, channels_last):
     return call
 
 
-def _per_platform(half, on_cpu, on_gpu, *args):
-    """Half precision: the GPU has float16/bfloat16 kernels, the CPU
-    computes them in float32. The platform is known only when XLA lowers the
-    program (not while tracing), hence lax.platform_dependent."""
-    if not half:
-        return on_gpu(*args)  # float32/float64: the same kernels everywhere
+def _per_platform(split, on_cpu, on_gpu, *args):
+    """``on_cpu`` on the CPU and ``on_gpu`` elsewhere when ``split``: half
+    precision (the GPU has float16/bfloat16 kernels, the CPU computes them in
+    float32) and launches whose temporaries differ by platform (the
+    deterministic backward's). The platform is known only when XLA lowers
+    the program (not while tracing), hence lax.platform_dependent."""
+    if not split:
+        return on_gpu(*args)  # the same launch on every platform
     return jax.lax.platform_dependent(*args, cpu=on_cpu, default=on_gpu)
 
 
@@ -541,13 +564,14 @@ def _per_platform(half, on_cpu, on_gpu, *args):
 
 class _Config(tuple):
     """Everything static about one call: (op, ph, pw, values, deterministic,
-    input_shape, input_axes, channels_last, saved_dtypes)."""
+    input_shape, input_axes, channels_last, saved_dtypes, fixed_on_cpu), the
+    last curoi._ops.FIXED_POINT_ON_CPU when it was traced."""
 
     op = property(lambda self: self[0])
 
 
 def _forward(config, x, rois):
-    op, ph, pw, values, _, _, _, channels_last, saved_dtypes = config
+    op, ph, pw, values, _, _, _, channels_last, saved_dtypes, _ = config
     call = _forward_op(op, ph, pw, values, channels_last, saved_dtypes)
     dtype = x.dtype
 
@@ -572,7 +596,7 @@ def _apply_fwd(config, x, rois):
 
 def _boxes_cotangent(config, g, x, rois):
     """The gradient with respect to the rois: the operator's, or zero."""
-    op, ph, pw, values, _, _, _, channels_last, _ = config
+    op, ph, pw, values, _, _, _, channels_last, _, _ = config
     if op.boxes_backward is None:
         return jnp.zeros_like(rois)  # of the boxes' own type
     call = _boxes_backward_op(op, ph, pw, values, channels_last)
@@ -587,17 +611,20 @@ def _boxes_cotangent(config, g, x, rois):
 def _apply_bwd(config, residuals, g):
     saved, rois, x = residuals
     (op, ph, pw, values, deterministic, input_shape, input_axes, channels_last,
-     saved_dtypes) = config
+     saved_dtypes, fixed_on_cpu) = config
     output_size = (ph, pw) if op.backward_needs_output_size else None
-    call = _backward_op(op, input_shape, output_size, values, deterministic,
-                        channels_last, saved_dtypes)
+    cpu_call, gpu_call = (
+        _backward_op(op, input_shape, output_size, values, deterministic,
+                     channels_last, saved_dtypes, cuda, fixed_on_cpu)
+        for cuda in (False, True))
     dtype = g.dtype
+    half = _dtype_name(dtype) in HALF_DTYPES
 
     def on_cpu(g, *args):
-        return call(g.astype(jnp.float32), *args)
+        return cpu_call(g.astype(jnp.float32) if half else g, *args)
 
-    grad = _per_platform(_dtype_name(dtype) in HALF_DTYPES, on_cpu, call,
-                         g, *saved, rois)
+    grad = _per_platform(half or cpu_call.scratch != gpu_call.scratch, on_cpu,
+                         gpu_call, g, *saved, rois)
     # Summed across devices in the accumulation dtype, then rounded once to
     # the features' dtype.
     grad = _cotangent_for(grad, input_axes).astype(dtype)
@@ -636,7 +663,7 @@ def _run(op, input, boxes, output_size, values, deterministic, data_format):
     op.result_shape(0, c, ph, pw, values, channels_last)  # raises for a C it cannot take
     saved_dtypes = tuple(s.dtype(h, w) for s in op.saved)
     config = _Config((op, ph, pw, values, deterministic, shape, _varying_axes(x),
-                      channels_last, saved_dtypes))
+                      channels_last, saved_dtypes, _ops.FIXED_POINT_ON_CPU))
     return _program(config, x, boxes)
 
 
@@ -864,17 +891,22 @@ def _multiscale_forward_op(ph, pw, values, channels_last):
 
 
 @functools.lru_cache(maxsize=None)
-def _multiscale_backward_op(shapes, ph, pw, values, deterministic, channels_last):
+def _multiscale_backward_op(shapes, ph, pw, values, deterministic, channels_last,
+                            cuda, fixed_on_cpu):
     """``(grad_output, rois)`` -> the gradient of every level (``shapes``),
-    in the accumulation dtype."""
+    in the accumulation dtype; ``cuda`` and the workspace as in
+    :func:`_backward_op`."""
+    scratch = _memory.footprint(_ops.backward_scratch(
+        sum(int(np.prod(s)) for s in shapes), deterministic, cuda or fixed_on_cpu))
 
     def run(g, rois, *grads):
         # XLA's output buffers are not zeroed: the wrapper zeroes them.
-        _ops.multiscale_roi_align_backward(
-            g, rois, list(grads), values.spatial_scales, values.sampling_ratio,
-            values.aligned, values.canonical_scale, values.canonical_level,
-            values.eps, values.level_rule, deterministic, zeroed=False,
-            channels_last=channels_last)
+        with _ops.fixed_point_on_cpu(fixed_on_cpu):
+            _ops.multiscale_roi_align_backward(
+                g, rois, list(grads), values.spatial_scales, values.sampling_ratio,
+                values.aligned, values.canonical_scale, values.canonical_level,
+                values.eps, values.level_rule, deterministic, zeroed=False,
+                channels_last=channels_last)
 
     @custom_vmap
     def call(g, rois):
@@ -882,7 +914,8 @@ def _multiscale_backward_op(shapes, ph, pw, values, deterministic, channels_last
         if g.size == 0 or sum(int(np.prod(s)) for s in shapes) == 0:
             grads = [jnp.zeros(s, acc) for s in shapes]
         else:
-            grads = _call(run, [jax.ShapeDtypeStruct(s, acc) for s in shapes], g, rois)
+            grads = _call(run, [jax.ShapeDtypeStruct(s, acc) for s in shapes], g, rois,
+                          scratch=scratch)
         return tuple(_varying_like(grad, g, rois) for grad in grads)
 
     @call.def_vmap
@@ -892,15 +925,16 @@ def _multiscale_backward_op(shapes, ph, pw, values, deterministic, channels_last
         rois = _fold_rois(rois, in_batched[1], axis_size, shapes[0][0])
         folded = tuple((axis_size * s[0],) + tuple(s[1:]) for s in shapes)
         inner = _multiscale_backward_op(folded, ph, pw, values, deterministic,
-                                        channels_last)
+                                        channels_last, cuda, fixed_on_cpu)
         grads = inner(g, rois)
         return tuple(_unfold(grad, axis_size) for grad in grads), (True,) * len(grads)
 
+    call.scratch = scratch
     return call
 
 
 def _multiscale_forward(config, levels, rois):
-    ph, pw, values, _, _, _, channels_last = config
+    ph, pw, values, _, _, _, channels_last, _ = config
     call = _multiscale_forward_op(ph, pw, values, channels_last)
     dtype = levels[0].dtype
 
@@ -924,14 +958,19 @@ def _multiscale_apply_fwd(config, levels, rois):
 
 
 def _multiscale_apply_bwd(config, rois, g):
-    ph, pw, values, deterministic, shapes, level_axes, channels_last = config
-    call = _multiscale_backward_op(shapes, ph, pw, values, deterministic, channels_last)
+    ph, pw, values, deterministic, shapes, level_axes, channels_last, fixed_on_cpu = config
+    cpu_call, gpu_call = (
+        _multiscale_backward_op(shapes, ph, pw, values, deterministic, channels_last,
+                                cuda, fixed_on_cpu)
+        for cuda in (False, True))
     dtype = g.dtype
+    half = _dtype_name(dtype) in HALF_DTYPES
 
     def on_cpu(g, rois):
-        return call(g.astype(jnp.float32), rois)
+        return cpu_call(g.astype(jnp.float32) if half else g, rois)
 
-    grads = _per_platform(_dtype_name(dtype) in HALF_DTYPES, on_cpu, call, g, rois)
+    grads = _per_platform(half or cpu_call.scratch != gpu_call.scratch, on_cpu,
+                          gpu_call, g, rois)
     # Summed across devices in the accumulation dtype, rounded once.
     grads = tuple(_cotangent_for(grad, axes).astype(dtype)
                   for grad, axes in zip(grads, level_axes))
@@ -990,5 +1029,6 @@ def multiscale_roi_align(features, boxes, output_size, spatial_scales, sampling_
     boxes = _checked_boxes(boxes, first[1])
     shapes = tuple(tuple(int(d) for d in x.shape) for x in levels)
     config = (ph, pw, values, deterministic, shapes,
-              tuple(_varying_axes(x) for x in levels), channels_last)
+              tuple(_varying_axes(x) for x in levels), channels_last,
+              _ops.FIXED_POINT_ON_CPU)
     return _multiscale_program(config, tuple(levels), boxes)

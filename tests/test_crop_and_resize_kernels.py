@@ -46,8 +46,14 @@ def _boxes(boxes, dtype):
                                     _acc(dtype))
 
 
-def _indices(box_indices):
-    return np.ascontiguousarray(box_indices, np.int32)
+def _rois(boxes, box_indices, dtype):
+    """TensorFlow's boxes and box_indices as the kernels take them: one
+    [K, 5] array (box index, y1, x1, y2, x2) in the accumulation dtype."""
+    boxes = _boxes(boxes, dtype)
+    rois = np.empty((boxes.shape[0], 5), boxes.dtype)
+    rois[:, 0] = box_indices
+    rois[:, 1:] = boxes
+    return rois
 
 
 def _nchw(a):
@@ -65,7 +71,7 @@ def crop(image, boxes, box_indices, crop_size, method="bilinear", extrapolation=
     k, (ph, pw), c = len(box_indices), crop_size, image.shape[-1]
     x = np.ascontiguousarray(image) if channels_last else _nchw(image)
     out = np.full((k, ph, pw, c) if channels_last else (k, c, ph, pw), np.nan, image.dtype)
-    _ops.crop_and_resize_forward(x, _boxes(boxes, image.dtype), _indices(box_indices), out,
+    _ops.crop_and_resize_forward(x, _rois(boxes, box_indices, image.dtype), out,
                                  method, extrapolation, channels_last=channels_last)
     return out if channels_last else _nhwc(out)
 
@@ -76,7 +82,7 @@ def crop_backward(g, boxes, box_indices, image_shape, method="bilinear",
     n, h, w, c = image_shape
     gs = np.ascontiguousarray(g) if channels_last else _nchw(g)
     gx = np.full((n, h, w, c) if channels_last else (n, c, h, w), np.nan, _acc(g.dtype))
-    _ops.crop_and_resize_backward(gs, _boxes(boxes, g.dtype), _indices(box_indices), gx,
+    _ops.crop_and_resize_backward(gs, _rois(boxes, box_indices, g.dtype), gx,
                                   method, deterministic=deterministic,
                                   channels_last=channels_last)
     return gx if channels_last else _nhwc(gx)
@@ -87,11 +93,11 @@ def crop_boxes_backward(g, image, boxes, box_indices, method="bilinear",
     """The box gradient ``[K, 4]`` for channels-last ``g`` and ``image``."""
     gs = np.ascontiguousarray(g) if channels_last else _nchw(g)
     x = np.ascontiguousarray(image) if channels_last else _nchw(image)
-    gb = np.full((len(box_indices), 4), np.nan, _acc(image.dtype))
-    _ops.crop_and_resize_boxes_backward(gs, x, _boxes(boxes, image.dtype),
-                                        _indices(box_indices), gb, method,
-                                        channels_last=channels_last)
-    return gb
+    gb = np.full((len(box_indices), 5), np.nan, _acc(image.dtype))
+    _ops.crop_and_resize_boxes_backward(gs, x, _rois(boxes, box_indices, image.dtype),
+                                        gb, method, channels_last=channels_last)
+    assert not gb[:, 0].any()  # the box-index column gets no gradient
+    return gb[:, 1:]
 
 
 def _bits(a):
@@ -715,27 +721,26 @@ def test_kernels_called_with_nothing_to_do_return_cleanly():
     # pixels (TF refuses the last; the kernels extrapolate every point and
     # read nothing): direct ctypes calls, nothing written out of place.
     image = np.zeros((1, 4, 4, 3), np.float32)
-    boxes = np.array([[0, 0, 1, 1]], np.float32)
-    indices = np.zeros(1, np.int32)
+    rois = np.array([[0, 0, 0, 1, 1]], np.float32)
     out = np.zeros((1, 2, 2, 3), np.float32)
     grad = np.zeros(image.shape, np.float32)
     partial = np.zeros((1, 2, 2, 4), np.float32)
-    grad_boxes = np.zeros((1, 4), np.float32)
+    grad_rois = np.zeros((1, 5), np.float32)
     for k, c, h, w, ph, pw in ((0, 3, 4, 4, 2, 2), (1, 0, 4, 4, 2, 2), (1, 3, 4, 4, 0, 2),
                                (1, 3, 4, 4, 2, 0), (1, 3, 0, 0, 2, 2), (0, 0, 0, 0, 0, 0)):
         for cl in (0, 1):
             _cpu.launch("crop_and_resize", "backward", "float32",
-                        (out, boxes, indices, k, 1, c, h, w, ph, pw, 0, cl, grad))
+                        (out, rois, k, 1, c, h, w, ph, pw, 0, cl, grad))
             _cpu.launch("crop_and_resize", "boxes_backward", "float32",
-                        (out, image, boxes, indices, k, 1, c, h, w, ph, pw, 0, cl, partial))
+                        (out, image, rois, k, 1, c, h, w, ph, pw, 0, cl, partial))
             _cpu.launch("crop_and_resize", "boxes_backward_finish", "float32",
-                        (partial, k, ph * pw, grad_boxes))
+                        (partial, k, ph * pw, grad_rois))
             _cpu.launch("crop_and_resize", "forward", "float32",
-                        (image, boxes, indices, k, 1, c, h, w, ph, pw, 0.0, 0, cl, out))
-    assert not grad.any() and not out.any() and not grad_boxes.any()
+                        (image, rois, k, 1, c, h, w, ph, pw, 0.0, 0, cl, out))
+    assert not grad.any() and not out.any() and not grad_rois.any()
     # An image without pixels: every point extrapolates.
     _cpu.launch("crop_and_resize", "forward", "float32",
-                (image, boxes, indices, 1, 1, 3, 0, 4, 2, 2, 6.0, 0, 1, out))
+                (image, rois, 1, 1, 3, 0, 4, 2, 2, 6.0, 0, 1, out))
     np.testing.assert_array_equal(out, 6.0)
 
 

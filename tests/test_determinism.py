@@ -205,3 +205,55 @@ def test_deterministic_must_be_a_bool():
     _, argmax = curoi.roi_pool(x, boxes, g.shape[2:], return_argmax=True)
     with pytest.raises(TypeError, match="deterministic"):
         curoi.roi_pool_backward(g, argmax, boxes, x.shape, deterministic="yes")
+
+
+# ------------------------------------------------- the fixed-point scale
+def _four_pass_scale(g):
+    """The scale as the front end once computed it, in four array passes
+    with temporaries of the gradient's size: |g|, isfinite, where, max."""
+    magnitude = np.abs(g)
+    finite = np.where(np.isfinite(magnitude), magnitude, 0)
+    return float(finite.max()) if finite.size else 0.0
+
+
+def _one_pass_scale(g):
+    max_abs = np.zeros(1, np.float64)
+    _ops._finite_max_abs(np.ascontiguousarray(g), max_abs, cuda=False)
+    return float(max_abs[0])
+
+
+def _scale_cases():
+    rng = np.random.default_rng(99)
+    for dtype in (np.float32, np.float64):
+        for size in (1, 7, 4096, 100_003):
+            g = (rng.standard_normal(size) * 10.0 ** rng.integers(-30, 30)).astype(dtype)
+            yield dtype, "random", g
+            special = g.copy()
+            special[rng.integers(0, size, max(size // 5, 1))] = [np.inf, -np.inf, np.nan][
+                size % 3]
+            yield dtype, "non-finite entries", special
+        yield dtype, "all non-finite", np.array([np.nan, np.inf, -np.inf], dtype)
+        yield dtype, "zeros", np.zeros(10, dtype)
+        yield dtype, "negative largest", np.array([1.0, -3.5, 2.0], dtype)
+        yield dtype, "tiny", np.array([5e-324 if dtype == np.float64 else 1e-45], dtype)
+        yield dtype, "largest finite", np.array([np.finfo(dtype).max, -1.0], dtype)
+
+
+@pytest.mark.parametrize("dtype, what, g", list(_scale_cases()),
+                         ids=lambda v: v if isinstance(v, str) else None)
+def test_the_one_pass_scale_is_the_four_pass_one(dtype, what, g, restore_threads):
+    expected = _four_pass_scale(g)
+    for threads in (1, 2, 3):
+        curoi.set_num_threads(threads)
+        got = _one_pass_scale(g)
+        assert got == expected, (what, threads, got, expected)
+
+
+def test_the_scale_of_a_strided_gradient_reads_it_once(restore_threads):
+    # A gradient of many pixels whose largest magnitude sits at the very end
+    # and at the very start: every share of the work is folded in.
+    for position in (0, -1):
+        g = np.ones(1_000_001, np.float32)
+        g[position] = -1e30
+        curoi.set_num_threads(2)
+        assert _one_pass_scale(g) == np.float32(1e30)

@@ -28,6 +28,7 @@ import warnings
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.cuda
 cupy = pytest.importorskip("cupy")
 
 

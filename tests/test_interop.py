@@ -594,3 +594,71 @@ def test_bare_dlpack_boxes_with_numpy_features():
 @pytest.mark.parametrize("op", OPS)
 def test_dlpack_producer_with_dtype_gives_numpy(op):
     _check_producer(DLPackWithDtype, op, ("input", "grad_output", "boxes", "argmax"))
+
+
+# ------------------------------------------------- pinned host memory
+class PinnedHost(DLPackOnly):
+    """A producer of page-locked host memory (kDLCUDAHost, as JAX's
+    pinned_host arrays and CUDA-pinned buffers say)."""
+
+    def __dlpack_device__(self):
+        return (3, 0)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_pinned_host_arrays_run_on_the_cpu(op):
+    # Host memory: the CPU kernels read it in place, and the results are
+    # NumPy arrays, as for any CPU producer (CuPy would refuse it).
+    _check_producer(PinnedHost, op, ("input", "grad_output", "boxes", "argmax"))
+    assert str(Caller(PinnedHost(np.zeros((1, 1, 2, 2), np.float32)), "input").device) \
+        == "cpu"
+
+
+# ---------------------------------------------------- streams and devices
+def test_a_foreign_stream_reaches_cupy_by_its_handle():
+    # torch's Stream has `cuda_stream` in every release (its
+    # __cuda_stream__ only from PyTorch 2.10), XLA hands a bare handle:
+    # either way CuPy receives a stream whose pointer is that handle.
+    cupy = pytest.importorskip("cupy")
+    from curoi._interop import external_stream
+
+    class TorchStreamBefore210:  # what torch.cuda.Stream offers before 2.10
+        cuda_stream = 0x7F00DEAD0000
+
+    stream = external_stream(cupy, TorchStreamBefore210().cuda_stream, 0)
+    assert isinstance(stream, cupy.cuda.Stream)
+    assert stream.ptr == 0x7F00DEAD0000
+
+
+def test_cupy_before_14_gets_an_external_stream():
+    # CuPy before 14 has no Stream.from_external: its ExternalStream takes
+    # the handle and the device.
+    cupy = pytest.importorskip("cupy")
+    import types
+
+    from curoi._interop import external_stream
+
+    class StreamBefore14:  # cupy.cuda.Stream without from_external
+        pass
+
+    old_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        Stream=StreamBefore14, ExternalStream=cupy.cuda.ExternalStream))
+    with pytest.warns(DeprecationWarning):  # CuPy 14 deprecates the class
+        stream = external_stream(old_cupy, 1234, 1)
+    assert isinstance(stream, cupy.cuda.ExternalStream)
+    assert (stream.ptr, stream.device_id) == (1234, 1)
+
+
+def test_devices_below_the_architecture_floor_are_refused_clearly():
+    from curoi import _gpu
+
+    assert _gpu.unsupported_device_message(0, "H100", 90, (12, 9)) is None
+    assert _gpu.unsupported_device_message(0, "H100", 90, (13, 0)) is None
+    assert _gpu.unsupported_device_message(0, "V100", 70, (12, 4)) is None
+    message = _gpu.unsupported_device_message(1, "Tesla V100", 70, (13, 0))
+    assert "device 1 (Tesla V100, sm_70)" in message and "sm_75" in message
+    assert "cuda12 extra" in message
+    message = _gpu.unsupported_device_message(0, "Tesla P100", 60, (12, 9))
+    assert "sm_70" in message and "CPU" in message
+    assert _gpu.checked_archs(12) == ("sm_70", "sm_80", "sm_90")
+    assert _gpu.checked_archs(13) == ("sm_75", "sm_80", "sm_90")

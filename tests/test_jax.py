@@ -654,7 +654,10 @@ def _cuda_device():
     return gpus[0]
 
 
-gpu = pytest.mark.skipif(_cuda_device() is None, reason="no CUDA device for JAX and CuPy")
+def gpu(test):
+    """A GPU test: skipped without a device, selected by `pytest -m cuda`."""
+    return pytest.mark.cuda(pytest.mark.skipif(
+        _cuda_device() is None, reason="no CUDA device for JAX and CuPy")(test))
 
 
 @gpu

@@ -32,10 +32,11 @@ def _directions(family):
     return _kernels.directions(family)
 
 DTYPES = tuple(_kernels.SUFFIXES)
-# Volta, Ampere, Hopper: the oldest architecture checked (bfloat16 conversions
-# are emulated in software below sm_80), the first with native bfloat16, and
-# the generation of the H100/H200 machines the GPU suite runs on.
-ARCHS = ("sm_70", "sm_80", "sm_90")
+# The oldest architecture this NVRTC builds curoi for (sm_70 with CUDA 12,
+# sm_75 with CUDA 13; bfloat16 conversions are emulated in software below
+# sm_80), the first with native bfloat16, and the generation of the H100/H200
+# machines the GPU suite runs on.
+ARCHS = _gpu.checked_archs(NVRTC_VERSION[0])
 
 
 def test_the_matrix_is_what_the_backend_offers():
@@ -46,7 +47,8 @@ def test_the_matrix_is_what_the_backend_offers():
     for family in ("roi_pool", "roi_align", "roi_align_max"):
         assert {"forward", "backward", "backward_fixed"} <= set(_directions(family))
     for family in FAMILIES:
-        assert "forward" in _directions(family)
+        assert "forward" in _directions(family) or family in _sources.SHARED_FAMILIES
+    assert _directions("fixed_point") == ["scale"]
 
 
 def _compile(source, name, options):

@@ -373,12 +373,30 @@ def test_kernels_called_with_nothing_to_do_return_cleanly():
     out = np.zeros((1, 2 * 5), np.float32)
     arg = np.zeros(out.shape, np.int32)
     grad = np.zeros(x.shape, np.float32)
-    for levels, bins in ((np.zeros(0, np.int64), 5), (np.array([1, 2], np.int64), 0)):
+    for levels, bins in (((), 5), ((1, 2), 0)):
+        table = _ops.spp_levels(levels)
         for cl in (0, 1):
             _cpu.launch("roi_spp", "forward", "float32",
-                        (x, boxes, levels, levels.size, 1, 1, 2, 6, 6, bins, 1.0, 0, 0,
-                         cl, out, arg))
+                        (x, boxes, table, 1, 1, 2, 6, 6, bins, 1.0, 0, 0, cl, out, arg))
             _cpu.launch("roi_spp", "backward", "float32",
-                        (out, arg, boxes, levels, levels.size, 1, 1, 2, 6, 6, bins, 1.0,
-                         0, 0, cl, grad))
+                        (out, arg, boxes, table, 1, 1, 2, 6, 6, bins, 1.0, 0, 0, cl, grad))
     assert not grad.any() and not out.any()
+
+
+def test_a_level_count_beyond_the_table_reads_only_the_table():
+    # The kernels clamp the table's count to the levels it holds: a count of
+    # 1000 (or below 0) reads the 16 entries (or none), never past them.
+    x = np.ones((1, 2, 6, 6), np.float32)
+    boxes = np.array([[0, 0, 0, 5, 5]], np.float32)
+    for count, expected in ((1000, 16), (-3, 0)):
+        table = _ops.spp_levels([1] * 16)
+        table["count"] = count
+        out = np.full((1, 2 * 17), -7.0, np.float32)
+        arg = np.zeros(out.shape, np.int32)
+        _cpu.launch("roi_spp", "forward", "float32",
+                    (x, boxes, table, 1, 1, 2, 6, 6, 17, 1.0, 0, 0, 0, out, arg))
+        # Each 1x1 level pools the whole map (1.0); entries past the levels
+        # are 0 with argmax -1.
+        np.testing.assert_array_equal(out[0, :2 * expected], 1.0)
+        np.testing.assert_array_equal(out[0, 2 * expected:], 0.0)
+        np.testing.assert_array_equal(arg[0, 2 * expected:], -1)

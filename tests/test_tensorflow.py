@@ -269,6 +269,7 @@ def _tensorflow_gpu(tf):
     return "/GPU:0"
 
 
+@pytest.mark.cuda
 def test_tensorflow_gpu_tensors_run_on_the_gpu_and_stay_there(tf):
     device = _tensorflow_gpu(tf)
     case = make_case(3)

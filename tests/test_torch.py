@@ -585,7 +585,10 @@ def test_training_reduces_the_loss_roi_pool():
 
 
 # ------------------------------------------------------------------ CUDA
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def cuda(test):
+    """A CUDA test: skipped without a device, selected by `pytest -m cuda`."""
+    return pytest.mark.cuda(
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")(test))
 
 
 @cuda
