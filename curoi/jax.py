@@ -24,7 +24,12 @@ Transformations:
 
 - ``jax.grad``/``jax.vjp``: a ``jax.custom_vjp`` whose backward runs curoi's
   backward kernels (``deterministic=True`` selects the bitwise reproducible
-  sum). The gradient with respect to the boxes is zero.
+  sum). JAX computes the gradient of the arguments asked for only: of the
+  boxes with ``jax.grad(f, argnums=1)``, which is the operator's own where it
+  has one (RoI Align's average mode, rotated RoI Align, Precise RoI Pooling,
+  crop_and_resize; see each function) and zero for the others (RoI Pool,
+  the position-sensitive operators, spatial pyramid pooling, multiscale RoI
+  Align, RoI Align's max mode).
 - ``jax.vmap``: each kernel carries a ``jax.custom_batching.custom_vmap`` rule
   that folds the mapped axis into the image axis: features ``[B, N, C, H, W]``
   become ``[B*N, C, H, W]`` and box ``k`` of batch ``b`` gets batch index
@@ -54,8 +59,7 @@ What does not work (yet):
   yet implemented``. For the same reason such programs are not stored in
   JAX's persistent compilation cache.
 - TPUs and ROCm GPUs: the callbacks run on CPU and CUDA devices only.
-- Gradients with respect to the boxes are zero (not the derivative of the
-  bilinear weights). Only reverse mode is defined (``custom_vjp``):
+- Only reverse mode is defined (``custom_vjp``):
   ``jax.jvp``, ``jax.jacfwd`` and derivatives of order two (``jax.hessian``,
   ``grad`` of ``grad``) raise JAX's errors.
 - Under ``vmap`` the folded batch ``B*N`` may hold at most ``2**24`` images
@@ -986,7 +990,7 @@ def multiscale_roi_align(features, boxes, output_size, spatial_scales, sampling_
                          eps=1e-6, level_rule="torchvision", data_format="NCHW",
                          deterministic=False):
     """Multiscale RoI Align of JAX arrays: :func:`curoi.multiscale_roi_align`
-    for ``jax.jit`` and ``jax.grad``/``jax.vjp``.
+    for ``jax.jit``, ``jax.grad``/``jax.vjp`` and ``jax.vmap``.
 
     Args:
         features: a list or tuple of ``jax.Array`` levels ``[N, C, H_l, W_l]``

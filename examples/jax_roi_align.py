@@ -33,11 +33,16 @@ expected = jnp.array([[4.5 + 35, 4.5 + 75], [8.5 + 35, 8.5 + 75]])
 print("by hand:", expected.tolist(), "match:", bool(jnp.allclose(pooled[0, 0], expected)))
 
 # Each output is an average whose weights sum to one, so the gradient of the
-# sum of the 4 outputs sums to 4; the boxes get a zero gradient.
+# sum of the 4 outputs sums to 4. JAX computes the gradient of the arguments
+# asked for: here the boxes' too. On the ramp each output is y + 10 x at its
+# bin's centre; moving x1 moves the left centres by 3/4 and the right ones by
+# 1/4 of it (x2 the other way round), so the sum moves by 2 x 10 per unit of
+# x1 or x2 and by 2 per unit of y1 or y2; the batch index gets 0.
 grad_features, grad_boxes = jax.grad(lambda f, b: pool(f, b).sum(), argnums=(0, 1))(
     features, boxes)
 print("grad of the sum w.r.t. features sums to", float(grad_features.sum()),
-      "(4 bins); w.r.t. boxes:", grad_boxes.tolist())
+      "(4 bins); w.r.t. boxes:", grad_boxes.tolist(), "(by hand: [0, 20, 2, 20, 2])")
+assert jnp.allclose(grad_boxes, jnp.array([[0.0, 20.0, 2.0, 20.0, 2.0]]), atol=1e-4)
 
 # vmap over a batch of (features, boxes) pairs: one kernel launch for all.
 batch_features = jnp.stack([features, 2 * features, 3 * features])

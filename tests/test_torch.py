@@ -45,7 +45,9 @@ def _as_list(rois, n):
 # ------------------------------------------------------------ signatures
 def test_signatures_are_torchvisions():
     # torchvision.ops.roi_align / roi_pool / RoIAlign / RoIPool, by name,
-    # order and default (torchvision 0.2x); curoi adds keyword-only options.
+    # order and default (torchvision 0.2x); curoi's own options follow
+    # them (positional or keyword, as TorchScript wants: no keyword-only
+    # argument in a function it compiles).
     def params(fn):
         return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()
                 if p.kind is not p.KEYWORD_ONLY]
@@ -53,16 +55,21 @@ def test_signatures_are_torchvisions():
     empty = inspect.Parameter.empty
     assert params(ct.roi_align) == [
         ("input", empty), ("boxes", empty), ("output_size", empty),
-        ("spatial_scale", 1.0), ("sampling_ratio", -1), ("aligned", False)]
+        ("spatial_scale", 1.0), ("sampling_ratio", -1), ("aligned", False),
+        ("mode", "avg"), ("boxes_grad", False)]
     assert params(ct.roi_pool) == [
         ("input", empty), ("boxes", empty), ("output_size", empty),
-        ("spatial_scale", 1.0)]
-    assert inspect.signature(ct.roi_pool).parameters["convention"].default == "torchvision"
+        ("spatial_scale", 1.0), ("convention", "torchvision")]
     assert params(ct.RoIAlign.__init__)[1:] == [
         ("output_size", empty), ("spatial_scale", empty),
         ("sampling_ratio", empty), ("aligned", False)]
     assert params(ct.RoIPool.__init__)[1:] == [
         ("output_size", empty), ("spatial_scale", empty)]
+    for fn in (ct.roi_align, ct.roi_pool, ct.ps_roi_align, ct.ps_roi_pool,
+               ct.roi_align_rotated, ct.prroi_pool, ct.crop_and_resize, ct.roi_spp,
+               ct.multiscale_roi_align):
+        kinds = {p.kind for p in inspect.signature(fn).parameters.values()}
+        assert kinds == {inspect.Parameter.POSITIONAL_OR_KEYWORD}, fn.__name__
 
 
 def test_ops_are_registered_in_the_curoi_namespace():
@@ -172,13 +179,14 @@ def test_roi_pool_op_saves_int32_argmax_as_torchvision(channels_last):
 
 
 def test_boxes_get_roi_align_gradient_and_no_roi_pool_gradient():
-    # roi_align's gradient with respect to the boxes is the reference's;
-    # roi_pool's maxima do not move with the boxes: no gradient (None).
+    # roi_align's gradient with respect to the boxes, asked for, is the
+    # reference's; roi_pool's maxima do not move with the boxes: no
+    # gradient (None).
     x, rois = _case(6, torch.float64)
     x.requires_grad_()
     rois.requires_grad_()
     g = torch.randn(rois.shape[0], x.shape[1], 2, 2, dtype=torch.float64)
-    (ct.roi_align(x, rois, 2, 0.5, 2) * g).sum().backward()
+    (ct.roi_align(x, rois, 2, 0.5, 2, boxes_grad=True) * g).sum().backward()
     expected = ref.roi_align_boxes_backward(g.numpy(), x.detach().numpy(),
                                             rois.detach().numpy(), 2, 0.5, 2)
     np.testing.assert_allclose(rois.grad.numpy(), expected, rtol=1e-10, atol=1e-12)
@@ -202,12 +210,14 @@ def test_gradcheck_with_respect_to_the_boxes():
     batch, corners = rois[:, :1].detach(), rois[:, 1:].detach().clone().requires_grad_()
     for aligned in (False, True):
         assert torch.autograd.gradcheck(
-            lambda c: ct.roi_align(x, torch.cat([batch, c], 1), (2, 3), 1.0, 2, aligned),
+            lambda c: ct.roi_align(x, torch.cat([batch, c], 1), (2, 3), 1.0, 2, aligned,
+                                   boxes_grad=True),
             (corners,), eps=1e-7, atol=1e-6)
     per_image = [rois[:1, 1:].detach().clone().requires_grad_(),
                  rois[1:, 1:].detach().clone().requires_grad_()]
     assert torch.autograd.gradcheck(
-        lambda a, b: ct.roi_align(x, [a, b], (2, 3), 1.0, 2, True), tuple(per_image),
+        lambda a, b: ct.roi_align(x, [a, b], (2, 3), 1.0, 2, True, "avg", True),
+        tuple(per_image),
         eps=1e-7, atol=1e-6)
 
 
