@@ -1493,3 +1493,9 @@ def _pool_pyramid(x, boxes, image_shapes, featmap_names, output_size, sampling_r
         features, list(boxes), output_size, scales, sampling_ratio, False,
         canonical_scale=canonical_scale, canonical_level=canonical_level, eps=1e-6,
         level_rule="torchvision")
+
+
+# ------------------------------------------------------- other libraries' names
+# curoi.torch.compat.{torchvision, detectron2, mmcv}: modules of their own
+# (curoi/_compat_*.py, on the names above), registered under those names.
+from . import _torch_compat as compat  # noqa: E402
