@@ -193,13 +193,14 @@ def assign_boxes_to_levels(box_lists: List[Tensor], min_level: int, max_level: i
     """detectron2's level rule (FPN eq. 1) for the boxes of every image in
     turn: ``floor(canonical_level + log2(sqrt(area) / canonical_box_size +
     1e-8))`` clamped to ``[min_level, max_level]``, computed in the boxes'
-    dtype, minus ``min_level`` -> an int64 tensor of level indices.
+    dtype, minus ``min_level`` -> an int64 tensor of level indices, -1 for
+    a box of negative area (a NaN size; detectron2 converts the NaN to int64,
+    which gives a platform's arbitrary value).
 
     ``box_lists``: a list of ``[L, 4]`` (x1, y1, x2, y2) or ``[L, 5]``
     rotated boxes (their area is width x height), or of detectron2
-    ``Boxes`` / ``RotatedBoxes``. A box of negative area (NaN size) gets an
-    index that is no level, as in detectron2 (:class:`ROIPooler` gives it
-    zeros).
+    ``Boxes`` / ``RotatedBoxes``; :class:`ROIPooler` gives a box with no
+    level zeros.
     """
     if not torch.jit.is_scripting():
         box_lists = _box_tensors(box_lists)
@@ -207,6 +208,10 @@ def assign_boxes_to_levels(box_lists: List[Tensor], min_level: int, max_level: i
     # (1e-8: detectron2's eps, written out: TorchScript reads no float globals.)
     levels = torch.floor(canonical_level + torch.log2(sizes / canonical_box_size + 1e-8))
     levels = torch.clamp(levels, min=min_level, max=max_level)
+    # No level (a NaN size) is -1 on every platform; converting NaN to
+    # int64, as detectron2 does, gives whatever the CPU gives.
+    levels = torch.where(torch.isnan(levels), torch.full_like(levels, min_level - 1),
+                         levels)
     return levels.to(torch.int64) - min_level
 
 
