@@ -34,7 +34,7 @@ from torch.jit.annotations import BroadcastingList2
 
 from . import torch as ct
 
-__all__ = ["roi_align", "ROIAlign", "ROIAlignRotated", "ROIPooler",
+__all__ = ["roi_align", "ROIAlign", "ROIAlignRotated", "ROIPooler", "ROIPoolerError",
            "assign_boxes_to_levels", "convert_boxes_to_pooler_format"]
 
 #: detectron2's functional roi_align is torchvision's.
@@ -158,6 +158,13 @@ class ROIAlignRotated(nn.Module):
 
 
 # ------------------------------------------------------------------ ROIPooler
+class ROIPoolerError(ValueError, AssertionError):
+    """What detectron2's ROIPooler asserts on (scales that are not a pyramid
+    of powers of two, a canonical box size <= 0, as many maps as scales and
+    box lists as images): a ``ValueError`` that is also detectron2's
+    ``AssertionError``."""
+
+
 def _box_tensors(box_lists):
     """detectron2's ``Boxes`` / ``RotatedBoxes`` (anything with a
     ``.tensor``) as their tensors; tensors as they are."""
@@ -263,12 +270,12 @@ def _checked(x, box_lists, scales, pooler_type):
                         f"each image's boxes), got {type(x).__name__} and "
                         f"{type(box_lists).__name__}")
     if len(x) != len(scales):
-        raise ValueError(f"x holds {len(x)} feature maps but the pooler has "
+        raise ROIPoolerError(f"x holds {len(x)} feature maps but the pooler has "
                          f"{len(scales)} scales {scales}: give one map per level")
     if not x or not isinstance(x[0], Tensor) or x[0].dim() != 4:
         raise TypeError("x must hold [N, C, H, W] feature maps")
     if len(box_lists) != x[0].size(0):
-        raise ValueError(f"box_lists holds boxes for {len(box_lists)} images but "
+        raise ROIPoolerError(f"box_lists holds boxes for {len(box_lists)} images but "
                          f"x[0] holds N = {x[0].size(0)}: give one entry per image")
     tensors = _box_tensors(box_lists)
     columns = 5 if pooler_type == "ROIAlignRotated" else 4
@@ -327,12 +334,6 @@ def _pool(x: List[Tensor], box_lists: List[Tensor], output_size: List[int],
     for inds, values in zip(indices, pooled):
         output = output.index_copy(0, inds, values)
     return output
-
-
-class ROIPoolerError(ValueError, AssertionError):
-    """A ROIPooler setting detectron2 asserts on (scales that are not a
-    pyramid of powers of two, a canonical box size <= 0): a ``ValueError``
-    that is also detectron2's ``AssertionError``."""
 
 
 class ROIPooler(nn.Module):

@@ -40,6 +40,13 @@ code calls the ``torch.ops.curoi`` ops directly) and traces with
 ``torch.jit.trace``; ``torch.fx.symbolic_trace`` keeps each function as one
 node. ``roi_align`` takes quantized CPU features as torchvision's does.
 
+Other libraries' names: ``curoi.torch.compat.torchvision`` (every RoI
+name of ``torchvision.ops``), ``curoi.torch.compat.detectron2``
+(``ROIAlign``, ``ROIAlignRotated``, ``ROIPooler``, ...) and
+``curoi.torch.compat.mmcv`` (``RoIAlign``, ``RoIPool``, ``RoIAlignRotated``,
+``PrRoIPool`` and their functions), with their arguments, defaults and
+conventions, on these operators.
+
 ``torch.onnx.export`` of a model using these functions writes ONNX
 ``RoiAlign`` (opset 16) and ``MaxRoiPool`` nodes, with the TorchScript
 exporter and with ``dynamo=True``, without a translation table (see
