@@ -367,6 +367,10 @@ class ROIPooler(nn.Module):
     Everything else (``"ROIPool"``, ``"ROIAlignRotated"``, half-precision
     maps, boxes of another dtype) runs one operator call per level with
     detectron2's dtype handling, as detectron2 does.
+
+    ``torch.jit.script`` compiles a forward that takes ``box_lists`` as a
+    ``List[Boxes]`` where detectron2 is installed (as detectron2's scripted
+    pooler), as a ``List[Tensor]`` elsewhere.
     """
 
     def __init__(self, output_size, scales, sampling_ratio, pooler_type,
@@ -411,3 +415,36 @@ class ROIPooler(nn.Module):
                      self.scales, self.sampling_ratio, self.pooler_type,
                      self.canonical_box_size, self.canonical_level, self.min_level,
                      self.max_level)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script asks this first. Where detectron2 is installed,
+        # the scripted pooler takes List[Boxes], as detectron2's does.
+        global _Detectron2Boxes
+        try:
+            from detectron2.structures import Boxes
+        except ImportError:
+            return self
+        _Detectron2Boxes = Boxes
+        return _ROIPoolerOfBoxes(self)
+
+
+# detectron2's Boxes, once a ROIPooler has been scripted where it is
+# installed: _ROIPoolerOfBoxes's annotation names it.
+_Detectron2Boxes = None
+
+
+class _ROIPoolerOfBoxes(nn.Module):
+    """:class:`ROIPooler` as TorchScript compiles it where detectron2 is
+    installed: ``box_lists`` a ``List[Boxes]``."""
+
+    def __init__(self, pooler: ROIPooler):
+        super().__init__()
+        for name in ("output_size", "scales", "sampling_ratio", "pooler_type",
+                     "canonical_box_size", "canonical_level", "min_level", "max_level"):
+            setattr(self, name, getattr(pooler, name))
+
+    def forward(self, x: List[Tensor], box_lists: "List[_Detectron2Boxes]") -> Tensor:
+        return _pool(x, [b.tensor for b in box_lists],
+                     [self.output_size[0], self.output_size[1]], self.scales,
+                     self.sampling_ratio, self.pooler_type, self.canonical_box_size,
+                     self.canonical_level, self.min_level, self.max_level)

@@ -10,8 +10,10 @@ argument names and defaults against the upstream documentation (written out
 below); TorchScript and torch.fx against eager.
 """
 
+import importlib.util
 import inspect
 import io
+import os
 import math
 import subprocess
 import sys
@@ -607,6 +609,9 @@ def test_roi_pooler_script_save_load_and_fx(pooler_type):
         box_lists = _box_lists()
     pooler = d2.ROIPooler(5, SCALES, 2, pooler_type)
     want = pooler(x, box_lists)
+    if importlib.util.find_spec("detectron2") is not None:
+        pytest.skip("detectron2 is installed: the scripted pooler takes its Boxes "
+                    "(test_roi_pooler_scripted_takes_detectron2_boxes)")
     scripted = torch.jit.script(pooler)
     assert torch.equal(scripted(x, box_lists), want)
     buffer = io.BytesIO()
@@ -616,3 +621,49 @@ def test_roi_pooler_script_save_load_and_fx(pooler_type):
     graph = torch.fx.symbolic_trace(pooler)
     assert len([n for n in graph.graph.nodes if n.op == "call_function"]) == 1
     assert torch.equal(graph(x, box_lists), want)
+
+
+# detectron2's Boxes as far as a pooler reads it, for a process without
+# detectron2: a TorchScript-compatible class with a .tensor.
+_STAND_IN_BOXES = """
+import torch
+
+
+class Boxes:
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+"""
+
+_SCRIPT_WITH_BOXES = """
+import io
+import torch
+from detectron2.structures import Boxes
+from curoi.torch.compat.detectron2 import ROIPooler
+
+x = [torch.rand(2, 3, 64 >> i, 64 >> i) for i in range(3)]
+tensors = [torch.tensor([[1.0, 2, 40, 50], [0, 0, 200, 220]]),
+           torch.tensor([[3.0, 3, 90, 99]])]
+pooler = ROIPooler(7, [1 / 4, 1 / 8, 1 / 16], 0, "ROIAlignV2")
+want = pooler(x, tensors)
+assert torch.equal(pooler(x, [Boxes(t) for t in tensors]), want)
+scripted = torch.jit.script(pooler)
+assert torch.equal(scripted(x, [Boxes(t) for t in tensors]), want)
+buffer = io.BytesIO()
+torch.jit.save(scripted, buffer)
+buffer.seek(0)
+assert torch.equal(torch.jit.load(buffer)(x, [Boxes(t) for t in tensors]), want)
+print("ok")
+"""
+
+
+def test_roi_pooler_scripted_takes_detectron2_boxes(tmp_path):
+    # detectron2's own test scripts its pooler and calls it with a list of
+    # Boxes: where detectron2 is installed, the scripted pooler takes them.
+    (tmp_path / "detectron2").mkdir()
+    (tmp_path / "detectron2" / "__init__.py").write_text("")
+    (tmp_path / "detectron2" / "structures.py").write_text(_STAND_IN_BOXES)
+    path = os.pathsep.join([str(tmp_path)] + sys.path)
+    out = subprocess.run([sys.executable, "-c", _SCRIPT_WITH_BOXES], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": path})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ok"]
