@@ -34,7 +34,9 @@ import reference as ref  # noqa: E402
 pytestmark = pytest.mark.filterwarnings(
     "ignore:`torch.jit.script.*is deprecated:DeprecationWarning",
     "ignore:.*torch.jit.(trace|save|load).*is deprecated:DeprecationWarning",
-    "ignore:.*quantize.*deprecated:UserWarning")
+    "ignore:.*quantize.*deprecated:UserWarning",
+    # The argument checks read shapes, which a trace takes as constants.
+    "ignore::torch.jit.TracerWarning")
 
 RNG = np.random.default_rng(19)
 X = torch.tensor(RNG.standard_normal((2, 3, 12, 14)))
@@ -596,6 +598,11 @@ def test_modules_script_save_load_and_fx(name, make, rois):
     calls = [n for n in graph.graph.nodes if n.op == "call_function"]
     assert len(calls) == 1  # one leaf, as torchvision's ops under torch.fx
     _assert_same(_value_and_grad(graph, X, rois), want)
+    # Traced, then run on other boxes (fewer, moved).
+    traced = torch.jit.trace(m, (X, rois))
+    other = rois[1:].clone()
+    other[:, 1:3] += 0.75
+    _assert_same(_value_and_grad(traced, X, other), _value_and_grad(m, X, other))
 
 
 @pytest.mark.parametrize("pooler_type", d2.POOLER_TYPES)
@@ -621,6 +628,10 @@ def test_roi_pooler_script_save_load_and_fx(pooler_type):
     graph = torch.fx.symbolic_trace(pooler)
     assert len([n for n in graph.graph.nodes if n.op == "call_function"]) == 1
     assert torch.equal(graph(x, box_lists), want)
+    # Traced, then run on other boxes: the levels are computed, not recorded.
+    traced = torch.jit.trace(pooler, (x, box_lists))
+    other = [box_lists[1] * 1.5, box_lists[0][:1] * 0.5]
+    assert torch.equal(traced(x, other), pooler(x, other))
 
 
 # detectron2's Boxes as far as a pooler reads it, for a process without
