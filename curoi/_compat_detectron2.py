@@ -271,12 +271,12 @@ def _checked(x, box_lists, scales, pooler_type):
                         f"{type(box_lists).__name__}")
     if len(x) != len(scales):
         raise ROIPoolerError(f"x holds {len(x)} feature maps but the pooler has "
-                         f"{len(scales)} scales {scales}: give one map per level")
+                             f"{len(scales)} scales {scales}: give one map per level")
     if not x or not isinstance(x[0], Tensor) or x[0].dim() != 4:
         raise TypeError("x must hold [N, C, H, W] feature maps")
     if len(box_lists) != x[0].size(0):
         raise ROIPoolerError(f"box_lists holds boxes for {len(box_lists)} images but "
-                         f"x[0] holds N = {x[0].size(0)}: give one entry per image")
+                             f"x[0] holds N = {x[0].size(0)}: give one entry per image")
     tensors = _box_tensors(box_lists)
     columns = 5 if pooler_type == "ROIAlignRotated" else 4
     for i, b in enumerate(tensors):
