@@ -678,3 +678,29 @@ def test_roi_pooler_scripted_takes_detectron2_boxes(tmp_path):
                          text=True, env={**os.environ, "PYTHONPATH": path})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["ok"]
+
+
+@pytest.mark.parametrize("make", [lambda: d2.ROIAlign(3, 0.5, 0),
+                                  lambda: d2.ROIAlign(3, 0.5, 2, False),
+                                  lambda: mmcv.RoIAlign(3, 0.5)],
+                         ids=["d2.ROIAlign", "d2.ROIAlign legacy", "mmcv.RoIAlign"])
+def test_onnx_export_runs_in_onnxruntime(make):
+    ort = pytest.importorskip("onnxruntime")
+    m = make()
+    x, rois = X[:1].float(), ROIS[ROIS[:, 0] == 0].float()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (x, rois), buffer, opset_version=16, dynamo=False)
+    session = ort.InferenceSession(buffer.getvalue())
+    names = [i.name for i in session.get_inputs()]
+    got = session.run(None, dict(zip(names, (x.numpy(), rois.numpy()))))[0]
+    np.testing.assert_allclose(got, m(x, rois).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_export_refuses_mmcv_roi_pool():
+    with pytest.raises(ValueError, match="cannot be exported to ONNX"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(mmcv.RoIPool(2, 0.5), (X.float(), ROIS.float()), io.BytesIO(),
+                              opset_version=16, dynamo=False)
