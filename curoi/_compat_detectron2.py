@@ -7,6 +7,7 @@ on curoi's operators::
 
 - :func:`roi_align`: detectron2's functional ``roi_align``, which is
   torchvision's (``aligned=False`` by default); :func:`curoi.torch.roi_align`.
+  :func:`roi_align_rotated`: its functional rotated one.
 - :class:`ROIAlign` ``(output_size, spatial_scale, sampling_ratio,
   aligned=True)``: ``forward(input, rois)`` with ``rois`` ``[K, 5]`` of
   ``(batch index, x1, y1, x2, y2)``, cast to the features' dtype and the
@@ -34,11 +35,21 @@ from torch.jit.annotations import BroadcastingList2
 
 from . import torch as ct
 
-__all__ = ["roi_align", "ROIAlign", "ROIAlignRotated", "ROIPooler", "ROIPoolerError",
-           "assign_boxes_to_levels", "convert_boxes_to_pooler_format"]
+__all__ = ["roi_align", "ROIAlign", "roi_align_rotated", "ROIAlignRotated", "ROIPooler",
+           "ROIPoolerError", "assign_boxes_to_levels", "convert_boxes_to_pooler_format"]
 
 #: detectron2's functional roi_align is torchvision's.
 roi_align = ct.roi_align
+
+
+def roi_align_rotated(input: Tensor, roi: Tensor, output_size: BroadcastingList2[int],
+                      spatial_scale: float, sampling_ratio: int) -> Tensor:
+    """detectron2's functional ``roi_align_rotated``
+    (``detectron2.layers.roi_align_rotated``): ``roi`` ``[K, 6]``, the angle
+    in degrees, counter-clockwise; the features' dtype as it is (the module
+    :class:`ROIAlignRotated` runs float16 in float32)."""
+    return ct.roi_align_rotated(input, roi, output_size, spatial_scale, sampling_ratio,
+                                "detectron2")
 
 POOLER_TYPES = ("ROIAlign", "ROIAlignV2", "ROIPool", "ROIAlignRotated")
 

@@ -114,6 +114,8 @@ UPSTREAM = [
                     ("sampling_ratio", -1), ("aligned", False)]),
     (d2.ROIAlign, ["output_size", "spatial_scale", "sampling_ratio", ("aligned", True)]),
     (d2.ROIAlign.forward, ["self", "input", "rois"]),
+    (d2.roi_align_rotated, ["input", "roi", "output_size", "spatial_scale",
+                            "sampling_ratio"]),
     (d2.ROIAlignRotated, ["output_size", "spatial_scale", "sampling_ratio"]),
     (d2.ROIAlignRotated.forward, ["self", "input", "rois"]),
     (d2.ROIPooler, ["output_size", "scales", "sampling_ratio", "pooler_type",
@@ -220,6 +222,9 @@ def test_detectron2_roi_align_rotated(sampling_ratio):
         x, r, (3, 2), 0.5, sampling_ratio, "detectron2"), X, ROTATED)
     _assert_same(got, want)
     assert got[2] is None
+    _assert_same(_value_and_grad(lambda x, r: d2.roi_align_rotated(x, r, (3, 2), 0.5,
+                                                                   sampling_ratio),
+                                 X, ROTATED), want)
     np.testing.assert_allclose(
         got[0].numpy(), ref.roi_align_rotated(X.numpy(), ROTATED.numpy(), (3, 2), 0.5,
                                               sampling_ratio, "detectron2"),
