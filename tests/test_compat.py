@@ -709,3 +709,28 @@ def test_onnx_export_refuses_mmcv_roi_pool():
             warnings.simplefilter("ignore")
             torch.onnx.export(mmcv.RoIPool(2, 0.5), (X.float(), ROIS.float()), io.BytesIO(),
                               opset_version=16, dynamo=False)
+
+
+def test_saved_scripted_modules_load_in_a_fresh_process(tmp_path):
+    # A deployed process imports curoi.torch (which registers the ops) and
+    # loads the archives.
+    x = _pyramid(dtype=torch.float32)
+    box_lists = _box_lists(torch.float32)
+    pooler = d2.ROIPooler(5, SCALES, 2, "ROIAlignV2")
+    align = mmcv.RoIAlign(3, 0.5, 2, "max")
+    rois = d2.convert_boxes_to_pooler_format(box_lists)
+    if importlib.util.find_spec("detectron2") is not None:
+        pytest.skip("detectron2 is installed: the scripted pooler takes its Boxes")
+    torch.jit.save(torch.jit.script(pooler), str(tmp_path / "pooler.pt"))
+    torch.jit.save(torch.jit.script(align), str(tmp_path / "align.pt"))
+    torch.save({"x": x, "boxes": box_lists, "rois": rois}, str(tmp_path / "inputs.pt"))
+    code = ("import sys, torch, curoi.torch\n"
+            "d = torch.load(sys.argv[1] + '/inputs.pt')\n"
+            "p = torch.jit.load(sys.argv[1] + '/pooler.pt')\n"
+            "a = torch.jit.load(sys.argv[1] + '/align.pt')\n"
+            "torch.save({'pooled': p(d['x'], d['boxes']), 'aligned': a(d['x'][0], d['rois'])},"
+            " sys.argv[1] + '/outputs.pt')\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    out = torch.load(str(tmp_path / "outputs.pt"))
+    assert torch.equal(out["pooled"], pooler(x, box_lists))
+    assert torch.equal(out["aligned"], align(x[0], rois))
