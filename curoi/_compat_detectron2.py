@@ -21,8 +21,8 @@ on curoi's operators::
   kernel for ``"ROIAlign"`` / ``"ROIAlignV2"`` (see :class:`ROIPooler`).
 
 None of them gives the boxes a gradient, as detectron2's. Every module
-compiles with ``torch.jit.script`` and is one node under
-``torch.fx.symbolic_trace``.
+compiles with ``torch.jit.script``, traces with ``torch.jit.trace`` and is
+one node under ``torch.fx.symbolic_trace``.
 """
 
 import math
@@ -50,6 +50,7 @@ def roi_align_rotated(input: Tensor, roi: Tensor, output_size: BroadcastingList2
     :class:`ROIAlignRotated` runs float16 in float32)."""
     return ct.roi_align_rotated(input, roi, output_size, spatial_scale, sampling_ratio,
                                 "detectron2")
+
 
 POOLER_TYPES = ("ROIAlign", "ROIAlignV2", "ROIPool", "ROIAlignRotated")
 
@@ -405,7 +406,8 @@ class ROIPooler(nn.Module):
                 and math.isclose(max_level, int(max_level))):
             raise ROIPoolerError(f"Featuremap stride is not power of 2! scales {scales}")
         self.min_level, self.max_level = int(min_level), int(max_level)
-        if len(scales) != self.max_level - self.min_level + 1:
+        if len(scales) != self.max_level - self.min_level + 1 or not all(
+                math.isclose(b, a / 2) for a, b in zip(scales, scales[1:])):
             raise ROIPoolerError(f"Sizes of input featuremaps do not form a pyramid! "
                                  f"scales {scales} must halve from map to map")
         if not 0 <= self.min_level <= self.max_level:

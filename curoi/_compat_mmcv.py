@@ -23,7 +23,8 @@ mmcv's argument names, orders and defaults, on curoi's operators::
 
 The modules take mmcv's older keyword names ``out_size`` and ``sample_num``
 (with a ``DeprecationWarning``, as mmcv), compile with ``torch.jit.script``
-(mmcv's do not) and are one node under ``torch.fx.symbolic_trace``. Only
+(mmcv's do not), trace with ``torch.jit.trace`` and are one node under
+``torch.fx.symbolic_trace``. Only
 ``prroi_pool`` gives the boxes a gradient, as in mmcv.
 """
 
