@@ -457,7 +457,8 @@ def test_roi_pooler_edges():
 def test_roi_pooler_settings_as_detectron2_asserts_them():
     with pytest.raises(ValueError, match="Unknown pooler type: ROIAlignV3"):
         d2.ROIPooler(7, SCALES, 0, "ROIAlignV3")
-    for scales in ([1 / 4, 1 / 16], [1 / 3, 1 / 6], [2.0, 1.0], [1 / 4, 1 / 16, 1 / 8, 1 / 32]):
+    for scales in ([1 / 4, 1 / 16], [1 / 3, 1 / 6], [2.0, 1.0],
+                   [1 / 4, 1 / 16, 1 / 8, 1 / 32]):
         with pytest.raises(AssertionError):
             d2.ROIPooler(7, scales, 0, "ROIAlign")
     with pytest.raises(d2.ROIPoolerError, match="canonical_box_size"):
