@@ -9,9 +9,9 @@ the data are defined once.
 """
 
 import datetime
+import faulthandler
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -97,10 +97,20 @@ def train(net, images, boxes, targets):
     return first_grads, [p.detach().clone() for p in net.parameters()]
 
 
-def run_rank(rank, port, out):
-    """One DDP process: both heads on this rank's share of the data."""
+def run_rank(rank, store, out):
+    """One DDP process: both heads on this rank's share of the data.
+
+    The ranks meet through a file store, so no rank hosts a server that the
+    other still needs while it shuts down, and they wait for each other
+    before tearing the group down. Once the results are saved and the group
+    destroyed, the rank leaves with ``os._exit``: what gloo's threads do at
+    interpreter teardown is not what this test checks, and a race there (an
+    abort with no traceback, on a loaded machine) must not fail it. Anything that goes wrong before that still
+    exits non-zero, with a traceback (faulthandler covers C++ aborts).
+    """
+    faulthandler.enable()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+    dist.init_process_group("gloo", init_method=f"file://{store}",
                             rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:
@@ -109,27 +119,24 @@ def run_rank(rank, port, out):
             net = torch.nn.parallel.DistributedDataParallel(model(op))
             results[op] = train(net, *shard(rank, *data()))
         torch.save(results, out)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")
-    port = _free_port()
+    store = folder / "store"
     path = os.pathsep.join([str(ROOT), str(ROOT / "tests")]
                            + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    env = dict(os.environ, PYTHONPATH=path, MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port), CUROI_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=path, CUROI_NUM_THREADS="1")
     children = [subprocess.Popen(
         [sys.executable, "-c",
-         f"import test_torch_ddp as t; t.run_rank({rank}, {port}, {str(folder / f'{rank}.pt')!r})"],
+         f"import test_torch_ddp as t; t.run_rank({rank}, {str(store)!r}, {str(folder / f'{rank}.pt')!r})"],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for rank in range(WORLD)]
     errors = []
