@@ -34,39 +34,57 @@ CUROI_DEVICE void roi_pool_store_argmax(const RoiPoolArgmax& argmax, int64_t i,
 
 #if defined(CUROI_GPU_LOOPS)
 // ------------------------------------------------------------- GPU loops
-// One thread per output element; the layout only moves the addresses
-// (curoi_plane), so channels-last runs the NCHW operations.
+// Forward: a thread per (box, bin, tile of channels) (curoi_channel_tile):
+// the box's image and the bin's limits are found once, then each channel of
+// the tile is one bin maximum. `groups` tiles split a box's channels.
 template <bool ChannelsLast, typename T>
 CUROI_DEVICE void roi_pool_forward_loop(
     const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
-    typename AccType<T>::type spatial_scale, int convention, T* output,
-    RoiPoolArgmax argmax) {
+    typename AccType<T>::type spatial_scale, int convention, int64_t groups,
+    T* output, RoiPoolArgmax argmax) {
   typedef typename AccType<T>::type A;
-  const int64_t total = num_rois * channels * pooled_height * pooled_width;
+  const int64_t total = num_rois * pooled_height * pooled_width * groups;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
-        index, total, channels, pooled_height, pooled_width);
-    const A* box = rois + at.k * 5;
+    const CuroiChannelTile t = curoi_channel_tile<ChannelsLast>(
+        index, total, channels, groups, pooled_height, pooled_width);
+    const A* box = rois + t.k * 5;
     const int64_t b = roi_pool_box(box, batch, spatial_scale, convention);
     int64_t hstart = 0, hend = 0, wstart = 0, wend = 0;
     if (b >= 0) {
-      roi_pool_bin(box[2], box[4], spatial_scale, at.ph, pooled_height,
-                   height, convention, &hstart, &hend);
-      roi_pool_bin(box[1], box[3], spatial_scale, at.pw, pooled_width, width,
+      roi_pool_bin(box[2], box[4], spatial_scale, t.ph, pooled_height, height,
+                   convention, &hstart, &hend);
+      roi_pool_bin(box[1], box[3], spatial_scale, t.pw, pooled_width, width,
                    convention, &wstart, &wend);
     }
-    int64_t best_index = -1;
-    A best = (A)0;
-    if (b >= 0) {
-      const CuroiPlane p =
-          curoi_plane<ChannelsLast>(b, at.c, channels, height * width);
-      best = roi_pool_max<T, A>(input + p.at, width, p.step, hstart, hend,
-                                wstart, wend, &best_index);
+    // Channel c's output element: NCHW ((k * C + c) * PH + ph) * PW + pw,
+    // NHWC ((k * PH + ph) * PW + pw) * C + c; its plane (curoi_plane) starts
+    // at (b * C + c) * H * W with pixel step 1, or b * H * W * C + c with
+    // pixel step C. Pointers move from channel to channel of the tile.
+    const int64_t bins = pooled_height * pooled_width;
+    const int64_t bin = t.ph * pooled_width + t.pw;
+    const int64_t plane_size = height * width;
+    const int64_t out_step = ChannelsLast ? t.step : t.step * bins;
+    int64_t out = ChannelsLast ? (t.k * bins + bin) * channels + t.first
+                               : (t.k * channels + t.first) * bins + bin;
+    const int64_t pixel_step = ChannelsLast ? channels : 1;
+    const int64_t plane_step = ChannelsLast ? t.step : t.step * plane_size;
+    const T* plane = input + (b < 0 ? 0
+                              : curoi_plane<ChannelsLast>(b, t.first, channels,
+                                                          plane_size).at);
+#pragma unroll 1
+    for (int64_t i = 0; i < t.count; ++i) {
+      int64_t best_index = -1;
+      A best = (A)0;
+      if (b >= 0)
+        best = roi_pool_max<T, A>(plane, width, pixel_step, hstart, hend,
+                                  wstart, wend, &best_index);
+      output[out] = curoi_store<T>(best);
+      if (argmax.data) roi_pool_store_argmax(argmax, out, best_index);
+      out += out_step;
+      plane += plane_step;
     }
-    output[index] = curoi_store<T>(best);
-    if (argmax.data) roi_pool_store_argmax(argmax, index, best_index);
   }
 }
 
@@ -76,15 +94,17 @@ CUROI_DEVICE void roi_pool_forward(
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
     typename AccType<T>::type spatial_scale, int convention,
-    int channels_last, T* output, RoiPoolArgmax argmax) {
+    int channels_last, int64_t groups, T* output, RoiPoolArgmax argmax) {
   if (channels_last)
     roi_pool_forward_loop<true>(input, rois, num_rois, batch, channels,
                                 height, width, pooled_height, pooled_width,
-                                spatial_scale, convention, output, argmax);
+                                spatial_scale, convention, groups, output,
+                                argmax);
   else
     roi_pool_forward_loop<false>(input, rois, num_rois, batch, channels,
                                  height, width, pooled_height, pooled_width,
-                                 spatial_scale, convention, output, argmax);
+                                 spatial_scale, convention, groups, output,
+                                 argmax);
 }
 
 // The gradient flows to the argmax of each bin; several bins (and boxes) may
@@ -500,14 +520,15 @@ static void roi_pool_forward_copied(
 
 // Work items of box groups and channel blocks (CuroiItems); a box's bins
 // are found once per item and shared by its channels. NCHW with many boxes
-// goes through roi_pool_forward_copied instead.
+// goes through roi_pool_forward_copied instead. `groups`, the GPU launch's
+// channel tiles, means nothing to these loops.
 template <typename T>
 static void roi_pool_forward(
     const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
     typename AccType<T>::type spatial_scale, int convention,
-    int channels_last, T* output, RoiPoolArgmax argmax) {
+    int channels_last, int64_t /* groups */, T* output, RoiPoolArgmax argmax) {
   typedef typename AccType<T>::type A;
   const int64_t bins = pooled_height * pooled_width;
   const bool wide = height * width > (int64_t)0x7fffffff;
@@ -723,13 +744,13 @@ CUROI_DEVICE void roi_pool_backward(
       int64_t batch, int64_t channels, int64_t height, int64_t width,          \
       int64_t pooled_height, int64_t pooled_width,                             \
       AccType<T>::type spatial_scale, int convention, int channels_last,       \
-      int argmax_32, T* output, void* argmax) {                                \
+      int argmax_32, int64_t groups, T* output, void* argmax) {                \
     RoiPoolArgmax where;                                                       \
     where.data = argmax;                                                       \
     where.narrow = argmax_32;                                                  \
     roi_pool_forward<T>(input, rois, num_rois, batch, channels, height, width, \
                         pooled_height, pooled_width, spatial_scale,            \
-                        convention, channels_last, output, where);             \
+                        convention, channels_last, groups, output, where);     \
   }                                                                            \
   CUROI_KERNEL void roi_pool_backward_##suffix(                                \
       const T* grad_output, const void* argmax,                                \

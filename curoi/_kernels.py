@@ -65,8 +65,9 @@ _SPP_SHAPE = (SPP_LEVELS,) + (I64,) * 6
 # [K, C, PH, PW], 1 for [N, H, W, C] and [K, PH, PW, C].
 SIGNATURES = {
     # input, rois, shape, spatial_scale, convention, channels_last, argmax_32,
-    # output, argmax (may be null; int32 entries with argmax_32 = 1, else int64)
-    "roi_pool_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, PTR, PTR),
+    # groups (the GPU loops' channel tiles, _ops.channel_groups), output,
+    # argmax (may be null; int32 entries with argmax_32 = 1, else int64)
+    "roi_pool_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, I64, PTR, PTR),
     # grad_output, argmax, rois, shape, channels_last, argmax_32, grad_input
     "roi_pool_backward": (PTR, PTR, PTR) + _SHAPE + (I32, I32, PTR),
     # input, rois, shape, spatial_scale, sampling_ratio, aligned, channels_last,

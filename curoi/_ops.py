@@ -380,11 +380,12 @@ def roi_pool_forward(x, rois, out, argmax, spatial_scale, convention,
         if argmax is not None:
             argmax.fill(-1)
         return
+    groups = channel_groups(k * ph * pw, c)
     _run("roi_pool", "forward", _name(x.dtype),
          (x, rois, k, n, c, h, w, ph, pw, spatial_scale,
           _kernels.POOL_CONVENTIONS[convention], int(channels_last),
-          argmax_32(argmax), out, argmax),
-         out.size, _is_cuda(x))
+          argmax_32(argmax), groups, out, argmax),
+         k * ph * pw * groups, _is_cuda(x))
 
 
 def roi_pool_backward(grad_output, argmax, rois, grad_input,

@@ -663,7 +663,7 @@ def test_kernels_called_with_nothing_to_do_return_cleanly():
         _cpu.launch("roi_align", "backward", "float32",
                     (out, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 2, 0, 0, grad))
         _cpu.launch("roi_pool", "forward", "float32",
-                    (x, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 0, 0, 0, out, argmax))
+                    (x, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 0, 0, 0, 1, out, argmax))
         _cpu.launch("roi_pool", "backward", "float32",
                     (out, argmax, boxes, k, 1, c, 6, 6, 2, 2, 0, 0, grad))
         for channels_last in (0, 1):

@@ -1,7 +1,8 @@
 """The correctness suites against the GPU's loop code, run on the CPU.
 
 The kernel sources have two loop structures around shared formulas: the
-GPU's (one thread per output element, grid-stride loops, scatter adds), which
+GPU's (one thread per output element or per bin and tile of channels,
+grid-stride loops, scatter adds), which
 NVRTC always compiles, and the CPU's (work items on a thread pool, per-box
 weight tables). CUROI_CPU_LOOPS=gpu builds the CPU library with the GPU's
 loops, run serially, so that the code every GPU executes is checked here
@@ -36,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 SUITES = (
     "test_roi_align.py",
     "test_roi_pool.py",
+    "test_roi_pool_tiles.py",   # roi_pool's forward in tiles of channels
     "test_adversarial.py",
     "test_determinism.py",
     "test_properties.py",
