@@ -84,34 +84,71 @@ CUROI_DEVICE A ps_roi_pool_mean(const T* plane, int64_t width, int64_t step,
 
 #if defined(CUROI_GPU_LOOPS)
 // ------------------------------------------------------------- GPU loops
-// One thread per output element; the layout only moves the addresses
-// (curoi_plane), so channels-last runs the NCHW operations.
+// A thread per (box, bin, tile of output channels) (curoi_channel_tile,
+// `groups` tiles a box): the box's image, the bin and its area are found
+// once, then each output channel c of the tile reads input channel
+// roi_input_channel(c, bin), which moves by step * PH * PW from one channel
+// of the tile to the next.
+struct PsRoiPoolTile {
+  CuroiChannelTile t;
+  int64_t out, out_step;      // the first output element, and its step
+  int64_t plane, plane_step;  // the first input plane's start, and its step
+  int64_t pixel_step;         // from pixel to pixel inside a plane
+};
+
+template <bool ChannelsLast>
+CUROI_DEVICE PsRoiPoolTile ps_roi_pool_tile(const CuroiChannelTile& t,
+                                            int64_t b, int64_t channels,
+                                            int64_t out_channels,
+                                            int64_t plane_size,
+                                            const PsRoiChannels& map,
+                                            int64_t pooled_width) {
+  PsRoiPoolTile at;
+  at.t = t;
+  const int64_t bin = t.ph * pooled_width + t.pw;
+  // Output element of channel c: NCHW (k * C_out + c) * bins + bin, NHWC
+  // (k * bins + bin) * C_out + c.
+  at.out = ChannelsLast ? (t.k * map.bins + bin) * out_channels + t.first
+                        : (t.k * out_channels + t.first) * map.bins + bin;
+  at.out_step = ChannelsLast ? t.step : t.step * map.bins;
+  const int64_t first = roi_input_channel(map, t.first, bin);
+  at.plane = b < 0 ? 0
+                   : curoi_plane<ChannelsLast>(b, first, channels, plane_size).at;
+  const int64_t channel_step = t.step * roi_channel_step(map);
+  at.plane_step = ChannelsLast ? channel_step : channel_step * plane_size;
+  at.pixel_step = ChannelsLast ? channels : 1;
+  return at;
+}
+
 template <bool ChannelsLast, typename T>
 CUROI_DEVICE void ps_roi_pool_forward_loop(
     const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
-    typename AccType<T>::type spatial_scale, T* output) {
+    typename AccType<T>::type spatial_scale, int64_t groups, T* output) {
   typedef typename AccType<T>::type A;
   const PsRoiChannels map = ps_roi_channels(pooled_height, pooled_width);
   const int64_t out_channels = roi_output_channels(map, channels);
-  const int64_t total = num_rois * out_channels * pooled_height * pooled_width;
+  const int64_t total = num_rois * pooled_height * pooled_width * groups;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
-        index, total, out_channels, pooled_height, pooled_width);
-    const A* box = rois + at.k * 5;
+    const CuroiChannelTile t = curoi_channel_tile<ChannelsLast>(
+        index, total, out_channels, groups, pooled_height, pooled_width);
+    const A* box = rois + t.k * 5;
     const int64_t b = curoi_box_batch(box, batch);
-    A value = (A)0;
-    if (b >= 0) {
-      const PsRoiPoolBin bin =
-          ps_roi_pool_box_bin(box, spatial_scale, at.ph, at.pw, height, width,
-                              pooled_height, pooled_width);
-      const CuroiPlane p = curoi_plane<ChannelsLast>(
-          b, roi_input_channel(map, at.c, at.ph * pooled_width + at.pw),
-          channels, height * width);
-      value = ps_roi_pool_mean<T, A>(input + p.at, width, p.step, bin);
+    PsRoiPoolBin bin = {0, 0, 0, 0};
+    if (b >= 0)
+      bin = ps_roi_pool_box_bin(box, spatial_scale, t.ph, t.pw, height, width,
+                                pooled_height, pooled_width);
+    PsRoiPoolTile at = ps_roi_pool_tile<ChannelsLast>(
+        t, b, channels, out_channels, height * width, map, pooled_width);
+#pragma unroll 1
+    for (int64_t i = 0; i < t.count; ++i) {
+      const A value = ps_roi_pool_mean<T, A>(input + at.plane, width,
+                                             at.pixel_step, bin);
+      output[at.out] = curoi_store<T>(value);
+      at.out += at.out_step;
+      at.plane += at.plane_step;
     }
-    output[index] = curoi_store<T>(value);
   }
 }
 
@@ -120,48 +157,56 @@ CUROI_DEVICE void ps_roi_pool_forward(
     const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
-    typename AccType<T>::type spatial_scale, int channels_last, T* output) {
+    typename AccType<T>::type spatial_scale, int channels_last, int64_t groups,
+    T* output) {
   if (channels_last)
     ps_roi_pool_forward_loop<true>(input, rois, num_rois, batch, channels,
                                    height, width, pooled_height, pooled_width,
-                                   spatial_scale, output);
+                                   spatial_scale, groups, output);
   else
     ps_roi_pool_forward_loop<false>(input, rois, num_rois, batch, channels,
                                     height, width, pooled_height,
-                                    pooled_width, spatial_scale, output);
+                                    pooled_width, spatial_scale, groups,
+                                    output);
 }
 
 // Each output gradient, over its bin's area, goes to every pixel of the bin;
 // bins of different boxes overlap, so the adds go through Sum (CuroiFloatSum
-// or the deterministic CuroiFixedSum), atomically.
+// or the deterministic CuroiFixedSum), atomically. Tiled as the forward.
 template <bool ChannelsLast, typename T, typename Sum>
 CUROI_DEVICE void ps_roi_pool_backward_loop(
     const T* grad_output, const typename AccType<T>::type* rois,
     int64_t num_rois, int64_t batch, int64_t channels, int64_t height,
     int64_t width, int64_t pooled_height, int64_t pooled_width,
-    typename AccType<T>::type spatial_scale, const Sum& grad_input) {
+    typename AccType<T>::type spatial_scale, int64_t groups,
+    const Sum& grad_input) {
   typedef typename AccType<T>::type A;
   const PsRoiChannels map = ps_roi_channels(pooled_height, pooled_width);
   const int64_t out_channels = roi_output_channels(map, channels);
-  const int64_t total = num_rois * out_channels * pooled_height * pooled_width;
+  const int64_t total = num_rois * pooled_height * pooled_width * groups;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
-        index, total, out_channels, pooled_height, pooled_width);
-    const A* box = rois + at.k * 5;
+    const CuroiChannelTile t = curoi_channel_tile<ChannelsLast>(
+        index, total, out_channels, groups, pooled_height, pooled_width);
+    const A* box = rois + t.k * 5;
     const int64_t b = curoi_box_batch(box, batch);
     if (b < 0) continue;
     const PsRoiPoolBin bin =
-        ps_roi_pool_box_bin(box, spatial_scale, at.ph, at.pw, height, width,
+        ps_roi_pool_box_bin(box, spatial_scale, t.ph, t.pw, height, width,
                             pooled_height, pooled_width);
     const A area = ps_roi_pool_area<A>(bin);
     if (!(area > (A)0)) continue;
-    const A grad = curoi_load<A>(grad_output[index]) / area;
-    const CuroiPlane p = curoi_plane<ChannelsLast>(
-        b, roi_input_channel(map, at.c, at.ph * pooled_width + at.pw),
-        channels, height * width);
-    for (int64_t h = bin.hstart; h < bin.hend; ++h)
-      for (int64_t w = bin.wstart; w < bin.wend; ++w)
-        curoi_sum_add(grad_input, p.at + (h * width + w) * p.step, grad);
+    PsRoiPoolTile at = ps_roi_pool_tile<ChannelsLast>(
+        t, b, channels, out_channels, height * width, map, pooled_width);
+#pragma unroll 1
+    for (int64_t i = 0; i < t.count; ++i) {
+      const A grad = curoi_load<A>(grad_output[at.out]) / area;
+      for (int64_t h = bin.hstart; h < bin.hend; ++h)
+        for (int64_t w = bin.wstart; w < bin.wend; ++w)
+          curoi_sum_add(grad_input,
+                        at.plane + (h * width + w) * at.pixel_step, grad);
+      at.out += at.out_step;
+      at.plane += at.plane_step;
+    }
   }
 }
 
@@ -171,15 +216,17 @@ CUROI_DEVICE void ps_roi_pool_backward(
     int64_t num_rois, int64_t batch, int64_t channels, int64_t height,
     int64_t width, int64_t pooled_height, int64_t pooled_width,
     typename AccType<T>::type spatial_scale, int channels_last,
-    const Sum& grad_input) {
+    int64_t groups, const Sum& grad_input) {
   if (channels_last)
     ps_roi_pool_backward_loop<true>(grad_output, rois, num_rois, batch,
                                     channels, height, width, pooled_height,
-                                    pooled_width, spatial_scale, grad_input);
+                                    pooled_width, spatial_scale, groups,
+                                    grad_input);
   else
     ps_roi_pool_backward_loop<false>(grad_output, rois, num_rois, batch,
                                      channels, height, width, pooled_height,
-                                     pooled_width, spatial_scale, grad_input);
+                                     pooled_width, spatial_scale, groups,
+                                     grad_input);
 }
 
 #else
@@ -306,13 +353,15 @@ static void ps_roi_pool_forward_nhwc(const T* input,
 }
 
 // Work items of box groups and output-channel blocks (CuroiItems); a box's
-// bins are found once per item and shared by its channels.
+// bins are found once per item and shared by its channels. `groups`, the
+// GPU launch's channel tiles, means nothing to these loops.
 template <typename T>
 static void ps_roi_pool_forward(
     const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
-    typename AccType<T>::type spatial_scale, int channels_last, T* output) {
+    typename AccType<T>::type spatial_scale, int channels_last,
+    int64_t /* groups */, T* output) {
   typedef typename AccType<T>::type A;
   const PsRoiChannels map = ps_roi_channels(pooled_height, pooled_width);
   const CuroiItems items =
@@ -395,14 +444,15 @@ static void ps_roi_pool_backward_block(const T* grad_output,
 
 // Box group after box group (bins found by the calling thread), blocks of
 // output channels handed out dynamically; a block's input channels are its
-// own, so no two threads add into one pixel: no atomics.
+// own, so no two threads add into one pixel: no atomics. `groups` is the
+// GPU launch's, as in the forward.
 template <typename T, typename Sum>
 static void ps_roi_pool_backward(
     const T* grad_output, const typename AccType<T>::type* rois,
     int64_t num_rois, int64_t batch, int64_t channels, int64_t height,
     int64_t width, int64_t pooled_height, int64_t pooled_width,
     typename AccType<T>::type spatial_scale, int channels_last,
-    const Sum& grad_input) {
+    int64_t /* groups */, const Sum& grad_input) {
   typedef typename AccType<T>::type A;
   const PsRoiChannels map = ps_roi_channels(pooled_height, pooled_width);
   const int64_t out_channels = roi_output_channels(map, channels);
@@ -439,32 +489,33 @@ static void ps_roi_pool_backward(
       const T* input, const AccType<T>::type* rois, int64_t num_rois,          \
       int64_t batch, int64_t channels, int64_t height, int64_t width,          \
       int64_t pooled_height, int64_t pooled_width,                             \
-      AccType<T>::type spatial_scale, int channels_last, T* output) {          \
+      AccType<T>::type spatial_scale, int channels_last, int64_t groups,       \
+      T* output) {                                                             \
     ps_roi_pool_forward<T>(input, rois, num_rois, batch, channels, height,     \
                            width, pooled_height, pooled_width, spatial_scale,  \
-                           channels_last, output);                             \
+                           channels_last, groups, output);                     \
   }                                                                            \
   CUROI_KERNEL void ps_roi_pool_backward_##suffix(                             \
       const T* grad_output, const AccType<T>::type* rois, int64_t num_rois,    \
       int64_t batch, int64_t channels, int64_t height, int64_t width,          \
       int64_t pooled_height, int64_t pooled_width,                             \
-      AccType<T>::type spatial_scale, int channels_last,                       \
+      AccType<T>::type spatial_scale, int channels_last, int64_t groups,       \
       AccType<T>::type* grad_input) {                                          \
     CuroiFloatSum<AccType<T>::type> sum;                                       \
     sum.grad = grad_input;                                                     \
     ps_roi_pool_backward<T>(grad_output, rois, num_rois, batch, channels,      \
                             height, width, pooled_height, pooled_width,        \
-                            spatial_scale, channels_last, sum);                \
+                            spatial_scale, channels_last, groups, sum);        \
   }                                                                            \
   CUROI_KERNEL void ps_roi_pool_backward_fixed_##suffix(                       \
       const T* grad_output, const AccType<T>::type* rois, int64_t num_rois,    \
       int64_t batch, int64_t channels, int64_t height, int64_t width,          \
       int64_t pooled_height, int64_t pooled_width,                             \
-      AccType<T>::type spatial_scale, int channels_last,                       \
+      AccType<T>::type spatial_scale, int channels_last, int64_t groups,       \
       const double* max_abs, int64_t* fixed, AccType<T>::type* grad_input) {   \
     ps_roi_pool_backward<T>(grad_output, rois, num_rois, batch, channels,      \
                             height, width, pooled_height, pooled_width,        \
-                            spatial_scale, channels_last,                      \
+                            spatial_scale, channels_last, groups,              \
                             curoi_fixed_sum(grad_input, fixed, max_abs,        \
                                             num_rois));                        \
   }                                                                            \

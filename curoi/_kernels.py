@@ -117,10 +117,10 @@ SIGNATURES = {
     # Position-sensitive pooling (ps_roi.cuh): `channels` is the input's C =
     # C_out * PH * PW, outputs [K, C_out, PH, PW] ([K, PH, PW, C_out]).
     # input, rois, shape, spatial_scale, channels_last, output
-    "ps_roi_pool_forward": (PTR, PTR) + _SHAPE + (ACC, I32, PTR),
+    "ps_roi_pool_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I64, PTR),
     # grad_output, rois, shape, spatial_scale, channels_last, grad_input
-    "ps_roi_pool_backward": (PTR, PTR) + _SHAPE + (ACC, I32, PTR),
-    "ps_roi_pool_backward_fixed": (PTR, PTR) + _SHAPE + (ACC, I32, PTR, PTR, PTR),
+    "ps_roi_pool_backward": (PTR, PTR) + _SHAPE + (ACC, I32, I64, PTR),
+    "ps_roi_pool_backward_fixed": (PTR, PTR) + _SHAPE + (ACC, I32, I64, PTR, PTR, PTR),
     # input, rois, shape, spatial_scale, sampling_ratio, channels_last, output
     "ps_roi_align_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR),
     # grad_output, rois, shape, spatial_scale, sampling_ratio, channels_last,

@@ -156,7 +156,7 @@ def _nchw(shape, channels_last):
 
 
 def _backward(family, args, grad_output, grad_input, deterministic, zeroed,
-              terms, levels=None):
+              terms, levels=None, threads=None):
     """Launch ``family``'s backward. On the GPU the deterministic flavour
     sums in int64 fixed point and then adds the sums into grad_input (see
     CuroiFixedSum in curoi_common.cuh); the plain one adds atomically.
@@ -168,6 +168,9 @@ def _backward(family, args, grad_output, grad_input, deterministic, zeroed,
     then their list, the fixed-point sums of every gradient lie back to
     back in one int64 buffer, and fixed_finish takes ``levels`` (its
     arguments after ``terms``) where it would take (total, grad_input).
+
+    ``threads`` is the size of the backward's GPU launch when it is not a
+    thread per element of grad_output (the tiled loops).
     """
     cuda = _is_cuda(grad_output)
     dtype = _name(grad_output.dtype)
@@ -181,14 +184,16 @@ def _backward(family, args, grad_output, grad_input, deterministic, zeroed,
     sum_args, finish = ((), levels) if levels is not None else (
         (grad_input,), (size, grad_input))
     scratch = backward_scratch(size, deterministic, cuda)
+    if threads is None:
+        threads = grad_output.size
     if not scratch:
-        _run(family, "backward", dtype, args + sum_args, grad_output.size, cuda)
+        _run(family, "backward", dtype, args + sum_args, threads, cuda)
         return
     xp = _xp(grad_output)
     max_abs, fixed = (_memory.zeros(xp, shape, kind) for shape, kind in scratch)
     _finite_max_abs(grad_output, max_abs, cuda)
     _run(family, "backward_fixed", dtype, args + (max_abs, fixed) + sum_args,
-         grad_output.size, cuda)
+         threads, cuda)
     _run(family, "fixed_finish", dtype, (fixed, max_abs, terms) + finish,
          size, cuda)
 
@@ -418,9 +423,11 @@ def ps_roi_pool_forward(x, rois, out, spatial_scale, channels_last=False):
     if h * w == 0:
         out.fill(0)
         return
+    groups = channel_groups(k * ph * pw, out.size // max(k * ph * pw, 1))
     _run("ps_roi_pool", "forward", _name(x.dtype),
-         (x, rois, k, n, c, h, w, ph, pw, spatial_scale, int(channels_last), out),
-         out.size, _is_cuda(x))
+         (x, rois, k, n, c, h, w, ph, pw, spatial_scale, int(channels_last),
+          groups, out),
+         k * ph * pw * groups, _is_cuda(x))
 
 
 def ps_roi_pool_backward(grad_output, rois, grad_input, spatial_scale,
@@ -430,10 +437,12 @@ def ps_roi_pool_backward(grad_output, rois, grad_input, spatial_scale,
     ``channels_last``); ``zeroed`` as in :func:`roi_align_backward`."""
     n, c, h, w = _nchw(grad_input.shape, channels_last)
     k, _, ph, pw = _nchw(grad_output.shape, channels_last)
+    groups = channel_groups(k * ph * pw, grad_output.size // max(k * ph * pw, 1))
     _backward("ps_roi_pool",
               (grad_output, rois, k, n, c, h, w, ph, pw, spatial_scale,
-               int(channels_last)),
-              grad_output, grad_input, deterministic, zeroed, k)
+               int(channels_last), groups),
+              grad_output, grad_input, deterministic, zeroed, k,
+              threads=k * ph * pw * groups)
 
 
 def ps_roi_align_forward(x, rois, out, spatial_scale, sampling_ratio,

@@ -97,7 +97,7 @@ def _clear(logs):
 # The suites that run under the sanitizers: hostile boxes, sizes and argmax
 # for every kernel family. They import only NumPy, curoi and the references
 # (test_crop_and_resize_kernels.py skips its TensorFlow comparisons here).
-SUITES = ("test_adversarial.py", "test_roi_pool_tiles.py", "test_ps_roi_kernels.py",
+SUITES = ("test_adversarial.py", "test_pool_tiles.py", "test_ps_roi_kernels.py",
           "test_roi_align_rotated_kernels.py", "test_roi_align_rotated_boxes_backward.py",
           "test_roi_align_boxes_backward.py",
           "test_roi_spp_kernels.py", "test_prroi_pool_kernels.py",

@@ -1,11 +1,12 @@
-"""RoI Pool's forward in tiles of channels (the GPU loops: a thread per box,
-bin and tile, curoi_channel_tile).
+"""RoI Pool's forward and position-sensitive RoI Pool's forward and backward
+in tiles of channels (the GPU loops: a thread per box, bin and tile,
+curoi_channel_tile).
 
 The tile a call gets is chosen by curoi._ops.channel_groups; here it is
 forced to every kind of split (one tile for all channels, uneven tiles,
 a tile per channel, more tiles than channels), and every split must give
-the reference's maxima and argmax and the same bits as any other split, in
-both layouts and conventions, on hostile boxes. On the CPU loops the split
+the reference's numbers and the same bits as any other split (the
+deterministic backward included), in both layouts, on hostile boxes. On the CPU loops the split
 means nothing and the same assertions hold; tests/test_gpu_loops.py runs
 this file with the GPU's loops, where it is what they check.
 """
@@ -22,7 +23,7 @@ CONVENTIONS = ["torchvision", "mmcv"]
 
 
 def _forced(monkeypatch, groups):
-    """Every roi_pool launch splits each (box, bin)'s channels into
+    """Every tiled launch splits each (box, bin)'s channels into
     ``groups(channels)`` tiles."""
     monkeypatch.setattr(_ops, "channel_groups", lambda bins, channels: groups(channels))
 
@@ -91,3 +92,50 @@ def test_the_default_split_fills_a_launch_and_bounds_the_tile():
     assert 1 < tile <= _ops.MAX_CHANNEL_TILE
     assert w1_bins * groups >= _ops.TILE_THREADS
     assert _ops.channel_groups(4 * 49, 256) == 256
+
+
+def _nhwc(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def _nchw(a):
+    return a.transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("out_channels", [1, 3, 11])
+def test_ps_roi_pool_every_split_gives_the_reference_and_the_same_bits(
+        monkeypatch, out_channels, dtype):
+    size = (3, 2)
+    rng = np.random.default_rng(out_channels)
+    n, h, w = 2, 9, 11
+    x = rng.standard_normal((n, out_channels * 6, h, w)).astype(dtype)
+    boxes = ref.spoil_boxes(rng, ref.random_boxes(rng, n, h, w, 1.0, 10), n,
+                            probability=1.0).astype(dtype)
+    gy = rng.standard_normal((len(boxes), out_channels) + size).astype(dtype)
+    want = ref.ps_roi_pool(x, boxes, size, 0.8)
+    want_grad = ref.ps_roi_pool_backward(gy, boxes, x.shape, size, 0.8)
+    rtol = 1e-6 if dtype == np.float32 else 1e-13
+    forwards, fixed = set(), set()
+    for name, groups in SPLITS.items():
+        _forced(monkeypatch, groups)
+        for data_format in ("NCHW", "NHWC"):
+            nhwc = data_format == "NHWC"
+            y = curoi.ps_roi_pool(_nhwc(x) if nhwc else x, boxes, size, 0.8,
+                                  data_format=data_format)
+            y = _nchw(y) if nhwc else y
+            np.testing.assert_allclose(y, want, rtol=rtol, atol=rtol,
+                                       err_msg=f"{name} {data_format}")
+            forwards.add(np.ascontiguousarray(y).tobytes())
+            for deterministic in (False, True):
+                g = curoi.ps_roi_pool_backward(_nhwc(gy) if nhwc else gy, boxes,
+                                               x.shape if not nhwc else _nhwc(x).shape,
+                                               size, 0.8, deterministic=deterministic,
+                                               data_format=data_format)
+                g = _nchw(g) if nhwc else g
+                np.testing.assert_allclose(g, want_grad, rtol=rtol, atol=rtol,
+                                           err_msg=f"{name} {data_format} {deterministic}")
+                if deterministic:
+                    fixed.add(np.ascontiguousarray(g).tobytes())
+    assert len(forwards) == 1
+    assert len(fixed) == 1
