@@ -1,4 +1,5 @@
-"""`python3 -m curoi` runs the demo; `python3 -m curoi bench --help` the
+"""`python3 -m curoi` runs the demo; `python3 -m curoi build` builds the CPU
+library into the cache ahead of time; `python3 -m curoi bench --help` the
 benchmark; `python3 -m curoi check --help` the GPU verification."""
 
 import sys
@@ -10,12 +11,20 @@ def main(argv=None):
         from ._bench import main as bench
 
         return bench(argv[1:])
+    if argv and argv[0] == "build" and len(argv) == 1:
+        from . import _cpu
+
+        _cpu.library()
+        print(_cpu.library_path())
+        return 0
     if argv and argv[0] == "check":
         from ._check import main as check
 
         return check(argv[1:])
     if argv:
         print("usage: python3 -m curoi            run the demo\n"
+              "       python3 -m curoi build      build the CPU library into "
+              "the cache ahead of time\n"
               "       python3 -m curoi bench ...  time curoi against its peers "
               "(--help for options)\n"
               "       python3 -m curoi check --device cuda --out DIR\n"

@@ -22,14 +22,17 @@ def layout_message(columns=5, row=BOX):
 _LAYOUT = layout_message()
 
 
-def _checked_view(caller, box_array, name, columns, row=BOX):
+def _checked_view(caller, box_array, name, columns, row=BOX, layout=None):
+    """``layout``: the message's description of the boxes, for an operator
+    whose boxes are not the usual array-or-list (crop_and_resize)."""
     view = caller.view(box_array, name)
     dtype = storage_dtype(box_array, view)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have a floating-point dtype, got {dtype}")
     if view.ndim != 2 or view.shape[1] != columns:
-        raise ValueError(f"{layout_message(columns + (name != 'boxes'), row)}; "
-                         f"{name} has shape {tuple(view.shape)}")
+        if layout is None:
+            layout = layout_message(columns + (name != 'boxes'), row)
+        raise ValueError(f"{layout}; {name} has shape {tuple(view.shape)}")
     return view
 
 

@@ -210,20 +210,27 @@ def _missing_compiler_error():
     )
 
 
-def _library_stem(argv, flags):
-    """Name of the library for these sources, compiler and flags, without
-    the content digest and suffix that the built file adds."""
+def _build_key(flags):
+    """First part of a library's name: the sources and flags, not the
+    compiler, so that a process without a compiler can still find a library
+    built for these sources (a prebuilt cache in a Docker image)."""
     key = hashlib.sha256()
-    for part in (
-        _sources.sources_digest(),
-        "\0".join(argv),
-        _compiler_version(argv),
-        "\0".join(flags),
-        sys.platform,
-    ):
+    for part in (_sources.sources_digest(), "\0".join(flags), sys.platform):
         key.update(part.encode())
         key.update(b"\n")
     return f"curoi-cpu-{key.hexdigest()[:24]}"
+
+
+def _library_stem(argv, flags):
+    """Name of the library for these sources, compiler and flags, without
+    the content digest and suffix that the built file adds: the build key,
+    then a key of the compiler (its command and version), so that another
+    compiler builds a library of its own."""
+    key = hashlib.sha256()
+    for part in ("\0".join(argv), _compiler_version(argv)):
+        key.update(part.encode())
+        key.update(b"\n")
+    return f"{_build_key(flags)}-{key.hexdigest()[:12]}"
 
 
 _SUFFIX = ".dll" if sys.platform == "win32" else ".so"
@@ -234,21 +241,25 @@ def _content_digest(data):
 
 
 def _cached_library(stem):
-    """A cached library whose content matches the digest in its name. A file
-    that does not match (cut short, damaged) is removed, never loaded:
-    loading a truncated library can kill the process with SIGBUS."""
-    for path in sorted(_library_dir().glob(f"{stem}-*{_SUFFIX}")):
+    """A cached library whose name starts with ``stem`` and whose content
+    matches the digest in its name, the newest if several (a build key
+    alone matches every compiler's). A file that does not match (cut short,
+    damaged) is removed, never loaded: loading a truncated library can kill
+    the process with SIGBUS."""
+    found = []
+    for path in _library_dir().glob(f"{stem}-*{_SUFFIX}"):
         try:
             intact = _content_digest(path.read_bytes()) == path.stem.rsplit("-", 1)[1]
+            if intact:
+                found.append((path.stat().st_mtime, path.name, path))
+                continue
         except OSError:
-            intact = False
-        if intact:
-            return path
+            pass
         try:
             path.unlink()
         except OSError:
             pass
-    return None
+    return max(found)[2] if found else None
 
 
 class _FolderLock:
@@ -289,9 +300,64 @@ def _compile(argv, flags, stem):
             return path
         work = tempfile.mkdtemp(prefix=".build-", dir=folder)
         try:
+            _check_compiler(work, argv)
+            print(f"curoi: building its CPU kernels with {' '.join(argv)} "
+                  f"(once; about a minute), cached in {folder}",
+                  file=sys.stderr, flush=True)
             return _compile_in(work, folder, argv, flags, stem)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+
+# A C++ program that a C driver (CXX=gcc, CXX=cc) compiles and links into
+# a shared library without complaint, but which then fails to load: its
+# RTTI and std::string need libstdc++, which only a C++ driver links in.
+_PROBE = r"""
+#include <string>
+struct Base { virtual ~Base() {} };
+struct Derived : Base {};
+extern "C" int curoi_probe(int n) {
+    Base *b = new Derived;
+    int ok = dynamic_cast<Derived *>(b) != nullptr;
+    delete b;
+    return ok + static_cast<int>(std::to_string(n).size());
+}
+"""
+
+
+def _not_cxx_error(argv, reason):
+    return RuntimeError(
+        f"curoi's CPU backend needs a C++ compiler, but CXX={' '.join(argv)!r} "
+        "builds a library that does not load (" + reason.strip() + "); it "
+        "looks like a C compiler. Set CXX to a C++ compiler: g++ or "
+        "clang++ (for gcc, CXX=g++; for clang, CXX=clang++).")
+
+
+def _load_check(path, argv):
+    """Load a freshly built library; raise, naming the compiler, if it does
+    not load, so that such a library never enters the cache."""
+    try:
+        ctypes.CDLL(str(path))
+    except OSError as error:
+        raise _not_cxx_error(argv, str(error)) from None
+
+
+def _check_compiler(work, argv):
+    """Build and load a small C++ probe before the long build, so that a C
+    compiler is caught in a second. A probe that does not compile is left to
+    the real build, whose error shows the failing command."""
+    source = os.path.join(work, "curoi-probe.cpp")
+    with open(source, "w") as f:
+        f.write(_PROBE)
+    target = os.path.join(work, "curoi-probe" + _SUFFIX)
+    try:
+        done = subprocess.run(
+            argv + ["-x", "c++", "-std=c++17", "-fPIC", "-shared", source, "-o", target],
+            capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError):
+        return
+    if done.returncode == 0:
+        _load_check(target, argv)
 
 
 def _run_compiler(cmds, parallel):
@@ -326,6 +392,7 @@ def _compile_in(work, folder, argv, flags, stem):
     _run_compiler(cmds, _available_cores())
     tmp = os.path.join(work, "library" + _SUFFIX)
     _run_compiler([argv + list(flags) + objects + ["-o", tmp]], 1)
+    _load_check(tmp, argv)
     with open(tmp, "rb") as f:
         digest = _content_digest(f.read())
     target = folder / f"{stem}-{digest}{_SUFFIX}"
@@ -344,8 +411,6 @@ def _warn_from_caller(message):
 
 def _build_and_load():
     argv = compiler_command()
-    if argv is None:
-        raise _missing_compiler_error()
     global _library_sanitize, _library_loops
     loops, loop_flags = loops_flags()
     sanitize = sanitize_flags()
@@ -353,6 +418,13 @@ def _build_and_load():
     _library_sanitize = sanitize[0].split("=", 1)[1] if sanitize else None
     _library_loops = loops
     flags = _FLAGS + loop_flags + sanitize
+    if argv is None:
+        # Without a compiler, any intact library built for these sources
+        # and flags will do (a cache warmed by `python3 -m curoi build`).
+        path = _cached_library(_build_key(flags))
+        if path is None:
+            raise _missing_compiler_error()
+        return ctypes.CDLL(str(path)), path
     stem = _library_stem(argv, flags)
     # A library already in the cache is used even when the folder is read
     # only (a shared, prebuilt cache); building needs a writable one.
@@ -377,6 +449,7 @@ def library():
 # ------------------------------------------------------------ thread count
 _NUM_THREADS_ENV = "CUROI_NUM_THREADS"
 _num_threads = None  # None until set or first read from the environment
+_warned_threads = False  # warned once that $CUROI_NUM_THREADS exceeds the cores
 
 
 def _available_cores():
@@ -400,6 +473,14 @@ def _threads_from_environment():
             f"{_NUM_THREADS_ENV} must be a positive integer (threads for "
             f"curoi's CPU kernels), got {text!r}"
         )
+    global _warned_threads
+    cores = _available_cores()
+    if value > cores and not _warned_threads:
+        _warned_threads = True
+        _warn_from_caller(
+            f"{_NUM_THREADS_ENV}={value} is more than the {cores} cores this "
+            "process may run on: the extra threads only wait for a core, and a "
+            f"call can take longer. Set {_NUM_THREADS_ENV} to {cores} or fewer.")
     return value
 
 

@@ -8,6 +8,7 @@ allocator), or as NumPy/CuPy arrays handed back through DLPack.
 """
 
 import contextlib
+import os
 import sys
 
 import numpy as np
@@ -106,6 +107,46 @@ def _describe(x):
     return f"{type(x).__module__}.{type(x).__qualname__}"
 
 
+_warned_graph = False  # warned once that a torch graph is not followed
+
+
+def warn_if_graph(x, name):
+    """The NumPy-style functions give torch tensors no gradient: say so,
+    once per process, when one that requires grad comes in."""
+    global _warned_graph
+    if _warned_graph or not getattr(x, "requires_grad", False) \
+            or framework_of(x) != "torch":
+        return
+    # curoi.torch's own ops (custom ops, whose kernels see tensors that
+    # require grad) call these functions too: only warn for a user's call.
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not path.startswith(package):
+            break
+        if os.path.basename(path).startswith(("torch", "_torch", "_compat")):
+            return
+        frame = frame.f_back
+    _warned_graph = True
+    from ._cpu import _warn_from_caller
+
+    _warn_from_caller(
+        f"{name} is a torch tensor that requires grad, but curoi's NumPy-style "
+        "functions return a result without a graph: autograd gives no "
+        "gradient through it. Use curoi.torch (curoi.torch.roi_align, ...) "
+        "for gradients.")
+
+
+def _variable_hint(x):
+    """A hint for a tf.Variable, which is no tensor (it holds one)."""
+    module = type(x).__module__ or ""
+    if module.startswith(("tensorflow", "keras")) and "Variable" in type(x).__name__:
+        return (" (a tf.Variable holds a tensor but is none: pass "
+                "tf.convert_to_tensor(v) or v.value())")
+    return ""
+
+
 class Device:
     """('cpu', None) or ('cuda', ordinal)."""
 
@@ -180,11 +221,13 @@ class Caller:
     """The framework, device and stream of a call, taken from its features."""
 
     def __init__(self, x, name):
+        warn_if_graph(x, name)
         self.framework = framework_of(x)
         if self.framework is None:
             raise TypeError(
                 f"{name} must be an array: a NumPy, CuPy, PyTorch, JAX or "
                 f"TensorFlow array or any object with __dlpack__; got {_describe(x)}"
+                f"{_variable_hint(x)}"
             )
         self.device = device_of(x, self.framework, name)
         # The caller's own dtype object, to cast half-precision results back.
@@ -253,9 +296,10 @@ class Caller:
         live on the caller's device. Copies only if ``x`` is not contiguous,
         or, on the CPU, when NumPy cannot hold its dtype (bfloat16 from torch
         or JAX), in which case it comes back as float32."""
+        warn_if_graph(x, name)
         framework = framework_of(x)
         if framework is None:
-            hint = ""
+            hint = _variable_hint(x)
             if isinstance(x, (list, tuple)):
                 hint = (" (a nested Python list: convert it with "
                         "numpy.asarray, or the input's framework, first)")

@@ -439,7 +439,10 @@ def _crop_boxes_backward(g, x, rois, grad_rois, v, channels_last):
 def _crop_rois(boxes, caller, batch, acc):
     """(boxes [K, 4], box_indices [K]) viewed and checked -> rois [K, 5]."""
     boxes, box_indices = boxes
-    view = _boxes._checked_view(caller, boxes, "boxes", 4, CROP_BOX)
+    view = _boxes._checked_view(
+        caller, boxes, "boxes", 4, layout="boxes must be a [K, 4] array of "
+        "normalised (y1, x1, y2, x2), with the image of each box "
+        "in box_indices [K] (TensorFlow's crop_and_resize)")
     indices = caller.view(box_indices, "box_indices", allow_int=True)
     if indices.dtype.kind not in "iu":
         raise TypeError(f"box_indices must have an integer dtype, got {indices.dtype}")
