@@ -6,8 +6,10 @@
 // The loops that drive them differ by backend:
 //
 // - GPU loops (CUROI_GPU_LOOPS, always on in the GPU build): one thread per
-//   output element, CUDA_1D_KERNEL_LOOP grid-stride loops, atomic adds into
-//   gradients (curoi_scatter_add).
+//   output element, or per bin of a box and a tile of its channels
+//   (curoi_channel_tile) where the bin's geometry is shared by the channels,
+//   CUDA_1D_KERNEL_LOOP grid-stride loops, atomic adds into gradients
+//   (curoi_scatter_add).
 // - CPU loops: work items handed to the pool (curoi_parallel_for,
 //   curoi_parallel_shares), with per-box tables shared by all channels and
 //   gradient planes owned by one thread each, so no atomics.

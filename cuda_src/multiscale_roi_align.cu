@@ -217,35 +217,40 @@ CUROI_DEVICE void multiscale_fixed_finish(const int64_t* fixed,
 
 #if defined(CUROI_GPU_LOOPS)
 // ------------------------------------------------------------- GPU loops
-// One thread per output element: its box's level, then RoI Align's element
-// on that level (roi_align_element_sum / roi_align_element_scatter).
+// A thread per (box, bin, tile of channels), as RoI Align's: its box's level,
+// then RoI Align's tile on that level (roi_align_tile_forward /
+// roi_align_tile_backward).
 
 template <bool ChannelsLast, typename T>
 CUROI_DEVICE void multiscale_roi_align_forward_loop(
     const int64_t* features, const MultiscaleRule<typename AccType<T>::type>& r,
     const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
     int64_t channels, int64_t pooled_height, int64_t pooled_width,
-    int sampling_ratio, int aligned, T* output) {
+    int sampling_ratio, int aligned, int64_t groups, T* output) {
   typedef typename AccType<T>::type A;
-  const int64_t total = num_rois * channels * pooled_height * pooled_width;
+  const int64_t total = num_rois * pooled_height * pooled_width * groups;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
-        index, total, channels, pooled_height, pooled_width);
-    const int64_t level = multiscale_level(r, rois + at.k * 5);
-    A value = (A)0;
-    if (level >= 0) {
-      const int64_t height = r.sizes[2 * level];
-      const int64_t width = r.sizes[2 * level + 1];
-      const RoiAlignElement<A> e = roi_align_element(
-          rois, at, batch, height, width, pooled_height, pooled_width,
-          r.scales[level], sampling_ratio, aligned);
-      value = roi_align_element_sum<ChannelsLast>(
-                  RoiAlignSameChannel(),
-                  multiscale_pointer<const T>(features[level]), e, at,
-                  channels, height, width, pooled_width) /
-              e.box.count;
-    }
-    output[index] = curoi_store<T>(value);
+    const CuroiChannelTile t = curoi_channel_tile<ChannelsLast>(
+        index, total, channels, groups, pooled_height, pooled_width);
+    const int64_t level = multiscale_level(r, rois + t.k * 5);
+    // A box of no level reads nothing: RoI Align's unusable box, whose tile
+    // writes zeros.
+    const int64_t height = level >= 0 ? r.sizes[2 * level] : 1;
+    const int64_t width = level >= 0 ? r.sizes[2 * level + 1] : 1;
+    RoiAlignElement<A> e = roi_align_element(
+        rois, t.k, t.ph, t.pw, batch, height, width, pooled_height,
+        pooled_width, level >= 0 ? r.scales[level] : (A)1, sampling_ratio,
+        aligned);
+    if (level < 0) e.box.batch_index = -1;
+    roi_align_tile_forward(
+        level >= 0 ? multiscale_pointer<const T>(features[level])
+                   : (const T*)nullptr,
+        e,
+        roi_align_tile_at<ChannelsLast>(RoiAlignSameChannel(), t,
+                                        e.box.batch_index, channels,
+                                        height * width, pooled_height,
+                                        pooled_width),
+        height, width, output);
   }
 }
 
@@ -254,17 +259,18 @@ CUROI_DEVICE void multiscale_roi_align_forward(
     const int64_t* features, const MultiscaleRule<typename AccType<T>::type>& r,
     const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
     int64_t channels, int64_t pooled_height, int64_t pooled_width,
-    int sampling_ratio, int aligned, int channels_last, T* output) {
+    int sampling_ratio, int aligned, int channels_last, int64_t groups,
+    T* output) {
   if (channels_last)
     multiscale_roi_align_forward_loop<true>(features, r, rois, num_rois,
                                             batch, channels, pooled_height,
                                             pooled_width, sampling_ratio,
-                                            aligned, output);
+                                            aligned, groups, output);
   else
     multiscale_roi_align_forward_loop<false>(features, r, rois, num_rois,
                                              batch, channels, pooled_height,
                                              pooled_width, sampling_ratio,
-                                             aligned, output);
+                                             aligned, groups, output);
 }
 
 template <bool ChannelsLast, typename T, typename Sums>
@@ -272,24 +278,26 @@ CUROI_DEVICE void multiscale_roi_align_backward_loop(
     const T* grad_output, const MultiscaleRule<typename AccType<T>::type>& r,
     const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
     int64_t channels, int64_t pooled_height, int64_t pooled_width,
-    int sampling_ratio, int aligned, const Sums& sums) {
+    int sampling_ratio, int aligned, int64_t groups, const Sums& sums) {
   typedef typename AccType<T>::type A;
-  const int64_t total = num_rois * channels * pooled_height * pooled_width;
+  const int64_t total = num_rois * pooled_height * pooled_width * groups;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
-        index, total, channels, pooled_height, pooled_width);
-    const int64_t level = multiscale_level(r, rois + at.k * 5);
+    const CuroiChannelTile t = curoi_channel_tile<ChannelsLast>(
+        index, total, channels, groups, pooled_height, pooled_width);
+    const int64_t level = multiscale_level(r, rois + t.k * 5);
     if (level < 0) continue;
     const int64_t height = r.sizes[2 * level];
     const int64_t width = r.sizes[2 * level + 1];
     const RoiAlignElement<A> e = roi_align_element(
-        rois, at, batch, height, width, pooled_height, pooled_width,
-        r.scales[level], sampling_ratio, aligned);
-    if (e.box.batch_index < 0) continue;
-    const A grad = curoi_load<A>(grad_output[index]) / e.box.count;
-    roi_align_element_scatter<ChannelsLast>(
-        RoiAlignSameChannel(), multiscale_level_sum(sums, level), e, at, grad,
-        channels, height, width, pooled_width);
+        rois, t.k, t.ph, t.pw, batch, height, width, pooled_height,
+        pooled_width, r.scales[level], sampling_ratio, aligned);
+    roi_align_tile_backward(
+        grad_output, multiscale_level_sum(sums, level), e,
+        roi_align_tile_at<ChannelsLast>(RoiAlignSameChannel(), t,
+                                        e.box.batch_index, channels,
+                                        height * width, pooled_height,
+                                        pooled_width),
+        height, width);
   }
 }
 
@@ -298,17 +306,18 @@ CUROI_DEVICE void multiscale_roi_align_backward(
     const T* grad_output, const MultiscaleRule<typename AccType<T>::type>& r,
     const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
     int64_t channels, int64_t pooled_height, int64_t pooled_width,
-    int sampling_ratio, int aligned, int channels_last, const Sums& sums) {
+    int sampling_ratio, int aligned, int channels_last, int64_t groups,
+    const Sums& sums) {
   if (channels_last)
     multiscale_roi_align_backward_loop<true>(grad_output, r, rois, num_rois,
                                              batch, channels, pooled_height,
                                              pooled_width, sampling_ratio,
-                                             aligned, sums);
+                                             aligned, groups, sums);
   else
     multiscale_roi_align_backward_loop<false>(grad_output, r, rois, num_rois,
                                               batch, channels, pooled_height,
                                               pooled_width, sampling_ratio,
-                                              aligned, sums);
+                                              aligned, groups, sums);
 }
 
 #else
@@ -347,7 +356,8 @@ static void multiscale_roi_align_forward(
     const int64_t* features, const MultiscaleRule<typename AccType<T>::type>& r,
     const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
     int64_t channels, int64_t pooled_height, int64_t pooled_width,
-    int sampling_ratio, int aligned, int channels_last, T* output) {
+    int sampling_ratio, int aligned, int channels_last, int64_t /* groups */,
+    T* output) {
   typedef typename AccType<T>::type A;
   static thread_local std::vector<int64_t> order, start;
   multiscale_sort(r, rois, num_rois, order, start);
@@ -373,7 +383,8 @@ static void multiscale_roi_align_backward(
     const T* grad_output, const MultiscaleRule<typename AccType<T>::type>& r,
     const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
     int64_t channels, int64_t pooled_height, int64_t pooled_width,
-    int sampling_ratio, int aligned, int channels_last, const Sums& sums) {
+    int sampling_ratio, int aligned, int channels_last, int64_t /* groups */,
+    const Sums& sums) {
   static thread_local std::vector<int64_t> order, start;
   multiscale_sort(r, rois, num_rois, order, start);
   const int64_t levels = (int64_t)start.size() - 2;
@@ -398,7 +409,7 @@ static void multiscale_roi_align_backward(
       int64_t channels, int64_t pooled_height, int64_t pooled_width,           \
       int sampling_ratio, int aligned, AccType<T>::type canonical_scale,       \
       int canonical_level, AccType<T>::type eps, int level_rule,               \
-      int channels_last, T* output) {                                          \
+      int channels_last, int64_t groups, T* output) {                          \
     multiscale_roi_align_forward<T>(                                           \
         levels.address,                                                        \
         multiscale_rule(levels.size,                                           \
@@ -406,7 +417,7 @@ static void multiscale_roi_align_backward(
                         multiscale_count(levels), canonical_scale,             \
                         canonical_level, eps, level_rule),                     \
         rois, num_rois, batch, channels, pooled_height, pooled_width,          \
-        sampling_ratio, aligned, channels_last, output);                       \
+        sampling_ratio, aligned, channels_last, groups, output);               \
   }                                                                            \
   CUROI_KERNEL void multiscale_roi_align_backward_##suffix(                    \
       const T* grad_output, CUROI_GRID_CONSTANT const MultiscaleLevels levels, \
@@ -414,7 +425,7 @@ static void multiscale_roi_align_backward(
       int64_t channels, int64_t pooled_height, int64_t pooled_width,           \
       int sampling_ratio, int aligned, AccType<T>::type canonical_scale,       \
       int canonical_level, AccType<T>::type eps, int level_rule,               \
-      int channels_last) {                                                     \
+      int channels_last, int64_t groups) {                                     \
     MultiscaleFloatSums<AccType<T>::type> sums;                                \
     sums.grads = levels.address;                                               \
     multiscale_roi_align_backward<T>(                                          \
@@ -424,7 +435,7 @@ static void multiscale_roi_align_backward(
                         multiscale_count(levels), canonical_scale,             \
                         canonical_level, eps, level_rule),                     \
         rois, num_rois, batch, channels, pooled_height, pooled_width,          \
-        sampling_ratio, aligned, channels_last, sums);                         \
+        sampling_ratio, aligned, channels_last, groups, sums);                 \
   }                                                                            \
   CUROI_KERNEL void multiscale_roi_align_backward_fixed_##suffix(              \
       const T* grad_output, CUROI_GRID_CONSTANT const MultiscaleLevels levels, \
@@ -432,7 +443,8 @@ static void multiscale_roi_align_backward(
       int64_t channels, int64_t pooled_height, int64_t pooled_width,           \
       int sampling_ratio, int aligned, AccType<T>::type canonical_scale,       \
       int canonical_level, AccType<T>::type eps, int level_rule,               \
-      int channels_last, const double* max_abs, int64_t* fixed) {              \
+      int channels_last, int64_t groups, const double* max_abs,                \
+      int64_t* fixed) {                                                        \
     MultiscaleFixedSums<AccType<T>::type> sums;                                \
     sums.grads = levels.address;                                               \
     sums.sizes = levels.size;                                                  \
@@ -449,7 +461,7 @@ static void multiscale_roi_align_backward(
                         multiscale_count(levels), canonical_scale,             \
                         canonical_level, eps, level_rule),                     \
         rois, num_rois, batch, channels, pooled_height, pooled_width,          \
-        sampling_ratio, aligned, channels_last, sums);                         \
+        sampling_ratio, aligned, channels_last, groups, sums);                 \
   }                                                                            \
   CUROI_KERNEL void multiscale_roi_align_fixed_finish_##suffix(                \
       const int64_t* fixed, const double* max_abs, int64_t terms,              \

@@ -28,35 +28,37 @@
       int64_t batch, int64_t channels, int64_t height, int64_t width,          \
       int64_t pooled_height, int64_t pooled_width,                             \
       AccType<T>::type spatial_scale, int sampling_ratio, int channels_last,   \
-      T* output) {                                                             \
+      int64_t groups, T* output) {                                             \
     roi_align_forward<PsRoiChannels, T>(                                       \
         ps_roi_channels(pooled_height, pooled_width), input, rois, num_rois,   \
         batch, channels, height, width, pooled_height, pooled_width,           \
-        spatial_scale, sampling_ratio, 1, channels_last, output);              \
+        spatial_scale, sampling_ratio, 1, channels_last, groups, output);      \
   }                                                                            \
   CUROI_KERNEL void ps_roi_align_backward_##suffix(                            \
       const T* grad_output, const AccType<T>::type* rois, int64_t num_rois,    \
       int64_t batch, int64_t channels, int64_t height, int64_t width,          \
       int64_t pooled_height, int64_t pooled_width,                             \
       AccType<T>::type spatial_scale, int sampling_ratio, int channels_last,   \
-      AccType<T>::type* grad_input) {                                          \
+      int64_t groups, AccType<T>::type* grad_input) {                          \
     CuroiFloatSum<AccType<T>::type> sum;                                       \
     sum.grad = grad_input;                                                     \
     roi_align_backward<PsRoiChannels, T>(                                      \
         ps_roi_channels(pooled_height, pooled_width), grad_output, rois,       \
         num_rois, batch, channels, height, width, pooled_height,               \
-        pooled_width, spatial_scale, sampling_ratio, 1, channels_last, sum);   \
+        pooled_width, spatial_scale, sampling_ratio, 1, channels_last, groups, \
+        sum);                                                                  \
   }                                                                            \
   CUROI_KERNEL void ps_roi_align_backward_fixed_##suffix(                      \
       const T* grad_output, const AccType<T>::type* rois, int64_t num_rois,    \
       int64_t batch, int64_t channels, int64_t height, int64_t width,          \
       int64_t pooled_height, int64_t pooled_width,                             \
       AccType<T>::type spatial_scale, int sampling_ratio, int channels_last,   \
-      const double* max_abs, int64_t* fixed, AccType<T>::type* grad_input) {   \
+      int64_t groups, const double* max_abs, int64_t* fixed,                   \
+      AccType<T>::type* grad_input) {                                          \
     roi_align_backward<PsRoiChannels, T>(                                      \
         ps_roi_channels(pooled_height, pooled_width), grad_output, rois,       \
         num_rois, batch, channels, height, width, pooled_height,               \
-        pooled_width, spatial_scale, sampling_ratio, 1, channels_last,         \
+        pooled_width, spatial_scale, sampling_ratio, 1, channels_last, groups, \
         curoi_fixed_sum(grad_input, fixed, max_abs, num_rois));                \
   }                                                                            \
   CUROI_KERNEL void ps_roi_align_fixed_finish_##suffix(                        \

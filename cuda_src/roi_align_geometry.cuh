@@ -275,9 +275,9 @@ CUROI_DEVICE RoiAlignBox<A> roi_align_box(const A* box, int64_t batch,
   return g;
 }
 
-// Everything one output element's loop needs, for the loops with one thread
-// per element: its box, and its bin's sampling along each axis (computed
-// for an unusable box too, harmlessly, from its zeroed corners).
+// Everything one bin's loops need, for the GPU loops: its box, and its bin's
+// sampling along each axis (computed for an unusable box too, harmlessly,
+// from its zeroed corners).
 template <typename A>
 struct RoiAlignElement {
   RoiAlignBox<A> box;
@@ -286,17 +286,27 @@ struct RoiAlignElement {
 
 template <typename A>
 CUROI_DEVICE RoiAlignElement<A> roi_align_element(
+    const A* rois, int64_t k, int64_t ph, int64_t pw, int64_t batch,
+    int64_t height, int64_t width, int64_t pooled_height, int64_t pooled_width,
+    A spatial_scale, int sampling_ratio, int aligned) {
+  RoiAlignElement<A> e;
+  e.box = roi_align_box(rois + k * 5, batch, pooled_height, pooled_width,
+                        spatial_scale, sampling_ratio, aligned);
+  e.y = roi_align_axis(e.box.start_h, e.box.roi_h, ph, pooled_height,
+                       sampling_ratio, height);
+  e.x = roi_align_axis(e.box.start_w, e.box.roi_w, pw, pooled_width,
+                       sampling_ratio, width);
+  return e;
+}
+
+template <typename A>
+CUROI_DEVICE RoiAlignElement<A> roi_align_element(
     const A* rois, const CuroiOutputIndex& at, int64_t batch, int64_t height,
     int64_t width, int64_t pooled_height, int64_t pooled_width,
     A spatial_scale, int sampling_ratio, int aligned) {
-  RoiAlignElement<A> e;
-  e.box = roi_align_box(rois + at.k * 5, batch, pooled_height, pooled_width,
-                        spatial_scale, sampling_ratio, aligned);
-  e.y = roi_align_axis(e.box.start_h, e.box.roi_h, at.ph, pooled_height,
-                       sampling_ratio, height);
-  e.x = roi_align_axis(e.box.start_w, e.box.roi_w, at.pw, pooled_width,
-                       sampling_ratio, width);
-  return e;
+  return roi_align_element(rois, at.k, at.ph, at.pw, batch, height, width,
+                           pooled_height, pooled_width, spatial_scale,
+                           sampling_ratio, aligned);
 }
 
 // ------------------------------------------- how a sample moves with its box

@@ -39,49 +39,110 @@ CUROI_DEVICE int64_t roi_channel_step(const RoiAlignSameChannel&) {
 
 #if defined(CUROI_GPU_LOOPS)
 // ------------------------------------------------------------- GPU loops
-// One thread per output element, each sample read through its four taps.
-// The layout only moves the addresses (curoi_plane): a channels-last element
-// runs the very operations of its NCHW twin, so the results are the same
-// bits, transposed.
+// A thread per (box, bin, tile of output channels) (curoi_channel_tile): the
+// box, its bin's sampling and every sample's taps and weights are found once
+// per tile and shared by its channels, CUROI_ALIGN_CHUNK at a time; each
+// channel's sum adds the same terms in the same order as a thread of its own
+// would (sample by sample, the four taps of a sample summed first), so the
+// split never changes a result. The layout only moves the addresses.
 
-// One output element's sum over its bin's samples, not yet divided by the
-// count: 0 for a box that reads nothing. Shared with the loops of
-// multiscale RoI Align (multiscale_roi_align.cu), which give each element
-// the map, size and scale of its box's level.
-template <bool ChannelsLast, typename Map, typename T>
-CUROI_DEVICE typename AccType<T>::type roi_align_element_sum(
-    const Map& map, const T* input,
-    const RoiAlignElement<typename AccType<T>::type>& e,
-    const CuroiOutputIndex& at, int64_t channels, int64_t height,
-    int64_t width, int64_t pooled_width) {
-  typedef typename AccType<T>::type A;
-  const RoiAlignBox<A>& g = e.box;
+// Channels of a tile summed together: one accumulator each, kept in
+// registers whatever the sampling grid, the taps' weights computed once for
+// all of them.
+#define CUROI_ALIGN_CHUNK 8
+
+// Where a tile's channels lie: channel i of the tile (0 <= i < count) writes
+// output[out + i * out_step] and reads its bin's plane at input + in +
+// i * in_step, pixel (y, x) at (y * W + x) * pixel_step from there.
+struct RoiAlignTileAt {
+  int64_t out, out_step, in, in_step, pixel_step, count;
+};
+
+// Output channel c of box k, bin (ph, pw): NCHW ((k * C_out + c) * PH + ph)
+// * PW + pw, NHWC ((k * PH + ph) * PW + pw) * C_out + c; it reads input
+// channel roi_input_channel(c, bin) of image b (curoi_plane), which moves
+// by roi_channel_step(map) input channels from c to c + 1.
+template <bool ChannelsLast, typename Map>
+CUROI_DEVICE RoiAlignTileAt roi_align_tile_at(const Map& map,
+                                              const CuroiChannelTile& t,
+                                              int64_t b, int64_t channels,
+                                              int64_t plane_size,
+                                              int64_t pooled_height,
+                                              int64_t pooled_width) {
+  const int64_t out_channels = roi_output_channels(map, channels);
+  const int64_t bins = pooled_height * pooled_width;
+  const int64_t bin = t.ph * pooled_width + t.pw;
+  const int64_t step = t.step * roi_channel_step(map);
+  RoiAlignTileAt at;
+  at.count = t.count;
+  at.out = ChannelsLast ? (t.k * bins + bin) * out_channels + t.first
+                        : (t.k * out_channels + t.first) * bins + bin;
+  at.out_step = ChannelsLast ? t.step : t.step * bins;
+  at.in = b < 0 ? 0
+                : curoi_plane<ChannelsLast>(b, roi_input_channel(map, t.first,
+                                                                 bin),
+                                            channels, plane_size)
+                      .at;
+  at.in_step = ChannelsLast ? step : step * plane_size;
+  at.pixel_step = ChannelsLast ? channels : 1;
+  return at;
+}
+
+// The tile's outputs: each channel's mean over its bin's samples (0 for a
+// box that reads nothing). Shared with the loops of multiscale RoI Align
+// (multiscale_roi_align.cu), which give each tile the map, size and scale
+// of its box's level.
+template <typename T, typename A>
+CUROI_DEVICE void roi_align_tile_forward(const T* input,
+                                         const RoiAlignElement<A>& e,
+                                         const RoiAlignTileAt& at,
+                                         int64_t height, int64_t width,
+                                         T* output) {
   const RoiAlignAxis<A>& ay = e.y;
   const RoiAlignAxis<A>& ax = e.x;
-  A sum = (A)0;
-  if (g.batch_index >= 0) {
-    const CuroiPlane p = curoi_plane<ChannelsLast>(
-        g.batch_index,
-        roi_input_channel(map, at.c, at.ph * pooled_width + at.pw), channels,
-        height * width);
-    const T* plane = input + p.at;
+  const int64_t row = width * at.pixel_step;
+  if (e.box.batch_index < 0) {
+    for (int64_t i = 0; i < at.count; ++i)
+      output[at.out + i * at.out_step] = curoi_store<T>((A)0);
+    return;
+  }
+#pragma unroll 1
+  for (int64_t c0 = 0; c0 < at.count; c0 += CUROI_ALIGN_CHUNK) {
+    const int n = (int)curoi_min(at.count - c0, (int64_t)CUROI_ALIGN_CHUNK);
+    A sum[CUROI_ALIGN_CHUNK];
+#pragma unroll
+    for (int j = 0; j < CUROI_ALIGN_CHUNK; ++j) sum[j] = (A)0;
+    const T* plane = input + at.in + c0 * at.in_step;
     for (int64_t ey = ay.first; ey < ay.last; ++ey) {
       RoiAlignTap<A> ty;
       if (!roi_align_tap(ay, ey, height, &ty)) continue;
-      const T* row_lo = plane + ty.lo * width * p.step;
-      const T* row_hi = plane + ty.hi * width * p.step;
+      const T* row_lo = plane + ty.lo * row;
+      const T* row_hi = plane + ty.hi * row;
       for (int64_t ex = ax.first; ex < ax.last; ++ex) {
         RoiAlignTap<A> tx;
         if (!roi_align_tap(ax, ex, width, &tx)) continue;
-        const int64_t lo = tx.lo * p.step, hi = tx.hi * p.step;
-        sum += ty.w_lo * tx.w_lo * curoi_load<A>(row_lo[lo]) +
-               ty.w_lo * tx.w_hi * curoi_load<A>(row_lo[hi]) +
-               ty.w_hi * tx.w_lo * curoi_load<A>(row_hi[lo]) +
-               ty.w_hi * tx.w_hi * curoi_load<A>(row_hi[hi]);
+        const int64_t lo = tx.lo * at.pixel_step, hi = tx.hi * at.pixel_step;
+        const A w00 = ty.w_lo * tx.w_lo, w01 = ty.w_lo * tx.w_hi;
+        const A w10 = ty.w_hi * tx.w_lo, w11 = ty.w_hi * tx.w_hi;
+        const T* r0 = row_lo;
+        const T* r1 = row_hi;
+#pragma unroll
+        for (int j = 0; j < CUROI_ALIGN_CHUNK; ++j) {
+          if (j >= n) break;
+          sum[j] += w00 * curoi_load<A>(r0[lo]) + w01 * curoi_load<A>(r0[hi]) +
+                    w10 * curoi_load<A>(r1[lo]) + w11 * curoi_load<A>(r1[hi]);
+          r0 += at.in_step;
+          r1 += at.in_step;
+        }
       }
     }
+#pragma unroll
+    for (int j = 0; j < CUROI_ALIGN_CHUNK; ++j) {
+      if (j >= n) break;
+      output[at.out + (c0 + j) * at.out_step] =
+          curoi_store<T>(sum[j] / e.box.count);
+    }
   }
-  return sum;
 }
 
 template <bool ChannelsLast, typename Map, typename T>
@@ -90,19 +151,22 @@ CUROI_DEVICE void roi_align_forward_loop(
     int64_t num_rois, int64_t batch, int64_t channels, int64_t height,
     int64_t width, int64_t pooled_height, int64_t pooled_width,
     typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
-    T* output) {
+    int64_t groups, T* output) {
   typedef typename AccType<T>::type A;
   const int64_t out_channels = roi_output_channels(map, channels);
-  const int64_t total = num_rois * out_channels * pooled_height * pooled_width;
+  const int64_t total = num_rois * pooled_height * pooled_width * groups;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
-        index, total, out_channels, pooled_height, pooled_width);
-    const RoiAlignElement<A> e =
-        roi_align_element(rois, at, batch, height, width, pooled_height,
-                          pooled_width, spatial_scale, sampling_ratio, aligned);
-    const A sum = roi_align_element_sum<ChannelsLast>(
-        map, input, e, at, channels, height, width, pooled_width);
-    output[index] = curoi_store<T>(sum / e.box.count);
+    const CuroiChannelTile t = curoi_channel_tile<ChannelsLast>(
+        index, total, out_channels, groups, pooled_height, pooled_width);
+    const RoiAlignElement<A> e = roi_align_element(
+        rois, t.k, t.ph, t.pw, batch, height, width, pooled_height,
+        pooled_width, spatial_scale, sampling_ratio, aligned);
+    roi_align_tile_forward(
+        input, e,
+        roi_align_tile_at<ChannelsLast>(map, t, e.box.batch_index, channels,
+                                        height * width, pooled_height,
+                                        pooled_width),
+        height, width, output);
   }
 }
 
@@ -112,48 +176,62 @@ CUROI_DEVICE void roi_align_forward(
     int64_t num_rois, int64_t batch, int64_t channels, int64_t height,
     int64_t width, int64_t pooled_height, int64_t pooled_width,
     typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
-    int channels_last, T* output) {
+    int channels_last, int64_t groups, T* output) {
   if (channels_last)
     roi_align_forward_loop<true>(map, input, rois, num_rois, batch, channels,
                                  height, width, pooled_height, pooled_width,
                                  spatial_scale, sampling_ratio, aligned,
-                                 output);
+                                 groups, output);
   else
     roi_align_forward_loop<false>(map, input, rois, num_rois, batch, channels,
                                   height, width, pooled_height, pooled_width,
                                   spatial_scale, sampling_ratio, aligned,
-                                  output);
+                                  groups, output);
 }
 
-// One output element's gradient `grad` (already divided by the count) to
-// the taps of its bin's samples. Shared with multiscale RoI Align.
-template <bool ChannelsLast, typename Map, typename A, typename Sum>
-CUROI_DEVICE void roi_align_element_scatter(const Map& map,
-                                            const Sum& grad_input,
-                                            const RoiAlignElement<A>& e,
-                                            const CuroiOutputIndex& at, A grad,
-                                            int64_t channels, int64_t height,
-                                            int64_t width,
-                                            int64_t pooled_width) {
+// The tile's output gradients, each divided by the count, to the taps of its
+// bin's samples. Shared with multiscale RoI Align.
+template <typename T, typename A, typename Sum>
+CUROI_DEVICE void roi_align_tile_backward(const T* grad_output,
+                                          const Sum& grad_input,
+                                          const RoiAlignElement<A>& e,
+                                          const RoiAlignTileAt& at,
+                                          int64_t height, int64_t width) {
+  if (e.box.batch_index < 0) return;
   const RoiAlignAxis<A>& ay = e.y;
   const RoiAlignAxis<A>& ax = e.x;
-  const CuroiPlane p = curoi_plane<ChannelsLast>(
-      e.box.batch_index,
-      roi_input_channel(map, at.c, at.ph * pooled_width + at.pw), channels,
-      height * width);
-  for (int64_t ey = ay.first; ey < ay.last; ++ey) {
-    RoiAlignTap<A> ty;
-    if (!roi_align_tap(ay, ey, height, &ty)) continue;
-    const int64_t row_lo = p.at + ty.lo * width * p.step;
-    const int64_t row_hi = p.at + ty.hi * width * p.step;
-    for (int64_t ex = ax.first; ex < ax.last; ++ex) {
-      RoiAlignTap<A> tx;
-      if (!roi_align_tap(ax, ex, width, &tx)) continue;
-      const int64_t lo = tx.lo * p.step, hi = tx.hi * p.step;
-      curoi_sum_add(grad_input, row_lo + lo, grad * ty.w_lo * tx.w_lo);
-      curoi_sum_add(grad_input, row_lo + hi, grad * ty.w_lo * tx.w_hi);
-      curoi_sum_add(grad_input, row_hi + lo, grad * ty.w_hi * tx.w_lo);
-      curoi_sum_add(grad_input, row_hi + hi, grad * ty.w_hi * tx.w_hi);
+  const int64_t row = width * at.pixel_step;
+#pragma unroll 1
+  for (int64_t c0 = 0; c0 < at.count; c0 += CUROI_ALIGN_CHUNK) {
+    const int64_t n = curoi_min(at.count - c0, (int64_t)CUROI_ALIGN_CHUNK);
+    A grad[CUROI_ALIGN_CHUNK];
+#pragma unroll
+    for (int j = 0; j < CUROI_ALIGN_CHUNK; ++j)
+      grad[j] = j < n ? curoi_load<A>(grad_output[at.out + (c0 + j) *
+                                                              at.out_step]) /
+                            e.box.count
+                      : (A)0;
+    const int64_t plane = at.in + c0 * at.in_step;
+    for (int64_t ey = ay.first; ey < ay.last; ++ey) {
+      RoiAlignTap<A> ty;
+      if (!roi_align_tap(ay, ey, height, &ty)) continue;
+      const int64_t row_lo = plane + ty.lo * row;
+      const int64_t row_hi = plane + ty.hi * row;
+      for (int64_t ex = ax.first; ex < ax.last; ++ex) {
+        RoiAlignTap<A> tx;
+        if (!roi_align_tap(ax, ex, width, &tx)) continue;
+        const int64_t lo = tx.lo * at.pixel_step, hi = tx.hi * at.pixel_step;
+#pragma unroll
+        for (int j = 0; j < CUROI_ALIGN_CHUNK; ++j) {
+          if (j >= n) break;
+          const int64_t r0 = row_lo + j * at.in_step;
+          const int64_t r1 = row_hi + j * at.in_step;
+          curoi_sum_add(grad_input, r0 + lo, grad[j] * ty.w_lo * tx.w_lo);
+          curoi_sum_add(grad_input, r0 + hi, grad[j] * ty.w_lo * tx.w_hi);
+          curoi_sum_add(grad_input, r1 + lo, grad[j] * ty.w_hi * tx.w_lo);
+          curoi_sum_add(grad_input, r1 + hi, grad[j] * ty.w_hi * tx.w_hi);
+        }
+      }
     }
   }
 }
@@ -167,21 +245,22 @@ CUROI_DEVICE void roi_align_backward_loop(
     const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
     int64_t pooled_width, typename AccType<T>::type spatial_scale,
-    int sampling_ratio, int aligned, const Sum& grad_input) {
+    int sampling_ratio, int aligned, int64_t groups, const Sum& grad_input) {
   typedef typename AccType<T>::type A;
   const int64_t out_channels = roi_output_channels(map, channels);
-  const int64_t total = num_rois * out_channels * pooled_height * pooled_width;
+  const int64_t total = num_rois * pooled_height * pooled_width * groups;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
-        index, total, out_channels, pooled_height, pooled_width);
-    const RoiAlignElement<A> e =
-        roi_align_element(rois, at, batch, height, width, pooled_height,
-                          pooled_width, spatial_scale, sampling_ratio, aligned);
-    if (e.box.batch_index < 0) continue;
-    const A grad = curoi_load<A>(grad_output[index]) / e.box.count;
-    roi_align_element_scatter<ChannelsLast>(map, grad_input, e, at, grad,
-                                            channels, height, width,
-                                            pooled_width);
+    const CuroiChannelTile t = curoi_channel_tile<ChannelsLast>(
+        index, total, out_channels, groups, pooled_height, pooled_width);
+    const RoiAlignElement<A> e = roi_align_element(
+        rois, t.k, t.ph, t.pw, batch, height, width, pooled_height,
+        pooled_width, spatial_scale, sampling_ratio, aligned);
+    roi_align_tile_backward(
+        grad_output, grad_input, e,
+        roi_align_tile_at<ChannelsLast>(map, t, e.box.batch_index, channels,
+                                        height * width, pooled_height,
+                                        pooled_width),
+        height, width);
   }
 }
 
@@ -191,18 +270,19 @@ CUROI_DEVICE void roi_align_backward(
     const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
     int64_t pooled_width, typename AccType<T>::type spatial_scale,
-    int sampling_ratio, int aligned, int channels_last,
+    int sampling_ratio, int aligned, int channels_last, int64_t groups,
     const Sum& grad_input) {
   if (channels_last)
     roi_align_backward_loop<true>(map, grad_output, rois, num_rois, batch,
                                   channels, height, width, pooled_height,
                                   pooled_width, spatial_scale, sampling_ratio,
-                                  aligned, grad_input);
+                                  aligned, groups, grad_input);
   else
     roi_align_backward_loop<false>(map, grad_output, rois, num_rois, batch,
                                    channels, height, width, pooled_height,
                                    pooled_width, spatial_scale,
-                                   sampling_ratio, aligned, grad_input);
+                                   sampling_ratio, aligned, groups,
+                                   grad_input);
 }
 
 #else
@@ -455,7 +535,7 @@ static void roi_align_forward(
     int64_t num_rois, int64_t batch, int64_t channels, int64_t height,
     int64_t width, int64_t pooled_height, int64_t pooled_width,
     typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
-    int channels_last, T* output) {
+    int channels_last, int64_t /* groups */, T* output) {
   roi_align_forward_listed(map, input, rois, (const int64_t*)nullptr,
                            num_rois, batch, channels, height, width,
                            pooled_height, pooled_width, spatial_scale,
@@ -846,7 +926,7 @@ static void roi_align_backward(
     int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
     int64_t pooled_width, typename AccType<T>::type spatial_scale,
     int sampling_ratio, int aligned, int channels_last,
-    const Sum& grad_input) {
+    int64_t /* groups */, const Sum& grad_input) {
   roi_align_backward_listed(map, grad_output, rois, (const int64_t*)nullptr,
                             num_rois, batch, channels, height, width,
                             pooled_height, pooled_width, spatial_scale,

@@ -10,8 +10,9 @@ error, a copy cut short) is rebuilt rather than loaded.
 Testing aid: $CUROI_CPU_LOOPS chooses which loops of the kernel sources the
 library is built with. ``cpu`` (the default) is the CPU's own loop structure
 (work items on the thread pool, per-box weight tables); ``gpu`` compiles the
-GPU's loops instead (-DCUROI_GPU_LOOPS: one "thread" per output element and
-scatter adds, exactly the code NVRTC compiles), run serially on the calling
+GPU's loops instead (-DCUROI_GPU_LOOPS: one "thread" per output element, or
+per bin and tile of channels, and scatter adds, exactly the code NVRTC
+compiles), run serially on the calling
 thread whatever the thread count, so that the GPU's loop code runs in CI on a
 machine without a GPU. The choice is part of the cache key, so the two
 builds never replace each other; backend_info()["cpu"]["loops"] says which

@@ -71,11 +71,11 @@ SIGNATURES = {
     # grad_output, argmax, rois, shape, channels_last, argmax_32, grad_input
     "roi_pool_backward": (PTR, PTR, PTR) + _SHAPE + (I32, I32, PTR),
     # input, rois, shape, spatial_scale, sampling_ratio, aligned, channels_last,
-    # output
-    "roi_align_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, PTR),
+    # groups, output
+    "roi_align_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, I64, PTR),
     # grad_output, rois, shape, spatial_scale, sampling_ratio, aligned,
-    # channels_last, grad_input
-    "roi_align_backward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, PTR),
+    # channels_last, groups, grad_input
+    "roi_align_backward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, I64, PTR),
     # input, rois, shape, spatial_scale, sampling_ratio, aligned, mode,
     # channels_last, output, argmax (may be null)
     "roi_align_max_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, I32, PTR, PTR),
@@ -86,7 +86,8 @@ SIGNATURES = {
     # The deterministic backward: as above, then max|grad_output| (one double),
     # the int64 fixed-point sums, and grad_input for non-finite terms.
     "roi_pool_backward_fixed": (PTR, PTR, PTR) + _SHAPE + (I32, I32, PTR, PTR, PTR),
-    "roi_align_backward_fixed": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, PTR, PTR, PTR),
+    "roi_align_backward_fixed": (PTR, PTR) + _SHAPE
+    + (ACC, I32, I32, I32, I64, PTR, PTR, PTR),
     "roi_align_max_backward_fixed": (PTR, PTR, PTR) + _SHAPE
     + (ACC, I32, I32, I32, PTR, PTR, PTR),
     # The gradient with respect to the boxes, in two passes (see
@@ -121,12 +122,14 @@ SIGNATURES = {
     # grad_output, rois, shape, spatial_scale, channels_last, grad_input
     "ps_roi_pool_backward": (PTR, PTR) + _SHAPE + (ACC, I32, I64, PTR),
     "ps_roi_pool_backward_fixed": (PTR, PTR) + _SHAPE + (ACC, I32, I64, PTR, PTR, PTR),
-    # input, rois, shape, spatial_scale, sampling_ratio, channels_last, output
-    "ps_roi_align_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR),
+    # input, rois, shape, spatial_scale, sampling_ratio, channels_last,
+    # groups, output
+    "ps_roi_align_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I64, PTR),
     # grad_output, rois, shape, spatial_scale, sampling_ratio, channels_last,
-    # grad_input
-    "ps_roi_align_backward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR),
-    "ps_roi_align_backward_fixed": (PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR, PTR, PTR),
+    # groups, grad_input
+    "ps_roi_align_backward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I64, PTR),
+    "ps_roi_align_backward_fixed": (PTR, PTR) + _SHAPE
+    + (ACC, I32, I32, I64, PTR, PTR, PTR),
     # fixed, max_abs, terms (K: one bin per box reaches an input pixel),
     # total (N*C*H*W), grad_input
     "ps_roi_pool_fixed_finish": (PTR, PTR, I64, I64, PTR),
@@ -190,17 +193,17 @@ SIGNATURES = {
     # levels' features, or gradients, their sizes and scales); then rois,
     # num_rois, batch, channels, pooled h, pooled w, sampling_ratio, aligned,
     # canonical_scale (acc), canonical_level, eps (acc), level_rule
-    # (MULTISCALE_LEVEL_RULES), channels_last.
+    # (MULTISCALE_LEVEL_RULES), channels_last, groups.
     # levels (features), ..., output
     "multiscale_roi_align_forward": (MULTISCALE_LEVELS, PTR) + (I64,) * 5
-    + (I32, I32, ACC, I32, ACC, I32, I32, PTR),
+    + (I32, I32, ACC, I32, ACC, I32, I32, I64, PTR),
     # grad_output, levels (the gradients, accumulation dtype), ...
     "multiscale_roi_align_backward": (PTR, MULTISCALE_LEVELS, PTR) + (I64,) * 5
-    + (I32, I32, ACC, I32, ACC, I32, I32),
+    + (I32, I32, ACC, I32, ACC, I32, I32, I64),
     # As backward, then max_abs, fixed (int64: every level's N*C*H_l*W_l
     # sums back to back, in level order).
     "multiscale_roi_align_backward_fixed": (PTR, MULTISCALE_LEVELS, PTR) + (I64,) * 5
-    + (I32, I32, ACC, I32, ACC, I32, I32, PTR, PTR),
+    + (I32, I32, ACC, I32, ACC, I32, I32, I64, PTR, PTR),
     # fixed, max_abs, terms (K*PH*PW), levels (the gradients), batch, channels
     "multiscale_roi_align_fixed_finish": (PTR, PTR, I64, MULTISCALE_LEVELS, I64, I64),
     # The deterministic backward's scale (fixed_point.cu): values (a

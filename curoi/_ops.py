@@ -207,10 +207,11 @@ def roi_align_forward(x, rois, out, spatial_scale, sampling_ratio, aligned,
     if h * w == 0:
         out.fill(0)
         return
+    groups = channel_groups(k * ph * pw, c)
     _run("roi_align", "forward", _name(x.dtype),
          (x, rois, k, n, c, h, w, ph, pw, spatial_scale, sampling_ratio,
-          int(aligned), int(channels_last), out),
-         out.size, _is_cuda(x))
+          int(aligned), int(channels_last), groups, out),
+         k * ph * pw * groups, _is_cuda(x))
 
 
 def roi_align_backward(grad_output, rois, grad_input, spatial_scale,
@@ -222,10 +223,12 @@ def roi_align_backward(grad_output, rois, grad_input, spatial_scale,
     fresh numpy.zeros does without touching its memory)."""
     n, c, h, w = _nchw(grad_input.shape, channels_last)
     k, _, ph, pw = _nchw(grad_output.shape, channels_last)
+    groups = channel_groups(k * ph * pw, c)
     _backward("roi_align",
               (grad_output, rois, k, n, c, h, w, ph, pw, spatial_scale,
-               sampling_ratio, int(aligned), int(channels_last)),
-              grad_output, grad_input, deterministic, zeroed, k * ph * pw)
+               sampling_ratio, int(aligned), int(channels_last), groups),
+              grad_output, grad_input, deterministic, zeroed, k * ph * pw,
+              threads=k * ph * pw * groups)
 
 
 def roi_align_boxes_backward(grad_output, x, rois, grad_rois, spatial_scale,
@@ -456,10 +459,11 @@ def ps_roi_align_forward(x, rois, out, spatial_scale, sampling_ratio,
     if h * w == 0:
         out.fill(0)
         return
+    groups = channel_groups(k * ph * pw, out.size // max(k * ph * pw, 1))
     _run("ps_roi_align", "forward", _name(x.dtype),
          (x, rois, k, n, c, h, w, ph, pw, spatial_scale, sampling_ratio,
-          int(channels_last), out),
-         out.size, _is_cuda(x))
+          int(channels_last), groups, out),
+         k * ph * pw * groups, _is_cuda(x))
 
 
 def ps_roi_align_backward(grad_output, rois, grad_input, spatial_scale,
@@ -470,10 +474,12 @@ def ps_roi_align_backward(grad_output, rois, grad_input, spatial_scale,
     ``channels_last``); ``zeroed`` as in :func:`roi_align_backward`."""
     n, c, h, w = _nchw(grad_input.shape, channels_last)
     k, _, ph, pw = _nchw(grad_output.shape, channels_last)
+    groups = channel_groups(k * ph * pw, grad_output.size // max(k * ph * pw, 1))
     _backward("ps_roi_align",
               (grad_output, rois, k, n, c, h, w, ph, pw, spatial_scale,
-               sampling_ratio, int(channels_last)),
-              grad_output, grad_input, deterministic, zeroed, k)
+               sampling_ratio, int(channels_last), groups),
+              grad_output, grad_input, deterministic, zeroed, k,
+              threads=k * ph * pw * groups)
 
 
 # Spatial pyramid pooling (SPPnet): for each box, RoI Pool's bins (either
@@ -696,13 +702,14 @@ def multiscale_roi_align_forward(features, rois, out, spatial_scales,
         return
     first = features[0]
     n, c, _, _ = _nchw(first.shape, channels_last)
+    groups = channel_groups(k * ph * pw, c)
     _run("multiscale_roi_align", "forward", _name(first.dtype),
          (_level_table(features, spatial_scales, channels_last), rois, k, n, c,
           ph, pw,
           sampling_ratio, int(aligned), canonical_scale, int(canonical_level),
           eps, _kernels.MULTISCALE_LEVEL_RULES[level_rule],
-          int(channels_last), out),
-         out.size, _is_cuda(first))
+          int(channels_last), groups, out),
+         k * ph * pw * groups, _is_cuda(first))
 
 
 def multiscale_roi_align_backward(grad_output, rois, grad_inputs,
@@ -720,10 +727,11 @@ def multiscale_roi_align_backward(grad_output, rois, grad_inputs,
         return
     n = _nchw(grad_inputs[0].shape, channels_last)[0]
     table = _level_table(grad_inputs, spatial_scales, channels_last)
+    groups = channel_groups(k * ph * pw, c)
     _backward("multiscale_roi_align",
               (grad_output, table, rois, k, n, c, ph, pw, sampling_ratio,
                int(aligned), canonical_scale, int(canonical_level), eps,
                _kernels.MULTISCALE_LEVEL_RULES[level_rule],
-               int(channels_last)),
+               int(channels_last), groups),
               grad_output, list(grad_inputs), deterministic, zeroed,
-              k * ph * pw, levels=(table, n, c))
+              k * ph * pw, levels=(table, n, c), threads=k * ph * pw * groups)

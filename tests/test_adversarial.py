@@ -576,7 +576,7 @@ BIG_SCRIPT = textwrap.dedent("""
     gx = np.memmap(path + ".gx", np.float32, "w+", shape=x.shape)
     gp = np.memmap(path + ".gp", np.float32, "w+", shape=x.shape)
     _cpu.launch("roi_align", "backward", "float32",
-                (g, boxes, 1, n, c, h, w, 2, 2, 1.0, 2, 0, 0, gx))
+                (g, boxes, 1, n, c, h, w, 2, 2, 1.0, 2, 0, 0, 1, gx))
     _cpu.launch("roi_pool", "backward", "float32",
                 (g, np.ascontiguousarray(argmax, np.int64), boxes, 1, n, c, h, w, 2, 2, 0, 0,
                  gp))
@@ -659,9 +659,9 @@ def test_kernels_called_with_nothing_to_do_return_cleanly():
     grad = np.zeros(x.shape, np.float32)
     for k, c in ((0, 4), (1, 0), (0, 0)):
         _cpu.launch("roi_align", "forward", "float32",
-                    (x, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 2, 0, 0, out))
+                    (x, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 2, 0, 0, 1, out))
         _cpu.launch("roi_align", "backward", "float32",
-                    (out, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 2, 0, 0, grad))
+                    (out, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 2, 0, 0, 1, grad))
         _cpu.launch("roi_pool", "forward", "float32",
                     (x, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 0, 0, 0, 1, out, argmax))
         _cpu.launch("roi_pool", "backward", "float32",

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 SUITES = (
     "test_roi_align.py",
     "test_roi_pool.py",
-    "test_pool_tiles.py",      # roi_pool and ps_roi_pool in tiles of channels
+    "test_channel_tiles.py",   # the families tiled by channels, every split
     "test_adversarial.py",
     "test_determinism.py",
     "test_properties.py",

@@ -628,9 +628,9 @@ def test_kernels_called_with_nothing_to_do_return_cleanly():
             _cpu.launch("ps_roi_pool", "backward", "float32",
                         (out, boxes, k, 1, c, 6, 6, ph, pw, 1.0, cl, 1, grad))
             _cpu.launch("ps_roi_align", "forward", "float32",
-                        (x, boxes, k, 1, c, 6, 6, ph, pw, 1.0, 2, cl, out))
+                        (x, boxes, k, 1, c, 6, 6, ph, pw, 1.0, 2, cl, 1, out))
             _cpu.launch("ps_roi_align", "backward", "float32",
-                        (out, boxes, k, 1, c, 6, 6, ph, pw, 1.0, 2, cl, grad))
+                        (out, boxes, k, 1, c, 6, 6, ph, pw, 1.0, 2, cl, 1, grad))
     assert not grad.any() and not out.any()
 
 

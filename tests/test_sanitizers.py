@@ -97,7 +97,7 @@ def _clear(logs):
 # The suites that run under the sanitizers: hostile boxes, sizes and argmax
 # for every kernel family. They import only NumPy, curoi and the references
 # (test_crop_and_resize_kernels.py skips its TensorFlow comparisons here).
-SUITES = ("test_adversarial.py", "test_pool_tiles.py", "test_ps_roi_kernels.py",
+SUITES = ("test_adversarial.py", "test_channel_tiles.py", "test_ps_roi_kernels.py",
           "test_roi_align_rotated_kernels.py", "test_roi_align_rotated_boxes_backward.py",
           "test_roi_align_boxes_backward.py",
           "test_roi_spp_kernels.py", "test_prroi_pool_kernels.py",
@@ -214,7 +214,7 @@ OUT_OF_BOUNDS = textwrap.dedent("""
     # does, and the write past it is reported as a SEGV instead).
     out = np.empty(4096 - 72, np.float32)
     _cpu.launch("roi_align", "forward", "float32",
-                (x, rois, 1, 1, 1, 8, 8, 64, 64, 1.0, 2, 1, 0, out))
+                (x, rois, 1, 1, 1, 8, 8, 64, 64, 1.0, 2, 1, 0, 1, out))
     print("no report")
 """)
 
