@@ -43,6 +43,8 @@ typedef unsigned int uint32_t;
 
 #define CUROI_KERNEL extern "C" __global__
 #define CUROI_DEVICE __device__ __forceinline__
+// A member function of a struct that device code calls.
+#define CUROI_MEMBER __device__ __forceinline__
 // A kernel argument passed by value whose members are read through pointers
 // where it lies (sm_70 and newer), rather than through a copy in local
 // memory.
@@ -103,6 +105,7 @@ CUROI_DEVICE void curoi_atomic_max_nonnegative(double* address, double v) {
 #define CUROI_KERNEL extern "C" __attribute__((visibility("default")))
 #endif
 #define CUROI_DEVICE static inline
+#define CUROI_MEMBER inline
 #define CUROI_GRID_CONSTANT
 
 // Threads for the kernels' loops, set from Python (curoi.set_num_threads)

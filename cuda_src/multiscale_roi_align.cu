@@ -218,8 +218,8 @@ CUROI_DEVICE void multiscale_fixed_finish(const int64_t* fixed,
 #if defined(CUROI_GPU_LOOPS)
 // ------------------------------------------------------------- GPU loops
 // A thread per (box, bin, tile of channels), as RoI Align's: its box's level,
-// then RoI Align's tile on that level (roi_align_tile_forward /
-// roi_align_tile_backward).
+// then RoI Align's tile on that level (roi_align_tile_means /
+// roi_align_tile_scatter over roi_align_bin_samples).
 
 template <bool ChannelsLast, typename T>
 CUROI_DEVICE void multiscale_roi_align_forward_loop(
@@ -242,15 +242,15 @@ CUROI_DEVICE void multiscale_roi_align_forward_loop(
         pooled_width, level >= 0 ? r.scales[level] : (A)1, sampling_ratio,
         aligned);
     if (level < 0) e.box.batch_index = -1;
-    roi_align_tile_forward(
+    roi_align_tile_means(
         level >= 0 ? multiscale_pointer<const T>(features[level])
                    : (const T*)nullptr,
-        e,
         roi_align_tile_at<ChannelsLast>(RoiAlignSameChannel(), t,
                                         e.box.batch_index, channels,
                                         height * width, pooled_height,
                                         pooled_width),
-        height, width, output);
+        e.box.batch_index >= 0, e.box.count, width,
+        roi_align_bin_samples(e, height, width), output);
   }
 }
 
@@ -291,13 +291,14 @@ CUROI_DEVICE void multiscale_roi_align_backward_loop(
     const RoiAlignElement<A> e = roi_align_element(
         rois, t.k, t.ph, t.pw, batch, height, width, pooled_height,
         pooled_width, r.scales[level], sampling_ratio, aligned);
-    roi_align_tile_backward(
-        grad_output, multiscale_level_sum(sums, level), e,
+    roi_align_tile_scatter(
+        grad_output, multiscale_level_sum(sums, level),
         roi_align_tile_at<ChannelsLast>(RoiAlignSameChannel(), t,
                                         e.box.batch_index, channels,
                                         height * width, pooled_height,
                                         pooled_width),
-        height, width);
+        e.box.batch_index >= 0, e.box.count, width,
+        roi_align_bin_samples(e, height, width));
   }
 }
 

@@ -1,148 +1,55 @@
 // RoI Align (average)'s loops, forward and backward: the mean of a bin's
 // samples, a sample off the map adding 0 but counting in the divisor
 // max(grid_h*grid_w, 1). The geometry (bins, samples, taps) is in
-// roi_align_geometry.cuh.
+// roi_align_geometry.cuh, the channel maps and the GPU's tiles of channels
+// in roi_align_tiles.cuh.
 //
 // Two operators run these loops: RoI Align (roi_align.cu), where output
 // channel c reads input channel c, and position-sensitive RoI Align
-// (ps_roi_align.cu), where it reads a different input channel in each bin.
-// Only the channel differs, so a channel map M, a template argument, says
-// which (the plain map folds to constants and compiles to the loops written
-// for RoI Align alone):
-//   roi_output_channels(m, channels): output channels for `channels` input
-//     channels;
-//   roi_input_channel(m, c, bin): the input channel that output channel c
-//     reads in bin ph * PW + pw;
-//   roi_channel_step(m): how many input channels apart output channels c and
-//     c + 1 read, in the same bin.
-// Everywhere below `channels` is the input's channel count, which fixes the
-// input's and the gradient's layout.
+// (ps_roi_align.cu), where it reads a different input channel in each bin;
+// a channel map M, a template argument, says which. Everywhere below
+// `channels` is the input's channel count, which fixes the input's and the
+// gradient's layout.
 #ifndef CUROI_ROI_ALIGN_LOOPS_CUH
 #define CUROI_ROI_ALIGN_LOOPS_CUH
 
-#include "roi_align_geometry.cuh"
-
-// RoI Align's map: every output channel reads its own input channel.
-struct RoiAlignSameChannel {};
-
-CUROI_DEVICE int64_t roi_output_channels(const RoiAlignSameChannel&,
-                                         int64_t channels) {
-  return channels;
-}
-CUROI_DEVICE int64_t roi_input_channel(const RoiAlignSameChannel&, int64_t c,
-                                       int64_t) {
-  return c;
-}
-CUROI_DEVICE int64_t roi_channel_step(const RoiAlignSameChannel&) {
-  return 1;
-}
+#include "roi_align_tiles.cuh"
 
 #if defined(CUROI_GPU_LOOPS)
 // ------------------------------------------------------------- GPU loops
-// A thread per (box, bin, tile of output channels) (curoi_channel_tile): the
-// box, its bin's sampling and every sample's taps and weights are found once
-// per tile and shared by its channels, CUROI_ALIGN_CHUNK at a time; each
-// channel's sum adds the same terms in the same order as a thread of its own
-// would (sample by sample, the four taps of a sample summed first), so the
-// split never changes a result. The layout only moves the addresses.
+// A thread per (box, bin, tile of output channels): roi_align_tiles.cuh.
 
-// Channels of a tile summed together: one accumulator each, kept in
-// registers whatever the sampling grid, the taps' weights computed once for
-// all of them.
-#define CUROI_ALIGN_CHUNK 8
+// A bin's samples in order, row after row, for the tiles' sums
+// (roi_align_tile_means, roi_align_tile_scatter). Shared with the loops of
+// multiscale RoI Align (multiscale_roi_align.cu), which give each tile the
+// size and scale of its box's level.
+template <typename A>
+struct RoiAlignBinSamples {
+  const RoiAlignElement<A>* e;
+  int64_t height, width;
 
-// Where a tile's channels lie: channel i of the tile (0 <= i < count) writes
-// output[out + i * out_step] and reads its bin's plane at input + in +
-// i * in_step, pixel (y, x) at (y * W + x) * pixel_step from there.
-struct RoiAlignTileAt {
-  int64_t out, out_step, in, in_step, pixel_step, count;
-};
-
-// Output channel c of box k, bin (ph, pw): NCHW ((k * C_out + c) * PH + ph)
-// * PW + pw, NHWC ((k * PH + ph) * PW + pw) * C_out + c; it reads input
-// channel roi_input_channel(c, bin) of image b (curoi_plane), which moves
-// by roi_channel_step(map) input channels from c to c + 1.
-template <bool ChannelsLast, typename Map>
-CUROI_DEVICE RoiAlignTileAt roi_align_tile_at(const Map& map,
-                                              const CuroiChannelTile& t,
-                                              int64_t b, int64_t channels,
-                                              int64_t plane_size,
-                                              int64_t pooled_height,
-                                              int64_t pooled_width) {
-  const int64_t out_channels = roi_output_channels(map, channels);
-  const int64_t bins = pooled_height * pooled_width;
-  const int64_t bin = t.ph * pooled_width + t.pw;
-  const int64_t step = t.step * roi_channel_step(map);
-  RoiAlignTileAt at;
-  at.count = t.count;
-  at.out = ChannelsLast ? (t.k * bins + bin) * out_channels + t.first
-                        : (t.k * out_channels + t.first) * bins + bin;
-  at.out_step = ChannelsLast ? t.step : t.step * bins;
-  at.in = b < 0 ? 0
-                : curoi_plane<ChannelsLast>(b, roi_input_channel(map, t.first,
-                                                                 bin),
-                                            channels, plane_size)
-                      .at;
-  at.in_step = ChannelsLast ? step : step * plane_size;
-  at.pixel_step = ChannelsLast ? channels : 1;
-  return at;
-}
-
-// The tile's outputs: each channel's mean over its bin's samples (0 for a
-// box that reads nothing). Shared with the loops of multiscale RoI Align
-// (multiscale_roi_align.cu), which give each tile the map, size and scale
-// of its box's level.
-template <typename T, typename A>
-CUROI_DEVICE void roi_align_tile_forward(const T* input,
-                                         const RoiAlignElement<A>& e,
-                                         const RoiAlignTileAt& at,
-                                         int64_t height, int64_t width,
-                                         T* output) {
-  const RoiAlignAxis<A>& ay = e.y;
-  const RoiAlignAxis<A>& ax = e.x;
-  const int64_t row = width * at.pixel_step;
-  if (e.box.batch_index < 0) {
-    for (int64_t i = 0; i < at.count; ++i)
-      output[at.out + i * at.out_step] = curoi_store<T>((A)0);
-    return;
-  }
-#pragma unroll 1
-  for (int64_t c0 = 0; c0 < at.count; c0 += CUROI_ALIGN_CHUNK) {
-    const int n = (int)curoi_min(at.count - c0, (int64_t)CUROI_ALIGN_CHUNK);
-    A sum[CUROI_ALIGN_CHUNK];
-#pragma unroll
-    for (int j = 0; j < CUROI_ALIGN_CHUNK; ++j) sum[j] = (A)0;
-    const T* plane = input + at.in + c0 * at.in_step;
-    for (int64_t ey = ay.first; ey < ay.last; ++ey) {
+  template <typename F>
+  CUROI_MEMBER void operator()(const F& f) const {
+    for (int64_t ey = e->y.first; ey < e->y.last; ++ey) {
       RoiAlignTap<A> ty;
-      if (!roi_align_tap(ay, ey, height, &ty)) continue;
-      const T* row_lo = plane + ty.lo * row;
-      const T* row_hi = plane + ty.hi * row;
-      for (int64_t ex = ax.first; ex < ax.last; ++ex) {
+      if (!roi_align_tap(e->y, ey, height, &ty)) continue;
+      for (int64_t ex = e->x.first; ex < e->x.last; ++ex) {
         RoiAlignTap<A> tx;
-        if (!roi_align_tap(ax, ex, width, &tx)) continue;
-        const int64_t lo = tx.lo * at.pixel_step, hi = tx.hi * at.pixel_step;
-        const A w00 = ty.w_lo * tx.w_lo, w01 = ty.w_lo * tx.w_hi;
-        const A w10 = ty.w_hi * tx.w_lo, w11 = ty.w_hi * tx.w_hi;
-        const T* r0 = row_lo;
-        const T* r1 = row_hi;
-#pragma unroll
-        for (int j = 0; j < CUROI_ALIGN_CHUNK; ++j) {
-          if (j >= n) break;
-          sum[j] += w00 * curoi_load<A>(r0[lo]) + w01 * curoi_load<A>(r0[hi]) +
-                    w10 * curoi_load<A>(r1[lo]) + w11 * curoi_load<A>(r1[hi]);
-          r0 += at.in_step;
-          r1 += at.in_step;
-        }
+        if (!roi_align_tap(e->x, ex, width, &tx)) continue;
+        f(ty, tx);
       }
     }
-#pragma unroll
-    for (int j = 0; j < CUROI_ALIGN_CHUNK; ++j) {
-      if (j >= n) break;
-      output[at.out + (c0 + j) * at.out_step] =
-          curoi_store<T>(sum[j] / e.box.count);
-    }
   }
+};
+
+template <typename A>
+CUROI_DEVICE RoiAlignBinSamples<A> roi_align_bin_samples(
+    const RoiAlignElement<A>& e, int64_t height, int64_t width) {
+  RoiAlignBinSamples<A> samples;
+  samples.e = &e;
+  samples.height = height;
+  samples.width = width;
+  return samples;
 }
 
 template <bool ChannelsLast, typename Map, typename T>
@@ -161,12 +68,13 @@ CUROI_DEVICE void roi_align_forward_loop(
     const RoiAlignElement<A> e = roi_align_element(
         rois, t.k, t.ph, t.pw, batch, height, width, pooled_height,
         pooled_width, spatial_scale, sampling_ratio, aligned);
-    roi_align_tile_forward(
-        input, e,
+    roi_align_tile_means(
+        input,
         roi_align_tile_at<ChannelsLast>(map, t, e.box.batch_index, channels,
                                         height * width, pooled_height,
                                         pooled_width),
-        height, width, output);
+        e.box.batch_index >= 0, e.box.count, width,
+        roi_align_bin_samples(e, height, width), output);
   }
 }
 
@@ -189,53 +97,6 @@ CUROI_DEVICE void roi_align_forward(
                                   groups, output);
 }
 
-// The tile's output gradients, each divided by the count, to the taps of its
-// bin's samples. Shared with multiscale RoI Align.
-template <typename T, typename A, typename Sum>
-CUROI_DEVICE void roi_align_tile_backward(const T* grad_output,
-                                          const Sum& grad_input,
-                                          const RoiAlignElement<A>& e,
-                                          const RoiAlignTileAt& at,
-                                          int64_t height, int64_t width) {
-  if (e.box.batch_index < 0) return;
-  const RoiAlignAxis<A>& ay = e.y;
-  const RoiAlignAxis<A>& ax = e.x;
-  const int64_t row = width * at.pixel_step;
-#pragma unroll 1
-  for (int64_t c0 = 0; c0 < at.count; c0 += CUROI_ALIGN_CHUNK) {
-    const int64_t n = curoi_min(at.count - c0, (int64_t)CUROI_ALIGN_CHUNK);
-    A grad[CUROI_ALIGN_CHUNK];
-#pragma unroll
-    for (int j = 0; j < CUROI_ALIGN_CHUNK; ++j)
-      grad[j] = j < n ? curoi_load<A>(grad_output[at.out + (c0 + j) *
-                                                              at.out_step]) /
-                            e.box.count
-                      : (A)0;
-    const int64_t plane = at.in + c0 * at.in_step;
-    for (int64_t ey = ay.first; ey < ay.last; ++ey) {
-      RoiAlignTap<A> ty;
-      if (!roi_align_tap(ay, ey, height, &ty)) continue;
-      const int64_t row_lo = plane + ty.lo * row;
-      const int64_t row_hi = plane + ty.hi * row;
-      for (int64_t ex = ax.first; ex < ax.last; ++ex) {
-        RoiAlignTap<A> tx;
-        if (!roi_align_tap(ax, ex, width, &tx)) continue;
-        const int64_t lo = tx.lo * at.pixel_step, hi = tx.hi * at.pixel_step;
-#pragma unroll
-        for (int j = 0; j < CUROI_ALIGN_CHUNK; ++j) {
-          if (j >= n) break;
-          const int64_t r0 = row_lo + j * at.in_step;
-          const int64_t r1 = row_hi + j * at.in_step;
-          curoi_sum_add(grad_input, r0 + lo, grad[j] * ty.w_lo * tx.w_lo);
-          curoi_sum_add(grad_input, r0 + hi, grad[j] * ty.w_lo * tx.w_hi);
-          curoi_sum_add(grad_input, r1 + lo, grad[j] * ty.w_hi * tx.w_lo);
-          curoi_sum_add(grad_input, r1 + hi, grad[j] * ty.w_hi * tx.w_hi);
-        }
-      }
-    }
-  }
-}
-
 // Each output gradient spreads over the four neighbours of every sample of
 // its bin; bins of one box and different boxes overlap, so the adds go
 // through Sum (CuroiFloatSum or the deterministic CuroiFixedSum), atomically.
@@ -255,12 +116,13 @@ CUROI_DEVICE void roi_align_backward_loop(
     const RoiAlignElement<A> e = roi_align_element(
         rois, t.k, t.ph, t.pw, batch, height, width, pooled_height,
         pooled_width, spatial_scale, sampling_ratio, aligned);
-    roi_align_tile_backward(
-        grad_output, grad_input, e,
+    roi_align_tile_scatter(
+        grad_output, grad_input,
         roi_align_tile_at<ChannelsLast>(map, t, e.box.batch_index, channels,
                                         height * width, pooled_height,
                                         pooled_width),
-        height, width);
+        e.box.batch_index >= 0, e.box.count, width,
+        roi_align_bin_samples(e, height, width));
   }
 }
 

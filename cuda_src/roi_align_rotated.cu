@@ -33,7 +33,7 @@
 // with their number as a weight. Work is then of the order of the samples
 // on the map plus a binary search per row that crosses it; the box gradient
 // visits the same samples.
-#include "roi_align_geometry.cuh"
+#include "roi_align_tiles.cuh"
 
 #define CUROI_ROTATED_DETECTRON2 0
 #define CUROI_ROTATED_MMCV 1
@@ -102,6 +102,7 @@ struct RoiAlignRotatedArgs {
   int64_t batch, channels, height, width, pooled_height, pooled_width;
   A spatial_scale;
   int sampling_ratio, convention, aligned, clockwise;
+  int64_t groups;  // the GPU loops' channel tiles (curoi_channel_tile)
 };
 
 // What every bin of one box shares. batch_index is -1 for a box that must
@@ -401,9 +402,37 @@ CUROI_DEVICE void roi_align_rotated_box_scales(
 
 #if defined(CUROI_GPU_LOOPS)
 // ------------------------------------------------------------- GPU loops
-// One thread per output element, each sample read through its four taps.
-// The layout only moves the addresses (curoi_plane), so a channels-last
-// element runs the very operations of its NCHW twin.
+// A thread per (box, bin, tile of channels), as RoI Align's
+// (roi_align_tiles.cuh): the box's rotation, the bin's grid and the
+// samples' taps are found once per chunk of the tile's channels.
+
+// A bin's samples, for the tiles' sums (roi_align_tile_means,
+// roi_align_tile_scatter): roi_align_rotated_samples.
+template <typename A>
+struct RoiAlignRotatedBinSamples {
+  const RoiAlignRotatedBox<A>* g;
+  const RoiAlignAxis<A>* y;
+  const RoiAlignAxis<A>* x;
+  int64_t height, width;
+
+  template <typename F>
+  CUROI_MEMBER void operator()(const F& f) const {
+    roi_align_rotated_samples(*g, *y, *x, height, width, f);
+  }
+};
+
+template <typename A>
+CUROI_DEVICE RoiAlignRotatedBinSamples<A> roi_align_rotated_bin_samples(
+    const RoiAlignRotatedBox<A>& g, const RoiAlignAxis<A>& y,
+    const RoiAlignAxis<A>& x, int64_t height, int64_t width) {
+  RoiAlignRotatedBinSamples<A> samples;
+  samples.g = &g;
+  samples.y = &y;
+  samples.x = &x;
+  samples.height = height;
+  samples.width = width;
+  return samples;
+}
 
 template <bool ChannelsLast, typename T>
 CUROI_DEVICE void roi_align_rotated_forward_loop(
@@ -411,34 +440,23 @@ CUROI_DEVICE void roi_align_rotated_forward_loop(
     const RoiAlignRotatedArgs<typename AccType<T>::type>& a, T* output) {
   typedef typename AccType<T>::type A;
   const int64_t total =
-      num_rois * a.channels * a.pooled_height * a.pooled_width;
+      num_rois * a.pooled_height * a.pooled_width * a.groups;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
-        index, total, a.channels, a.pooled_height, a.pooled_width);
-    const RoiAlignRotatedBox<A> g = roi_align_rotated_box(rois + at.k * 6, a);
-    A sum = (A)0;
-    if (g.batch_index >= 0) {
-      const RoiAlignAxis<A> ay = roi_align_rotated_axis(
-          g.roi_h, at.ph, a.pooled_height, a.sampling_ratio);
-      const RoiAlignAxis<A> ax = roi_align_rotated_axis(
-          g.roi_w, at.pw, a.pooled_width, a.sampling_ratio);
-      const CuroiPlane p = curoi_plane<ChannelsLast>(
-          g.batch_index, at.c, a.channels, a.height * a.width);
-      const T* plane = input + p.at;
-      const int64_t row_step = a.width * p.step;
-      roi_align_rotated_samples(
-          g, ay, ax, a.height, a.width,
-          [&](const RoiAlignTap<A>& ty, const RoiAlignTap<A>& tx, A n) {
-            const T* row_lo = plane + ty.lo * row_step;
-            const T* row_hi = plane + ty.hi * row_step;
-            const int64_t lo = tx.lo * p.step, hi = tx.hi * p.step;
-            sum += n * (ty.w_lo * tx.w_lo * curoi_load<A>(row_lo[lo]) +
-                        ty.w_lo * tx.w_hi * curoi_load<A>(row_lo[hi]) +
-                        ty.w_hi * tx.w_lo * curoi_load<A>(row_hi[lo]) +
-                        ty.w_hi * tx.w_hi * curoi_load<A>(row_hi[hi]));
-          });
-    }
-    output[index] = curoi_store<T>(sum / g.count);
+    const CuroiChannelTile t = curoi_channel_tile<ChannelsLast>(
+        index, total, a.channels, a.groups, a.pooled_height, a.pooled_width);
+    const RoiAlignRotatedBox<A> g = roi_align_rotated_box(rois + t.k * 6, a);
+    const RoiAlignAxis<A> ay = roi_align_rotated_axis(
+        g.roi_h, t.ph, a.pooled_height, a.sampling_ratio);
+    const RoiAlignAxis<A> ax = roi_align_rotated_axis(
+        g.roi_w, t.pw, a.pooled_width, a.sampling_ratio);
+    roi_align_tile_means(
+        input,
+        roi_align_tile_at<ChannelsLast>(RoiAlignSameChannel(), t,
+                                        g.batch_index, a.channels,
+                                        a.height * a.width, a.pooled_height,
+                                        a.pooled_width),
+        g.batch_index >= 0, g.count, a.width,
+        roi_align_rotated_bin_samples(g, ay, ax, a.height, a.width), output);
   }
 }
 
@@ -462,32 +480,23 @@ CUROI_DEVICE void roi_align_rotated_backward_loop(
     const Sum& grad_input) {
   typedef typename AccType<T>::type A;
   const int64_t total =
-      num_rois * a.channels * a.pooled_height * a.pooled_width;
+      num_rois * a.pooled_height * a.pooled_width * a.groups;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
-        index, total, a.channels, a.pooled_height, a.pooled_width);
-    const RoiAlignRotatedBox<A> g = roi_align_rotated_box(rois + at.k * 6, a);
-    if (g.batch_index < 0) continue;
-    const A grad = curoi_load<A>(grad_output[index]) / g.count;
+    const CuroiChannelTile t = curoi_channel_tile<ChannelsLast>(
+        index, total, a.channels, a.groups, a.pooled_height, a.pooled_width);
+    const RoiAlignRotatedBox<A> g = roi_align_rotated_box(rois + t.k * 6, a);
     const RoiAlignAxis<A> ay = roi_align_rotated_axis(
-        g.roi_h, at.ph, a.pooled_height, a.sampling_ratio);
+        g.roi_h, t.ph, a.pooled_height, a.sampling_ratio);
     const RoiAlignAxis<A> ax = roi_align_rotated_axis(
-        g.roi_w, at.pw, a.pooled_width, a.sampling_ratio);
-    const CuroiPlane p = curoi_plane<ChannelsLast>(
-        g.batch_index, at.c, a.channels, a.height * a.width);
-    const int64_t row_step = a.width * p.step;
-    roi_align_rotated_samples(
-        g, ay, ax, a.height, a.width,
-        [&](const RoiAlignTap<A>& ty, const RoiAlignTap<A>& tx, A n) {
-          const A gn = grad * n;
-          const int64_t row_lo = p.at + ty.lo * row_step;
-          const int64_t row_hi = p.at + ty.hi * row_step;
-          const int64_t lo = tx.lo * p.step, hi = tx.hi * p.step;
-          curoi_sum_add(grad_input, row_lo + lo, gn * ty.w_lo * tx.w_lo);
-          curoi_sum_add(grad_input, row_lo + hi, gn * ty.w_lo * tx.w_hi);
-          curoi_sum_add(grad_input, row_hi + lo, gn * ty.w_hi * tx.w_lo);
-          curoi_sum_add(grad_input, row_hi + hi, gn * ty.w_hi * tx.w_hi);
-        });
+        g.roi_w, t.pw, a.pooled_width, a.sampling_ratio);
+    roi_align_tile_scatter(
+        grad_output, grad_input,
+        roi_align_tile_at<ChannelsLast>(RoiAlignSameChannel(), t,
+                                        g.batch_index, a.channels,
+                                        a.height * a.width, a.pooled_height,
+                                        a.pooled_width),
+        g.batch_index >= 0, g.count, a.width,
+        roi_align_rotated_bin_samples(g, ay, ax, a.height, a.width));
   }
 }
 
@@ -1066,6 +1075,7 @@ CUROI_DEVICE RoiAlignRotatedArgs<A> roi_align_rotated_args(
   a.convention = convention;
   a.aligned = aligned;
   a.clockwise = clockwise;
+  a.groups = 1;
   return a;
 }
 
@@ -1081,25 +1091,33 @@ CUROI_DEVICE RoiAlignRotatedArgs<A> roi_align_rotated_args(
                          pooled_width, spatial_scale, sampling_ratio,          \
                          convention, aligned, clockwise)
 
+// The forward and the backward take `groups` (the GPU loops' channel
+// tiles) after the other scalars.
 #define CUROI_DEFINE_ROI_ALIGN_ROTATED(T, suffix)                              \
   CUROI_KERNEL void roi_align_rotated_forward_##suffix(                        \
-      const T* input, CUROI_ROTATED_PARAMS(T), T* output) {                    \
-    roi_align_rotated_forward<T>(input, rois, num_rois, CUROI_ROTATED_ARGS,    \
-                                 channels_last, output);                       \
+      const T* input, CUROI_ROTATED_PARAMS(T), int64_t groups, T* output) {    \
+    RoiAlignRotatedArgs<AccType<T>::type> a = CUROI_ROTATED_ARGS;              \
+    a.groups = groups;                                                         \
+    roi_align_rotated_forward<T>(input, rois, num_rois, a, channels_last,      \
+                                 output);                                      \
   }                                                                            \
   CUROI_KERNEL void roi_align_rotated_backward_##suffix(                       \
-      const T* grad_output, CUROI_ROTATED_PARAMS(T),                           \
+      const T* grad_output, CUROI_ROTATED_PARAMS(T), int64_t groups,           \
       AccType<T>::type* grad_input) {                                          \
+    RoiAlignRotatedArgs<AccType<T>::type> a = CUROI_ROTATED_ARGS;              \
+    a.groups = groups;                                                         \
     CuroiFloatSum<AccType<T>::type> sum;                                       \
     sum.grad = grad_input;                                                     \
-    roi_align_rotated_backward<T>(grad_output, rois, num_rois,                 \
-                                  CUROI_ROTATED_ARGS, channels_last, sum);     \
+    roi_align_rotated_backward<T>(grad_output, rois, num_rois, a,              \
+                                  channels_last, sum);                         \
   }                                                                            \
   CUROI_KERNEL void roi_align_rotated_backward_fixed_##suffix(                 \
-      const T* grad_output, CUROI_ROTATED_PARAMS(T), const double* max_abs,    \
-      int64_t* fixed, AccType<T>::type* grad_input) {                          \
+      const T* grad_output, CUROI_ROTATED_PARAMS(T), int64_t groups,           \
+      const double* max_abs, int64_t* fixed, AccType<T>::type* grad_input) {   \
+    RoiAlignRotatedArgs<AccType<T>::type> a = CUROI_ROTATED_ARGS;              \
+    a.groups = groups;                                                         \
     roi_align_rotated_backward<T>(                                             \
-        grad_output, rois, num_rois, CUROI_ROTATED_ARGS, channels_last,        \
+        grad_output, rois, num_rois, a, channels_last,                         \
         curoi_fixed_sum(grad_input, fixed, max_abs,                            \
                         num_rois * pooled_height * pooled_width));             \
   }                                                                            \

@@ -136,12 +136,12 @@ SIGNATURES = {
     "ps_roi_align_fixed_finish": (PTR, PTR, I64, I64, PTR),
     # Rotated boxes [K, 6] (batch index, cx, cy, w, h, angle). input (or
     # grad_output), rois, shape, spatial_scale, sampling_ratio, convention,
-    # aligned, clockwise, channels_last, output (or grad_input); the fixed
-    # backward then max_abs, fixed, grad_input as above.
-    "roi_align_rotated_forward": (PTR, PTR) + _SHAPE + (ACC,) + (I32,) * 5 + (PTR,),
-    "roi_align_rotated_backward": (PTR, PTR) + _SHAPE + (ACC,) + (I32,) * 5 + (PTR,),
+    # aligned, clockwise, channels_last, groups, output (or grad_input); the
+    # fixed backward then max_abs, fixed, grad_input as above.
+    "roi_align_rotated_forward": (PTR, PTR) + _SHAPE + (ACC,) + (I32,) * 5 + (I64, PTR),
+    "roi_align_rotated_backward": (PTR, PTR) + _SHAPE + (ACC,) + (I32,) * 5 + (I64, PTR),
     "roi_align_rotated_backward_fixed": (PTR, PTR) + _SHAPE + (ACC,) + (I32,) * 5
-    + (PTR, PTR, PTR),
+    + (I64, PTR, PTR, PTR),
     "roi_align_rotated_fixed_finish": (PTR, PTR, I64, I64, PTR),
     # The gradient with respect to the boxes, in two passes (see
     # roi_align_rotated.cu): grad_output, input, rois, shape, spatial_scale,

@@ -320,11 +320,12 @@ def roi_align_rotated_forward(x, rois, out, spatial_scale, sampling_ratio,
     if h * w == 0:
         out.fill(0)
         return
+    groups = channel_groups(k * ph * pw, c)
     _run("roi_align_rotated", "forward", _name(x.dtype),
          (x, rois, k, n, c, h, w, ph, pw, spatial_scale, sampling_ratio,
           _kernels.ROTATED_CONVENTIONS[convention], int(aligned),
-          int(clockwise), int(channels_last), out),
-         out.size, _is_cuda(x))
+          int(clockwise), int(channels_last), groups, out),
+         k * ph * pw * groups, _is_cuda(x))
 
 
 def roi_align_rotated_backward(grad_output, rois, grad_input, spatial_scale,
@@ -336,11 +337,13 @@ def roi_align_rotated_backward(grad_output, rois, grad_input, spatial_scale,
     ``channels_last``); ``zeroed`` as in :func:`roi_align_backward`."""
     n, c, h, w = _nchw(grad_input.shape, channels_last)
     k, _, ph, pw = _nchw(grad_output.shape, channels_last)
+    groups = channel_groups(k * ph * pw, c)
     _backward("roi_align_rotated",
               (grad_output, rois, k, n, c, h, w, ph, pw, spatial_scale,
                sampling_ratio, _kernels.ROTATED_CONVENTIONS[convention],
-               int(aligned), int(clockwise), int(channels_last)),
-              grad_output, grad_input, deterministic, zeroed, k * ph * pw)
+               int(aligned), int(clockwise), int(channels_last), groups),
+              grad_output, grad_input, deterministic, zeroed, k * ph * pw,
+              threads=k * ph * pw * groups)
 
 
 def roi_align_rotated_boxes_backward(grad_output, x, rois, grad_rois,

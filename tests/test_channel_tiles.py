@@ -1,6 +1,6 @@
 """The families whose GPU loops take a thread per box, bin and tile of
 channels (curoi_channel_tile): RoI Pool's forward, position-sensitive RoI
-Pool, RoI Align (average), position-sensitive RoI Align and multiscale RoI
+Pool, RoI Align (average), position-sensitive, multiscale and rotated RoI
 Align, forward and backward.
 
 The tile a call gets is chosen by curoi._ops.channel_groups; here it is
@@ -311,5 +311,47 @@ def test_multiscale_roi_align_every_split_gives_the_reference_and_the_same_bits(
                                            err_msg=f"{name} {data_format}")
             fixed.add(b"".join(np.ascontiguousarray(_nchw(g) if nhwc else g).tobytes()
                                for g in grads))
+    assert len(forwards) == 1
+    assert len(fixed) == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("convention,ratio", [("detectron2", 2), ("mmcv", 0)])
+@pytest.mark.parametrize("channels", [1, 3, 17])
+def test_roi_align_rotated_every_split_gives_the_reference_and_the_same_bits(
+        monkeypatch, channels, convention, ratio, dtype):
+    rng = np.random.default_rng(channels + 7)
+    n, h, w, k = 2, 9, 11, 10
+    x = rng.standard_normal((n, channels, h, w)).astype(dtype)
+    boxes = np.stack([rng.integers(0, n, k), rng.uniform(-2, 13, k), rng.uniform(-2, 11, k),
+                      rng.uniform(0, 9, k), rng.uniform(0, 9, k), rng.uniform(-180, 180, k)], 1)
+    boxes[0] = [np.nan, 3, 3, 4, 4, 10]  # reads nothing
+    boxes[1] = [n, 4, 5, 3, 3, 30]       # no such image: nothing
+    boxes = boxes.astype(dtype)
+    size = (3, 2)
+    gy = rng.standard_normal((k, channels) + size).astype(dtype)
+    want = ref.roi_align_rotated(x, boxes, size, 0.8, ratio, convention)
+    want_grad = ref.roi_align_rotated_backward(gy, boxes, x.shape, size, 0.8, ratio,
+                                               convention)
+    forwards, fixed = set(), set()
+    for name, groups in SPLITS.items():
+        _forced(monkeypatch, groups)
+        for data_format, features, back in _layouts(x):
+            y = back(curoi.roi_align_rotated(features, boxes, size, 0.8, ratio,
+                                             convention=convention,
+                                             data_format=data_format))
+            np.testing.assert_allclose(y, want, **_tolerance(dtype),
+                                       err_msg=f"{name} {data_format}")
+            forwards.add(np.ascontiguousarray(y).tobytes())
+            g = _nhwc(gy) if data_format == "NHWC" else gy
+            for deterministic in (False, True):
+                gx = back(curoi.roi_align_rotated_backward(
+                    g, boxes, features.shape, size, 0.8, ratio, convention=convention,
+                    deterministic=deterministic, data_format=data_format))
+                np.testing.assert_allclose(gx, want_grad, **_tolerance(dtype),
+                                           err_msg=f"{name} {data_format} {deterministic}")
+                if deterministic:
+                    fixed.add(np.ascontiguousarray(gx).tobytes())
+    assert np.count_nonzero(want) > 0.5 * want.size
     assert len(forwards) == 1
     assert len(fixed) == 1

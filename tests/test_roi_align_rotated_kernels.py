@@ -687,9 +687,9 @@ def test_kernels_called_with_nothing_to_do_return_cleanly():
                        (1, 4, 6, 0)):
         for layout in (0, 1):
             _cpu.launch("roi_align_rotated", "forward", "float32",
-                        (x, boxes, k, 1, c, h, w, 2, 2, 1.0, 2, 0, 1, 0, layout, out))
+                        (x, boxes, k, 1, c, h, w, 2, 2, 1.0, 2, 0, 1, 0, layout, 1, out))
             _cpu.launch("roi_align_rotated", "backward", "float32",
-                        (out, boxes, k, 1, c, h, w, 2, 2, 1.0, 2, 1, 1, 0, layout, grad))
+                        (out, boxes, k, 1, c, h, w, 2, 2, 1.0, 2, 1, 1, 0, layout, 1, grad))
     assert not grad.any() and not out.any()
 
 
