@@ -32,7 +32,7 @@
 // a zone every bilinear weight is linear in the sample's position, so each
 // sample value (a weighted term, or their sum) is linear along the axis and
 // its largest value over the zone's samples is at the first or the last one.
-#include "roi_align_geometry.cuh"
+#include "roi_align_tiles.cuh"
 
 #define CUROI_ALIGN_MAX_ONNX 0
 #define CUROI_ALIGN_MAX_INTERP 1
@@ -157,27 +157,47 @@ CUROI_DEVICE void roi_align_max_scatter(const Sum& grad_input, int64_t at,
 
 #if defined(CUROI_GPU_LOOPS)
 // ------------------------------------------------------------- GPU loops
-// One thread per output element. The layout only moves the addresses
-// (curoi_plane): a channels-last element runs the very operations of its
-// NCHW twin, so the results are the same bits, transposed.
+// A thread per (box, bin, tile of channels) (curoi_channel_tile): the box,
+// the bin's axes and what the visits skip are found once per tile, then each
+// channel of the tile is one bin maximum. The layout only moves the
+// addresses: a channels-last element runs the very operations of its NCHW
+// twin, so the results are the same bits, transposed.
+
+// What a bin's maxima share across channels.
+template <typename A>
+struct RoiAlignMaxBin {
+  RoiAlignElement<A> e;
+  bool skips;      // samples the visits skip share one value, taken first
+  bool indexable;  // roi_align_max_indexable
+};
+
+template <typename A>
+CUROI_DEVICE RoiAlignMaxBin<A> roi_align_max_bin_of(const RoiAlignElement<A>& e,
+                                                    int64_t height,
+                                                    int64_t width) {
+  RoiAlignMaxBin<A> bin;
+  bin.e = e;
+  bin.skips = roi_align_max_skips(e.y, height) || roi_align_max_skips(e.x, width);
+  bin.indexable = roi_align_max_indexable(e.y, e.x);
+  return bin;
+}
 
 // One output element: the maximum over the bin's samples in one plane.
 template <typename T, typename A>
 CUROI_DEVICE A roi_align_max_bin(const T* plane, int64_t step,
-                                 const RoiAlignAxis<A>& ay,
-                                 const RoiAlignAxis<A>& ax, int64_t height,
+                                 const RoiAlignMaxBin<A>& bin, int64_t height,
                                  int64_t width, int mode, int64_t* winner) {
+  const RoiAlignAxis<A>& ay = bin.e.y;
+  const RoiAlignAxis<A>& ax = bin.e.x;
   A best = (A)0;
   bool any = false;
   *winner = -1;
   if (ay.count <= 0 || ax.count <= 0) return best;
   RoiAlignTap<A> ty, tx;
-  // Samples the visits skip share one value: take it first.
-  if (roi_align_max_skips(ay, height) || roi_align_max_skips(ax, width)) {
+  if (bin.skips) {
     best = roi_align_max_value(plane, width, step, mode, false, ty, tx);
     any = true;
   }
-  const bool indexable = roi_align_max_indexable(ay, ax);
   const int64_t visits_y = roi_align_max_visits(ay);
   const int64_t visits_x = roi_align_max_visits(ax);
   for (int64_t vy = 0; vy < visits_y; ++vy) {
@@ -195,7 +215,7 @@ CUROI_DEVICE A roi_align_max_bin(const T* plane, int64_t step,
         any = true;
         // The grid index, or -1 off the map (such a winner, 0, passes no
         // gradient), as for the skipped samples taken first.
-        *winner = on_y && on_x && indexable ? iy * ax.count + ix : -1;
+        *winner = on_y && on_x && bin.indexable ? iy * ax.count + ix : -1;
       }
     }
   }
@@ -208,25 +228,34 @@ CUROI_DEVICE void roi_align_max_forward_loop(
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
     typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
-    int mode, T* output, int64_t* argmax) {
+    int mode, int64_t groups, T* output, int64_t* argmax) {
   typedef typename AccType<T>::type A;
-  const int64_t total = num_rois * channels * pooled_height * pooled_width;
+  const int64_t total = num_rois * pooled_height * pooled_width * groups;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
-        index, total, channels, pooled_height, pooled_width);
-    const RoiAlignElement<A> e =
-        roi_align_element(rois, at, batch, height, width, pooled_height,
-                          pooled_width, spatial_scale, sampling_ratio, aligned);
-    A best = (A)0;
-    int64_t winner = -1;
-    if (e.box.batch_index >= 0) {
-      const CuroiPlane p = curoi_plane<ChannelsLast>(
-          e.box.batch_index, at.c, channels, height * width);
-      best = roi_align_max_bin(input + p.at, p.step, e.y, e.x, height, width,
-                               mode, &winner);
+    const CuroiChannelTile t = curoi_channel_tile<ChannelsLast>(
+        index, total, channels, groups, pooled_height, pooled_width);
+    const RoiAlignMaxBin<A> bin = roi_align_max_bin_of(
+        roi_align_element(rois, t.k, t.ph, t.pw, batch, height, width,
+                          pooled_height, pooled_width, spatial_scale,
+                          sampling_ratio, aligned),
+        height, width);
+    const bool reads = bin.e.box.batch_index >= 0;
+    const RoiAlignTileAt at = roi_align_tile_at<ChannelsLast>(
+        RoiAlignSameChannel(), t, bin.e.box.batch_index, channels,
+        height * width, pooled_height, pooled_width);
+    const T* plane = input + at.in;
+#pragma unroll 1
+    for (int64_t i = 0; i < at.count; ++i) {
+      A best = (A)0;
+      int64_t winner = -1;
+      if (reads)
+        best = roi_align_max_bin(plane, at.pixel_step, bin, height, width,
+                                 mode, &winner);
+      const int64_t out = at.out + i * at.out_step;
+      output[out] = curoi_store<T>(best);
+      if (argmax) argmax[out] = winner;
+      if (reads) plane += at.in_step;
     }
-    output[index] = curoi_store<T>(best);
-    if (argmax) argmax[index] = winner;
   }
 }
 
@@ -236,49 +265,57 @@ CUROI_DEVICE void roi_align_max_forward(
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
     typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
-    int mode, int channels_last, T* output, int64_t* argmax) {
+    int mode, int channels_last, int64_t groups, T* output, int64_t* argmax) {
   if (channels_last)
     roi_align_max_forward_loop<true>(input, rois, num_rois, batch, channels,
                                      height, width, pooled_height,
                                      pooled_width, spatial_scale,
-                                     sampling_ratio, aligned, mode, output,
-                                     argmax);
+                                     sampling_ratio, aligned, mode, groups,
+                                     output, argmax);
   else
     roi_align_max_forward_loop<false>(input, rois, num_rois, batch, channels,
                                       height, width, pooled_height,
                                       pooled_width, spatial_scale,
-                                      sampling_ratio, aligned, mode, output,
-                                      argmax);
+                                      sampling_ratio, aligned, mode, groups,
+                                      output, argmax);
 }
 
 // Each output gradient goes to its winning sample's four pixels; bins of
 // one box and of different boxes share pixels, so the adds go through Sum
-// (CuroiFloatSum or the deterministic CuroiFixedSum), atomically.
+// (CuroiFloatSum or the deterministic CuroiFixedSum), atomically. A thread
+// per (box, bin, tile of channels), as the forward's.
 template <bool ChannelsLast, typename T, typename Sum>
 CUROI_DEVICE void roi_align_max_backward_loop(
     const T* grad_output, const int64_t* argmax,
     const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
     int64_t pooled_width, typename AccType<T>::type spatial_scale,
-    int sampling_ratio, int aligned, const Sum& grad_input) {
+    int sampling_ratio, int aligned, int64_t groups, const Sum& grad_input) {
   typedef typename AccType<T>::type A;
-  const int64_t total = num_rois * channels * pooled_height * pooled_width;
+  const int64_t total = num_rois * pooled_height * pooled_width * groups;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const int64_t where = argmax[index];
-    if (where < 0) continue;  // no winner, or one off the map
-    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
-        index, total, channels, pooled_height, pooled_width);
-    const RoiAlignElement<A> e =
-        roi_align_element(rois, at, batch, height, width, pooled_height,
-                          pooled_width, spatial_scale, sampling_ratio, aligned);
+    const CuroiChannelTile t = curoi_channel_tile<ChannelsLast>(
+        index, total, channels, groups, pooled_height, pooled_width);
+    const RoiAlignElement<A> e = roi_align_element(
+        rois, t.k, t.ph, t.pw, batch, height, width, pooled_height,
+        pooled_width, spatial_scale, sampling_ratio, aligned);
     if (e.box.batch_index < 0) continue;
-    RoiAlignTap<A> ty, tx;
-    if (!roi_align_max_winner_taps(e.y, e.x, where, height, width, &ty, &tx))
-      continue;
-    const CuroiPlane p = curoi_plane<ChannelsLast>(
-        e.box.batch_index, at.c, channels, height * width);
-    roi_align_max_scatter(grad_input, p.at, width, p.step,
-                          curoi_load<A>(grad_output[index]), ty, tx);
+    const RoiAlignTileAt at = roi_align_tile_at<ChannelsLast>(
+        RoiAlignSameChannel(), t, e.box.batch_index, channels,
+        height * width, pooled_height, pooled_width);
+#pragma unroll 1
+    for (int64_t i = 0; i < at.count; ++i) {
+      const int64_t out = at.out + i * at.out_step;
+      const int64_t where = argmax[out];
+      RoiAlignTap<A> ty, tx;
+      // No winner, one off the map, or an index that names no sample.
+      if (where < 0 ||
+          !roi_align_max_winner_taps(e.y, e.x, where, height, width, &ty, &tx))
+        continue;
+      roi_align_max_scatter(grad_input, at.in + i * at.in_step, width,
+                            at.pixel_step, curoi_load<A>(grad_output[out]), ty,
+                            tx);
+    }
   }
 }
 
@@ -288,20 +325,20 @@ CUROI_DEVICE void roi_align_max_backward(
     const typename AccType<T>::type* rois, int64_t num_rois, int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
     int64_t pooled_width, typename AccType<T>::type spatial_scale,
-    int sampling_ratio, int aligned, int channels_last,
+    int sampling_ratio, int aligned, int channels_last, int64_t groups,
     const Sum& grad_input) {
   if (channels_last)
     roi_align_max_backward_loop<true>(grad_output, argmax, rois, num_rois,
                                       batch, channels, height, width,
                                       pooled_height, pooled_width,
                                       spatial_scale, sampling_ratio, aligned,
-                                      grad_input);
+                                      groups, grad_input);
   else
     roi_align_max_backward_loop<false>(grad_output, argmax, rois, num_rois,
                                        batch, channels, height, width,
                                        pooled_height, pooled_width,
                                        spatial_scale, sampling_ratio, aligned,
-                                       grad_input);
+                                       groups, grad_input);
 }
 
 #else
@@ -445,7 +482,8 @@ static void roi_align_max_forward(
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
     typename AccType<T>::type spatial_scale, int sampling_ratio, int aligned,
-    int mode, int channels_last, T* output, int64_t* argmax) {
+    int mode, int channels_last, int64_t /* groups */, T* output,
+    int64_t* argmax) {
   typedef typename AccType<T>::type A;
   const CuroiItems items = curoi_items(num_rois, channels);
   const int64_t bins = pooled_height * pooled_width;
@@ -518,7 +556,7 @@ static void roi_align_max_backward(
     int64_t channels, int64_t height, int64_t width, int64_t pooled_height,
     int64_t pooled_width, typename AccType<T>::type spatial_scale,
     int sampling_ratio, int aligned, int channels_last,
-    const Sum& grad_input) {
+    int64_t /* groups */, const Sum& grad_input) {
   typedef typename AccType<T>::type A;
   const int64_t bins = pooled_height * pooled_width;
   const int64_t plane_size = height * width;
@@ -578,37 +616,38 @@ static void roi_align_max_backward(
       int64_t batch, int64_t channels, int64_t height, int64_t width,          \
       int64_t pooled_height, int64_t pooled_width,                             \
       AccType<T>::type spatial_scale, int sampling_ratio, int aligned,         \
-      int mode, int channels_last, T* output, int64_t* argmax) {               \
+      int mode, int channels_last, int64_t groups, T* output,                  \
+      int64_t* argmax) {                                                       \
     roi_align_max_forward<T>(input, rois, num_rois, batch, channels, height,   \
                              width, pooled_height, pooled_width,               \
                              spatial_scale, sampling_ratio, aligned, mode,     \
-                             channels_last, output, argmax);                   \
+                             channels_last, groups, output, argmax);           \
   }                                                                            \
   CUROI_KERNEL void roi_align_max_backward_##suffix(                           \
       const T* grad_output, const int64_t* argmax,                             \
       const AccType<T>::type* rois, int64_t num_rois, int64_t batch,           \
       int64_t channels, int64_t height, int64_t width, int64_t pooled_height,  \
       int64_t pooled_width, AccType<T>::type spatial_scale,                    \
-      int sampling_ratio, int aligned, int channels_last,                      \
+      int sampling_ratio, int aligned, int channels_last, int64_t groups,      \
       AccType<T>::type* grad_input) {                                          \
     CuroiFloatSum<AccType<T>::type> sum;                                       \
     sum.grad = grad_input;                                                     \
     roi_align_max_backward<T>(grad_output, argmax, rois, num_rois, batch,      \
                               channels, height, width, pooled_height,          \
                               pooled_width, spatial_scale, sampling_ratio,     \
-                              aligned, channels_last, sum);                    \
+                              aligned, channels_last, groups, sum);            \
   }                                                                            \
   CUROI_KERNEL void roi_align_max_backward_fixed_##suffix(                     \
       const T* grad_output, const int64_t* argmax,                             \
       const AccType<T>::type* rois, int64_t num_rois, int64_t batch,           \
       int64_t channels, int64_t height, int64_t width, int64_t pooled_height,  \
       int64_t pooled_width, AccType<T>::type spatial_scale,                    \
-      int sampling_ratio, int aligned, int channels_last,                      \
+      int sampling_ratio, int aligned, int channels_last, int64_t groups,      \
       const double* max_abs, int64_t* fixed, AccType<T>::type* grad_input) {   \
     roi_align_max_backward<T>(                                                 \
         grad_output, argmax, rois, num_rois, batch, channels, height, width,   \
         pooled_height, pooled_width, spatial_scale, sampling_ratio, aligned,   \
-        channels_last,                                                         \
+        channels_last, groups,                                                 \
         curoi_fixed_sum(grad_input, fixed, max_abs,                            \
                         num_rois * pooled_height * pooled_width));             \
   }                                                                            \

@@ -77,19 +77,19 @@ SIGNATURES = {
     # channels_last, groups, grad_input
     "roi_align_backward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, I64, PTR),
     # input, rois, shape, spatial_scale, sampling_ratio, aligned, mode,
-    # channels_last, output, argmax (may be null)
-    "roi_align_max_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, I32, PTR, PTR),
+    # channels_last, groups, output, argmax (may be null)
+    "roi_align_max_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, I32, I64, PTR, PTR),
     # The interpolated max mode only: grad_output, argmax (the forward's),
     # rois, shape, spatial_scale, sampling_ratio, aligned, channels_last,
-    # grad_input
-    "roi_align_max_backward": (PTR, PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, PTR),
+    # groups, grad_input
+    "roi_align_max_backward": (PTR, PTR, PTR) + _SHAPE + (ACC, I32, I32, I32, I64, PTR),
     # The deterministic backward: as above, then max|grad_output| (one double),
     # the int64 fixed-point sums, and grad_input for non-finite terms.
     "roi_pool_backward_fixed": (PTR, PTR, PTR) + _SHAPE + (I32, I32, PTR, PTR, PTR),
     "roi_align_backward_fixed": (PTR, PTR) + _SHAPE
     + (ACC, I32, I32, I32, I64, PTR, PTR, PTR),
     "roi_align_max_backward_fixed": (PTR, PTR, PTR) + _SHAPE
-    + (ACC, I32, I32, I32, PTR, PTR, PTR),
+    + (ACC, I32, I32, I32, I64, PTR, PTR, PTR),
     # The gradient with respect to the boxes, in two passes (see
     # roi_align_boxes.cuh): grad_output, input, rois, shape, spatial_scale,
     # sampling_ratio, aligned, channels_last, partial ([K, PH*PW, 4] in the

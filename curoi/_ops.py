@@ -272,11 +272,12 @@ def roi_align_max_forward(x, rois, out, argmax, spatial_scale, sampling_ratio,
         if argmax is not None:
             argmax.fill(-1)
         return
+    groups = channel_groups(k * ph * pw, c)
     _run("roi_align_max", "forward", _name(x.dtype),
          (x, rois, k, n, c, h, w, ph, pw, spatial_scale, sampling_ratio,
           int(aligned), _kernels.ALIGN_MAX_MODES[mode], int(channels_last),
-          out, argmax),
-         out.size, _is_cuda(x))
+          groups, out, argmax),
+         k * ph * pw * groups, _is_cuda(x))
 
 
 def roi_align_max_backward(grad_output, argmax, rois, grad_input,
@@ -292,10 +293,12 @@ def roi_align_max_backward(grad_output, argmax, rois, grad_input,
     :func:`roi_align_backward`."""
     n, c, h, w = _nchw(grad_input.shape, channels_last)
     k, _, ph, pw = _nchw(grad_output.shape, channels_last)
+    groups = channel_groups(k * ph * pw, c)
     _backward("roi_align_max",
               (grad_output, argmax, rois, k, n, c, h, w, ph, pw, spatial_scale,
-               sampling_ratio, int(aligned), int(channels_last)),
-              grad_output, grad_input, deterministic, zeroed, k * ph * pw)
+               sampling_ratio, int(aligned), int(channels_last), groups),
+              grad_output, grad_input, deterministic, zeroed, k * ph * pw,
+              threads=k * ph * pw * groups)
 
 
 _INT32 = np.dtype(np.int32)

@@ -668,9 +668,9 @@ def test_kernels_called_with_nothing_to_do_return_cleanly():
                     (out, argmax, boxes, k, 1, c, 6, 6, 2, 2, 0, 0, grad))
         for channels_last in (0, 1):
             _cpu.launch("roi_align_max", "forward", "float32",
-                        (x, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 2, 0, 1, channels_last, out,
+                        (x, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 2, 0, 1, channels_last, 1, out,
                          argmax))
             _cpu.launch("roi_align_max", "backward", "float32",
-                        (out, argmax, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 2, 0, channels_last,
+                        (out, argmax, boxes, k, 1, c, 6, 6, 2, 2, 1.0, 2, 0, channels_last, 1,
                          grad))
     assert not grad.any()

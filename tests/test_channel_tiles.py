@@ -1,7 +1,7 @@
 """The families whose GPU loops take a thread per box, bin and tile of
 channels (curoi_channel_tile): RoI Pool's forward, position-sensitive RoI
-Pool, RoI Align (average), position-sensitive, multiscale and rotated RoI
-Align, forward and backward.
+Pool, RoI Align (average and max modes), position-sensitive, multiscale and
+rotated RoI Align, forward and backward.
 
 The tile a call gets is chosen by curoi._ops.channel_groups; here it is
 forced to every kind of split (one tile for all channels, uneven tiles,
@@ -355,3 +355,65 @@ def test_roi_align_rotated_every_split_gives_the_reference_and_the_same_bits(
     assert np.count_nonzero(want) > 0.5 * want.size
     assert len(forwards) == 1
     assert len(fixed) == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("sampling", [((3, 2), 2, True), ((2, 3), 0, False)])
+@pytest.mark.parametrize("channels", [1, 3, 17])
+def test_roi_align_max_every_split_gives_the_reference_and_the_same_bits(
+        monkeypatch, channels, sampling, dtype):
+    size, ratio, aligned = sampling
+    x, boxes, rng = _align_case(channels + 30, channels, dtype)
+    x[0, 0, 2, 3] = np.nan  # a NaN wins its bins
+    usable = np.abs(boxes).max(axis=1) < 1e6  # the huge box: across splits only
+    want, want_argmax = ref.roi_align_max_interpolated(x, boxes[usable], size, 0.8, ratio,
+                                                       aligned)
+    gy = rng.standard_normal((len(boxes), channels) + ref._pair(size)).astype(dtype)
+    gy[~usable] = 0
+    results, fixed = set(), set()
+    for name, groups in SPLITS.items():
+        _forced(monkeypatch, groups)
+        for data_format, features, back in _layouts(x):
+            y, argmax = curoi.roi_align(features, boxes, size, 0.8, ratio, aligned,
+                                        mode="max", return_argmax=True,
+                                        data_format=data_format)
+            y, argmax_nchw = back(y), back(argmax)
+            np.testing.assert_allclose(y[usable], want, **_tolerance(dtype),
+                                       err_msg=f"{name} {data_format}")
+            if dtype == np.float64:  # float32 may break a tie differently
+                np.testing.assert_array_equal(argmax_nchw[usable], want_argmax)
+            want_grad = ref.roi_align_max_interpolated_backward(
+                gy[usable], argmax_nchw[usable], boxes[usable], x.shape, size, 0.8, ratio,
+                aligned)
+            g = _nhwc(gy) if data_format == "NHWC" else gy
+            for deterministic in (False, True):
+                gx = back(curoi.roi_align_backward(
+                    g, boxes, features.shape, size, 0.8, ratio, aligned, mode="max",
+                    argmax=argmax, deterministic=deterministic, data_format=data_format))
+                np.testing.assert_allclose(gx, want_grad, **_tolerance(dtype),
+                                           err_msg=f"{name} {data_format} {deterministic}")
+                if deterministic:
+                    fixed.add(np.ascontiguousarray(gx).tobytes())
+            results.add(np.ascontiguousarray(y).tobytes() + argmax_nchw.tobytes())
+    assert len(results) == 1
+    assert len(fixed) == 1
+
+
+@pytest.mark.parametrize("channels", [1, 11])
+def test_roi_align_max_onnx_mode_is_the_same_bits_in_every_split(monkeypatch, channels):
+    # ONNX RoiAlign's max (the largest weighted corner term; no gradient):
+    # onnxruntime checks its numbers (test_onnx_roi_align.py); here every
+    # split and layout must give the same bits as the one-channel tiles.
+    x, boxes, _ = _align_case(channels + 60, channels, np.float32)
+    results = set()
+    for groups in SPLITS.values():
+        _forced(monkeypatch, groups)
+        for channels_last in (False, True):
+            features = _nhwc(x) if channels_last else x
+            shape = (len(boxes), 3, 2, channels) if channels_last else (len(boxes), channels, 3, 2)
+            y = np.full(shape, 7, np.float32)  # not zeros: the kernel must write all
+            _ops.roi_align_max_forward(features, boxes, y, None, 0.8, 2, True, "onnx",
+                                       channels_last)
+            results.add((_nchw(y) if channels_last else y).tobytes())
+    assert len(results) == 1
+    assert not np.isin(7, y)
