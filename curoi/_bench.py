@@ -4,6 +4,8 @@
     python3 -m curoi bench --workload W1,W2,tiny --threads 1,2 --repeat 9
     python3 -m curoi bench --json figures.json --plot figures.png --kernels
     python3 -m curoi bench --rows "roi_pool backward" --threads 1  # one row
+    python3 -m curoi bench --rows "forward, NHWC|adaptive"  # rows with either
+    python3 -m curoi bench --workload W1,FPN --rows help    # the row names
 
 Workloads (``--workload``, comma-separated):
 
@@ -770,8 +772,8 @@ def _number(value):
     return f"{value:.1f}" if value >= 100 else f"{value:.2f}"
 
 
-def write_plot(path, tables):
-    """A PNG bar chart: one panel per table, one group of bars per row."""
+def _pyplot():
+    """matplotlib's pyplot, drawing to files; a clear exit without it."""
     try:
         import matplotlib
 
@@ -780,8 +782,14 @@ def write_plot(path, tables):
     except ImportError as error:
         raise SystemExit(
             "--plot needs matplotlib, which is not installed: "
-            "`pip install curoi[plot]` or `pip install matplotlib`"
+            "`pip install -e \".[plot]\"` in curoi's folder, or `pip install matplotlib`"
         ) from error
+    return plt
+
+
+def write_plot(path, tables):
+    """A PNG bar chart: one panel per table, one group of bars per row."""
+    plt = _pyplot()
     figure, axes = plt.subplots(len(tables), 1, squeeze=False,
                                 figsize=(10, 1.5 + 0.5 * sum(len(t[1]) for t in tables)))
     for axis, (title, results) in zip(axes[:, 0], tables):
@@ -828,12 +836,18 @@ def _workloads(text):
     return names
 
 
+#: --rows: the separator between alternatives (row names contain commas).
+ROW_SEPARATOR = "|"
+
+
 def _row_filters(text):
-    filters = [part.strip().lower() for part in text.split(",") if part.strip()]
+    if text.strip().lower() == "help":
+        return "help"
+    filters = [part.strip().lower() for part in text.split(ROW_SEPARATOR) if part.strip()]
     if not filters:
         raise argparse.ArgumentTypeError(
-            f"expected parts of row names separated by commas, like "
-            f"'roi_pool backward'; got {text!r}")
+            f"expected parts of row names separated by {ROW_SEPARATOR!r}, like "
+            f"'roi_pool backward|forward, NHWC', or 'help' for the names; got {text!r}")
     return filters
 
 
@@ -855,9 +869,11 @@ def parser():
     p.add_argument("--threads", type=_thread_counts, default=None,
                    help="CPU thread counts, comma-separated, e.g. 1,2 "
                         "(default: curoi.get_num_threads())")
-    p.add_argument("--rows", type=_row_filters, default=None, metavar="SUBSTRING[,SUBSTRING]",
+    p.add_argument("--rows", type=_row_filters, default=None,
+                   metavar="SUBSTRING[|SUBSTRING]",
                    help="only the rows whose name contains one of these, ignoring case "
-                        "(e.g. 'roi_pool backward' or 'nhwc,adaptive'; default: all)")
+                        "(e.g. 'roi_pool backward' or 'forward, NHWC|adaptive'; default: "
+                        "all); 'help' lists the workloads' row names and exits")
     p.add_argument("--repeat", type=int, default=9,
                    help="timed repeats per row; the table shows medians (default 9)")
     p.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"),
@@ -895,6 +911,8 @@ def main(argv=None, stdout=None, stderr=None):
         timed_boxes = _wall_timer(1e3)
         device = "CPU"
     tiny_calls = QUICK_CALLS if args.quick else TINY_CALLS
+    if args.plot:
+        _pyplot()  # before the run, not after it
 
     plan = []  # (workload, dtype, threads, operations)
     for name in args.workload:
@@ -916,9 +934,19 @@ def main(argv=None, stdout=None, stderr=None):
                     ops = crop_operations(work, dtype, count, args.quick, xp)
                 else:
                     ops = box_operations(work, dtype, count, args.quick, xp)
+                if args.rows == "help":
+                    plan.append((work, dtype, count, ops))
+                    continue
                 ops = selected(ops, args.rows)
                 if ops:
                     plan.append((work, dtype, count, ops))
+    if args.rows == "help":
+        for work in dict.fromkeys(w for w, *_ in plan):
+            print(f"{work.name}:", file=stdout)
+            labels = [op.label for w, _, _, ops in plan if w is work for op in ops]
+            for label in dict.fromkeys(labels):
+                print(f"  {label}", file=stdout)
+        return 0
     if not plan and args.rows is not None:
         raise SystemExit(f"--rows: no row of {', '.join(args.workload)} has a name "
                          f"containing {' or '.join(map(repr, args.rows))}")

@@ -82,8 +82,8 @@ def require_cupy():
         raise RuntimeError(
             "this array is on a CUDA device, and curoi runs CUDA kernels "
             "through CuPy, which is not installed. Install curoi with the "
-            "extra for your CUDA version: `pip install curoi[cuda12]` or "
-            "`pip install curoi[cuda13]`."
+            "extra for your CUDA version, in curoi's folder: "
+            "`pip install -e \".[cuda12]\"` or `pip install -e \".[cuda13]\"`."
         )
     _cuda_used = True
     return cupy
@@ -128,7 +128,7 @@ def compile_options(dtype_name):
             raise RuntimeError(
                 f"{dtype_name} kernels need the CUDA headers cuda_fp16.h and "
                 "cuda_bf16.h, and none were found. Install them with "
-                "`pip install \"cuda-toolkit[cudart]\"` (the curoi[cuda12] "
+                "`pip install \"cuda-toolkit[cudart]\"` (curoi's cuda12 "
                 "extra does) or install a CUDA toolkit."
             )
         options += ["-I" + d for d in dirs]

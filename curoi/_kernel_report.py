@@ -80,8 +80,8 @@ def nvrtc_module():
     except ImportError as error:
         raise KernelReportError(
             "the kernel report compiles with NVRTC through CuPy, which is not "
-            "importable here; install curoi with `pip install curoi[cuda12]` "
-            f"(or [cuda13]): {error}"
+            "importable here; install curoi with `pip install -e \".[cuda12]\"` "
+            f"(or \".[cuda13]\") in its folder: {error}"
         ) from error
     try:
         nvrtc.getVersion()

@@ -31,7 +31,8 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
             input-image coordinates, on the same device as ``input``. Boxes
             are used in float32 (float64 for float64 input) whatever the
             feature precision. A box whose batch index is not finite or not
-            in ``[0, N)``, or with a non-finite coordinate, gives zeros.
+            in ``[0, N)``, or with a non-finite coordinate, gives zeros; a
+            fractional batch index is truncated toward zero (1.7: image 1).
         output_size: ``(PH, PW)`` or an int for both: bins per box.
         spatial_scale: factor from box to feature coordinates, e.g. 1/16.
         sampling_ratio: samples per bin side; ``<= 0`` means adaptive,

@@ -74,7 +74,7 @@ handed to the kernels as their workspace, so XLA's preallocated pool covers
 them and CuPy allocates nothing.
 
 Needs JAX 0.7 or newer (``jax.experimental.buffer_callback``), and CuPy for
-GPU arrays (``pip install curoi[cuda12]``).
+GPU arrays (``pip install -e ".[cuda12]"`` in curoi's folder).
 """
 
 import functools

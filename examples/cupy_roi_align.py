@@ -1,8 +1,8 @@
 """RoI Align on CuPy arrays: the kernels run on the array's GPU, on CuPy's
 current stream, and the result is a CuPy array on the same device.
 
-Run: python examples/cupy_roi_align.py   (needs a CUDA GPU and curoi[cuda12]
-or curoi[cuda13]; without a GPU it says so and exits)
+Run: python examples/cupy_roi_align.py   (needs a CUDA GPU and curoi's cuda12
+or cuda13 extra, pip install -e ".[cuda12]"; without a GPU it says so and exits)
 """
 
 import sys

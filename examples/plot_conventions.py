@@ -1,7 +1,7 @@
 """Draw where roi_pool's bins and roi_align's samples fall on the README's map.
 
 Run: python examples/plot_conventions.py [OUTPUT.png]   (default docs/conventions.png)
-Needs matplotlib: pip install "curoi[plot]".
+Needs matplotlib: pip install -e ".[plot]" (in curoi's folder).
 
 Four panels, one box, one 8x8 map (the worked example of the README's
 Conventions section): roi_pool under convention="torchvision" and "mmcv",

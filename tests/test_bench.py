@@ -231,10 +231,11 @@ def test_the_command_line(tmp_path):
 
 
 def test_rows_picks_rows_by_name():
-    # Case-insensitive substrings, comma-separated; a row matching any is
-    # timed, the others are not even built into the tables.
+    # Case-insensitive substrings separated by "|" (row names hold commas); a
+    # row matching any is timed, the others are not even built into the
+    # tables.
     argv = ["--quick", "--repeat", "1", "--threads", "1", "--workload", "W1",
-            "--rows", "ROI_POOL BACKWARD, align forward, adaptive"]
+            "--rows", "ROI_POOL BACKWARD| align forward|adaptive"]
     stdout, stderr = io.StringIO(), io.StringIO()
     assert _bench.main(argv, stdout=stdout, stderr=stderr) == 0
     rows = [r[0] for r in _table(stdout.getvalue(), "W1:")[2:]]
@@ -252,8 +253,38 @@ def test_rows_that_match_nothing_say_so():
         _bench.main(["--quick", "--repeat", "1", "--workload", "W1", "--rows",
                      "no such row"], stdout=io.StringIO(), stderr=io.StringIO())
     with pytest.raises(SystemExit) as error:
-        _bench.parser().parse_args(["--rows", " , "])
+        _bench.parser().parse_args(["--rows", " | "])
     assert error.value.code == 2
+
+
+def test_rows_select_a_name_with_a_comma():
+    argv = ["--quick", "--repeat", "1", "--threads", "1", "--workload", "W1",
+            "--rows", "forward, NHWC"]
+    stdout = io.StringIO()
+    assert _bench.main(argv, stdout=stdout, stderr=io.StringIO()) == 0
+    rows = [r[0] for r in _table(stdout.getvalue(), "W1:")[2:]]
+    assert rows == [op for op in BOX_ROWS if "forward, nhwc" in op.lower()]
+    assert rows
+
+
+def test_rows_help_lists_the_row_names_and_times_nothing():
+    stdout, stderr = io.StringIO(), io.StringIO()
+    assert _bench.main(["--quick", "--workload", "W1", "--rows", "help"],
+                       stdout=stdout, stderr=stderr) == 0
+    lines = stdout.getvalue().splitlines()
+    assert lines[0] == "W1:"
+    assert [line.strip() for line in lines[1:]] == BOX_ROWS
+    assert stderr.getvalue() == ""  # no progress: nothing was timed
+
+
+def test_plot_without_matplotlib_stops_before_the_run(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit, match=r'--plot needs matplotlib.*pip install -e "\.\[plot\]"'):
+        _bench.main(["--quick", "--repeat", "1", "--workload", "W1",
+                     "--plot", str(tmp_path / "figures.png")],
+                    stdout=io.StringIO(), stderr=stderr)
+    assert stderr.getvalue() == ""  # no row was timed first
 
 
 def test_the_kernel_report_table():

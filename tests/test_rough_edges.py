@@ -1,5 +1,6 @@
 """Rough edges a new user hit: a C compiler as CXX, a warm cache without a
-compiler, and the messages and warnings of misused arguments."""
+compiler, `python3 -m curoi build`, fractional batch indices, and the
+messages and warnings of misused arguments."""
 
 import json
 import os
@@ -132,3 +133,48 @@ def test_tf_variable_hint():
     v = tf.Variable(np.zeros((1, 1, 4, 4), np.float32))
     with pytest.raises(TypeError, match=r"tf\.convert_to_tensor\(v\)"):
         curoi.roi_align(v, np.zeros((1, 5), np.float32), 2)
+
+
+def _module(args, cache, **env):
+    full = dict(os.environ, CUROI_CACHE_DIR=str(cache), **env)
+    full.pop("CUROI_SANITIZE", None)
+    return subprocess.run([sys.executable, "-m", "curoi"] + args, env=full,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_build_command_names_the_library_that_calls_then_load(tmp_path):
+    # A warm cache: `build` finds the library, says where it is, builds
+    # nothing; a process started afterwards with that cache loads it.
+    cache = tmp_path / "cache"
+    seeded = seed_cache(cache)
+    done = _module(["build"], cache)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(seeded)
+    assert "building" not in done.stderr
+    loaded, result = _run(cache, PATH=str(tmp_path / "empty"))  # no compiler
+    assert loaded.returncode == 0, loaded.stderr
+    assert result["y"] == EXPECTED
+
+
+def test_build_command_with_arguments_shows_the_usage(tmp_path):
+    done = _module(["build", "now"], tmp_path / "cache")
+    assert done.returncode == 2
+    assert "python3 -m curoi build" in done.stderr
+    assert not (tmp_path / "cache").exists()  # nothing was built
+
+
+def test_fractional_batch_index_is_truncated_toward_zero():
+    # torchvision's and detectron2's kernels convert the batch index to an
+    # integer (C++'s truncation): 0.7 reads image 0, 1.99 image 1. Below 0
+    # (even -0.5) or from N on the box reads nothing.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 8, 9)).astype(np.float32)
+    corners = [1.2, 0.5, 6.8, 7.1]
+    boxes = np.array([[0.7] + corners, [1.99] + corners, [-0.5] + corners,
+                      [2.0] + corners], np.float32)
+    whole = np.array([[0] + corners, [1] + corners], np.float32)
+    for op in (lambda b: curoi.roi_align(x, b, 2, 1.0, 2, True),
+               lambda b: curoi.roi_pool(x, b, 2, 1.0)):
+        got, want = op(boxes), op(whole)
+        np.testing.assert_array_equal(got[:2], want)
+        assert want.any() and not got[2:].any()
