@@ -309,39 +309,60 @@ CUROI_DEVICE void crop_and_resize_box_grad_at(
 
 #if defined(CUROI_GPU_LOOPS)
 // ------------------------------------------------------------- GPU loops
-// One thread per output element (forward, image gradient) or per bin of a
-// box (box gradient). The layout only moves the addresses (curoi_plane): a
-// channels-last element runs the very operations of its NCHW twin.
+// Forward and image gradient: a thread per (box, crop pixel, tile of
+// channels) (curoi_channel_tile), which finds the box's image and the
+// pixel's taps once for the tile's channels; box gradient: a thread per bin
+// of a box. The layout only moves the addresses: a channels-last element
+// runs the very operations of its NCHW twin.
+
+// A crop pixel's image and taps; false where it reads nothing (its box's
+// image is not usable, or it lies off the image).
+template <typename A>
+CUROI_DEVICE bool crop_and_resize_pixel(const A* rois, int64_t k,
+                                        int64_t batch, int64_t ph, int64_t pw,
+                                        int64_t height, int64_t width,
+                                        int64_t crop_height,
+                                        int64_t crop_width, int64_t* b,
+                                        CropTap<A>* ty, CropTap<A>* tx) {
+  *b = crop_and_resize_batch(rois, k, batch);
+  if (*b < 0) return false;
+  const A* box = crop_and_resize_box(rois, k);
+  return crop_and_resize_tap(crop_and_resize_position(box[0], box[2], ph,
+                                                      crop_height, height),
+                             height, ty) &&
+         crop_and_resize_tap(crop_and_resize_position(box[1], box[3], pw,
+                                                      crop_width, width),
+                             width, tx);
+}
 
 template <bool ChannelsLast, typename T>
 CUROI_DEVICE void crop_and_resize_forward_loop(
     const T* image, const typename AccType<T>::type* rois, int64_t num_boxes,
-    int64_t batch,
-    int64_t channels, int64_t height, int64_t width, int64_t crop_height,
-    int64_t crop_width, typename AccType<T>::type extrapolation_value,
-    int method, T* output) {
+    int64_t batch, int64_t channels, int64_t height, int64_t width,
+    int64_t crop_height, int64_t crop_width,
+    typename AccType<T>::type extrapolation_value, int method,
+    int64_t groups, T* output) {
   typedef typename AccType<T>::type A;
-  const int64_t total = num_boxes * channels * crop_height * crop_width;
+  const int64_t total = num_boxes * crop_height * crop_width * groups;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
-        index, total, channels, crop_height, crop_width);
-    const int64_t b = crop_and_resize_batch(rois, at.k, batch);
-    const A* box = crop_and_resize_box(rois, at.k);
-    A value = extrapolation_value;
+    const CuroiChannelTile t = curoi_channel_tile<ChannelsLast>(
+        index, total, channels, groups, crop_height, crop_width);
+    int64_t b;
     CropTap<A> ty, tx;
-    if (b >= 0 &&
-        crop_and_resize_tap(crop_and_resize_position(box[0], box[2], at.ph,
-                                                     crop_height, height),
-                            height, &ty) &&
-        crop_and_resize_tap(crop_and_resize_position(box[1], box[3], at.pw,
-                                                     crop_width, width),
-                            width, &tx)) {
-      const CuroiPlane p =
-          curoi_plane<ChannelsLast>(b, at.c, channels, height * width);
-      value = crop_and_resize_value(image + p.at, width, p.step, ty, tx,
-                                    method);
+    const bool reads =
+        crop_and_resize_pixel(rois, t.k, batch, t.ph, t.pw, height, width,
+                              crop_height, crop_width, &b, &ty, &tx);
+    const CuroiTileAt at = curoi_tile_at<ChannelsLast>(
+        CuroiSameChannel(), t, reads ? b : -1, channels, height * width,
+        crop_height, crop_width);
+#pragma unroll 1
+    for (int64_t i = 0; i < at.count; ++i) {
+      const A value =
+          reads ? crop_and_resize_value(image + at.in + i * at.in_step, width,
+                                        at.pixel_step, ty, tx, method)
+                : extrapolation_value;
+      output[at.out + i * at.out_step] = curoi_store<T>(value);
     }
-    output[index] = curoi_store<T>(value);
   }
 }
 
@@ -351,17 +372,19 @@ CUROI_DEVICE void crop_and_resize_forward(
     int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t crop_height,
     int64_t crop_width, typename AccType<T>::type extrapolation_value,
-    int method, int channels_last, T* output) {
+    int method, int channels_last, int64_t groups, T* output) {
   if (channels_last)
     crop_and_resize_forward_loop<true>(image, rois, num_boxes,
                                        batch, channels, height, width,
                                        crop_height, crop_width,
-                                       extrapolation_value, method, output);
+                                       extrapolation_value, method, groups,
+                                       output);
   else
     crop_and_resize_forward_loop<false>(image, rois, num_boxes,
                                         batch, channels, height, width,
                                         crop_height, crop_width,
-                                        extrapolation_value, method, output);
+                                        extrapolation_value, method, groups,
+                                        output);
 }
 
 // Crops of one box and of different boxes overlap in the image, so the adds
@@ -370,29 +393,27 @@ CUROI_DEVICE void crop_and_resize_forward(
 template <bool ChannelsLast, typename T, typename Sum>
 CUROI_DEVICE void crop_and_resize_backward_loop(
     const T* grad_output, const typename AccType<T>::type* rois,
-    int64_t num_boxes, int64_t batch,
-    int64_t channels, int64_t height, int64_t width, int64_t crop_height,
-    int64_t crop_width, int method, const Sum& grad_image) {
+    int64_t num_boxes, int64_t batch, int64_t channels, int64_t height,
+    int64_t width, int64_t crop_height, int64_t crop_width, int method,
+    int64_t groups, const Sum& grad_image) {
   typedef typename AccType<T>::type A;
-  const int64_t total = num_boxes * channels * crop_height * crop_width;
+  const int64_t total = num_boxes * crop_height * crop_width * groups;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
-        index, total, channels, crop_height, crop_width);
-    const int64_t b = crop_and_resize_batch(rois, at.k, batch);
-    if (b < 0) continue;
-    const A* box = crop_and_resize_box(rois, at.k);
+    const CuroiChannelTile t = curoi_channel_tile<ChannelsLast>(
+        index, total, channels, groups, crop_height, crop_width);
+    int64_t b;
     CropTap<A> ty, tx;
-    if (!crop_and_resize_tap(crop_and_resize_position(box[0], box[2], at.ph,
-                                                      crop_height, height),
-                             height, &ty) ||
-        !crop_and_resize_tap(crop_and_resize_position(box[1], box[3], at.pw,
-                                                      crop_width, width),
-                             width, &tx))
+    if (!crop_and_resize_pixel(rois, t.k, batch, t.ph, t.pw, height, width,
+                               crop_height, crop_width, &b, &ty, &tx))
       continue;
-    const CuroiPlane p =
-        curoi_plane<ChannelsLast>(b, at.c, channels, height * width);
-    crop_and_resize_scatter(grad_image, p.at, width, p.step, ty, tx, method,
-                            curoi_load<A>(grad_output[index]));
+    const CuroiTileAt at = curoi_tile_at<ChannelsLast>(
+        CuroiSameChannel(), t, b, channels, height * width, crop_height,
+        crop_width);
+#pragma unroll 1
+    for (int64_t i = 0; i < at.count; ++i)
+      crop_and_resize_scatter(
+          grad_image, at.in + i * at.in_step, width, at.pixel_step, ty, tx,
+          method, curoi_load<A>(grad_output[at.out + i * at.out_step]));
   }
 }
 
@@ -401,17 +422,18 @@ CUROI_DEVICE void crop_and_resize_backward(
     const T* grad_output, const typename AccType<T>::type* rois,
     int64_t num_boxes, int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t crop_height,
-    int64_t crop_width, int method, int channels_last, const Sum& grad_image) {
+    int64_t crop_width, int method, int channels_last, int64_t groups,
+    const Sum& grad_image) {
   if (channels_last)
     crop_and_resize_backward_loop<true>(grad_output, rois,
                                         num_boxes, batch, channels, height,
                                         width, crop_height, crop_width, method,
-                                        grad_image);
+                                        groups, grad_image);
   else
     crop_and_resize_backward_loop<false>(grad_output, rois,
                                          num_boxes, batch, channels, height,
                                          width, crop_height, crop_width,
-                                         method, grad_image);
+                                         method, groups, grad_image);
 }
 
 // One thread per bin of a box, its channels in order; the bins' partial
@@ -575,7 +597,7 @@ static void crop_and_resize_forward(
     int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t crop_height,
     int64_t crop_width, typename AccType<T>::type extrapolation_value,
-    int method, int channels_last, T* output) {
+    int method, int channels_last, int64_t /* groups */, T* output) {
   typedef typename AccType<T>::type A;
   const CuroiItems items = curoi_items(num_boxes, channels);
   const int64_t cost = CUROI_BOX_GROUP * items.block * crop_height * crop_width;
@@ -705,7 +727,8 @@ static void crop_and_resize_backward(
     const T* grad_output, const typename AccType<T>::type* rois,
     int64_t num_boxes, int64_t batch,
     int64_t channels, int64_t height, int64_t width, int64_t crop_height,
-    int64_t crop_width, int method, int channels_last, const Sum& grad_image) {
+    int64_t crop_width, int method, int channels_last, int64_t /* groups */,
+    const Sum& grad_image) {
   typedef typename AccType<T>::type A;
   const int64_t threads = curoi_threads();
   int64_t block = (channels + 4 * threads - 1) / (4 * threads);
@@ -759,33 +782,34 @@ static void crop_and_resize_boxes_backward(
       int64_t batch,                                                           \
       int64_t channels, int64_t height, int64_t width, int64_t crop_height,    \
       int64_t crop_width, AccType<T>::type extrapolation_value, int method,    \
-      int channels_last, T* output) {                                          \
+      int channels_last, int64_t groups, T* output) {                          \
     crop_and_resize_forward<T>(image, rois, num_boxes, batch,                  \
                                channels, height, width, crop_height,           \
                                crop_width, extrapolation_value, method,        \
-                               channels_last, output);                         \
+                               channels_last, groups, output);                 \
   }                                                                            \
   CUROI_KERNEL void crop_and_resize_backward_##suffix(                         \
       const T* grad_output, const AccType<T>::type* rois, int64_t num_boxes,   \
       int64_t batch,                                                           \
       int64_t channels, int64_t height, int64_t width, int64_t crop_height,    \
-      int64_t crop_width, int method, int channels_last,                       \
+      int64_t crop_width, int method, int channels_last, int64_t groups,       \
       AccType<T>::type* grad_image) {                                          \
     CuroiFloatSum<AccType<T>::type> sum;                                       \
     sum.grad = grad_image;                                                     \
     crop_and_resize_backward<T>(grad_output, rois, num_boxes,                  \
                                 batch, channels, height, width, crop_height,   \
-                                crop_width, method, channels_last, sum);       \
+                                crop_width, method, channels_last, groups,     \
+                                sum);                                          \
   }                                                                            \
   CUROI_KERNEL void crop_and_resize_backward_fixed_##suffix(                   \
       const T* grad_output, const AccType<T>::type* rois, int64_t num_boxes,   \
       int64_t batch,                                                           \
       int64_t channels, int64_t height, int64_t width, int64_t crop_height,    \
-      int64_t crop_width, int method, int channels_last,                       \
+      int64_t crop_width, int method, int channels_last, int64_t groups,       \
       const double* max_abs, int64_t* fixed, AccType<T>::type* grad_image) {   \
     crop_and_resize_backward<T>(                                               \
         grad_output, rois, num_boxes, batch, channels, height,                 \
-        width, crop_height, crop_width, method, channels_last,                 \
+        width, crop_height, crop_width, method, channels_last, groups,         \
         curoi_fixed_sum(grad_image, fixed, max_abs,                            \
                         num_boxes * crop_height * crop_width));                \
   }                                                                            \

@@ -579,6 +579,66 @@ CUROI_DEVICE CuroiChannelTile curoi_channel_tile(int64_t index, int64_t total,
   return t;
 }
 
+// Which input channel an output channel reads, in the tiled loops: a
+// channel map M, with
+//   roi_output_channels(m, channels): output channels for `channels` input
+//     channels;
+//   roi_input_channel(m, c, bin): the input channel that output channel c
+//     reads in bin ph * PW + pw;
+//   roi_channel_step(m): how many input channels apart output channels c and
+//     c + 1 read, in the same bin.
+// The plain map, CuroiSameChannel, folds to constants; position-sensitive
+// pooling has its own (ps_roi.cuh).
+struct CuroiSameChannel {};
+
+CUROI_DEVICE int64_t roi_output_channels(const CuroiSameChannel&,
+                                         int64_t channels) {
+  return channels;
+}
+CUROI_DEVICE int64_t roi_input_channel(const CuroiSameChannel&, int64_t c,
+                                       int64_t) {
+  return c;
+}
+CUROI_DEVICE int64_t roi_channel_step(const CuroiSameChannel&) {
+  return 1;
+}
+
+// Where a tile's channels lie: channel i of the tile (0 <= i < count) writes
+// output[out + i * out_step] and reads its bin's plane at input + in +
+// i * in_step, pixel (y, x) at (y * W + x) * pixel_step from there.
+struct CuroiTileAt {
+  int64_t out, out_step, in, in_step, pixel_step, count;
+};
+
+// Output channel c of box k, bin (ph, pw): NCHW ((k * C_out + c) * PH + ph)
+// * PW + pw, NHWC ((k * PH + ph) * PW + pw) * C_out + c; it reads input
+// channel roi_input_channel(c, bin) of image b (curoi_plane), which moves
+// by roi_channel_step(map) input channels from c to c + 1.
+template <bool ChannelsLast, typename Map>
+CUROI_DEVICE CuroiTileAt curoi_tile_at(const Map& map,
+                                       const CuroiChannelTile& t, int64_t b,
+                                       int64_t channels, int64_t plane_size,
+                                       int64_t pooled_height,
+                                       int64_t pooled_width) {
+  const int64_t out_channels = roi_output_channels(map, channels);
+  const int64_t bins = pooled_height * pooled_width;
+  const int64_t bin = t.ph * pooled_width + t.pw;
+  const int64_t step = t.step * roi_channel_step(map);
+  CuroiTileAt at;
+  at.count = t.count;
+  at.out = ChannelsLast ? (t.k * bins + bin) * out_channels + t.first
+                        : (t.k * out_channels + t.first) * bins + bin;
+  at.out_step = ChannelsLast ? t.step : t.step * bins;
+  at.in = b < 0 ? 0
+                : curoi_plane<ChannelsLast>(b, roi_input_channel(map, t.first,
+                                                                 bin),
+                                            channels, plane_size)
+                      .at;
+  at.in_step = ChannelsLast ? step : step * plane_size;
+  at.pixel_step = ChannelsLast ? channels : 1;
+  return at;
+}
+
 // A box row is (batch index, x1, y1, x2, y2). Its batch index is usable only
 // when it is finite and lies in [0, batch); otherwise the box reads nothing and
 // writes no gradient. Returns -1 for an unusable box.

@@ -245,10 +245,10 @@ CUROI_DEVICE void multiscale_roi_align_forward_loop(
     roi_align_tile_means(
         level >= 0 ? multiscale_pointer<const T>(features[level])
                    : (const T*)nullptr,
-        roi_align_tile_at<ChannelsLast>(RoiAlignSameChannel(), t,
-                                        e.box.batch_index, channels,
-                                        height * width, pooled_height,
-                                        pooled_width),
+        curoi_tile_at<ChannelsLast>(CuroiSameChannel(), t,
+                                    e.box.batch_index, channels,
+                                    height * width, pooled_height,
+                                    pooled_width),
         e.box.batch_index >= 0, e.box.count, width,
         roi_align_bin_samples(e, height, width), output);
   }
@@ -293,10 +293,10 @@ CUROI_DEVICE void multiscale_roi_align_backward_loop(
         pooled_width, r.scales[level], sampling_ratio, aligned);
     roi_align_tile_scatter(
         grad_output, multiscale_level_sum(sums, level),
-        roi_align_tile_at<ChannelsLast>(RoiAlignSameChannel(), t,
-                                        e.box.batch_index, channels,
-                                        height * width, pooled_height,
-                                        pooled_width),
+        curoi_tile_at<ChannelsLast>(CuroiSameChannel(), t,
+                                    e.box.batch_index, channels,
+                                    height * width, pooled_height,
+                                    pooled_width),
         e.box.batch_index >= 0, e.box.count, width,
         roi_align_bin_samples(e, height, width));
   }
@@ -366,7 +366,7 @@ static void multiscale_roi_align_forward(
   for (int64_t l = 0; l < levels; ++l) {
     if (start[l + 1] == start[l]) continue;
     roi_align_forward_listed(
-        RoiAlignSameChannel(), multiscale_pointer<const T>(features[l]), rois,
+        CuroiSameChannel(), multiscale_pointer<const T>(features[l]), rois,
         order.data() + start[l], start[l + 1] - start[l], batch, channels,
         r.sizes[2 * l], r.sizes[2 * l + 1], pooled_height, pooled_width,
         r.scales[l], sampling_ratio, aligned, channels_last, output);
@@ -392,7 +392,7 @@ static void multiscale_roi_align_backward(
   for (int64_t l = 0; l < levels; ++l) {
     if (start[l + 1] == start[l]) continue;
     roi_align_backward_listed(
-        RoiAlignSameChannel(), grad_output, rois, order.data() + start[l],
+        CuroiSameChannel(), grad_output, rois, order.data() + start[l],
         start[l + 1] - start[l], batch, channels, r.sizes[2 * l],
         r.sizes[2 * l + 1], pooled_height, pooled_width, r.scales[l],
         sampling_ratio, aligned, channels_last, multiscale_level_sum(sums, l));

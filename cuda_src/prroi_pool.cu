@@ -238,64 +238,80 @@ CUROI_DEVICE int64_t prroi_output_at(int channels_last, int64_t k, int64_t c,
 
 #if defined(CUROI_GPU_LOOPS)
 // ------------------------------------------------------------- GPU loops
-// Forward and input gradient: one thread per output element, the weights
-// computed as the loops visit the pixels. The layout only moves the
-// addresses (curoi_plane): a channels-last element runs the very operations
-// of its NCHW twin, so the results are the same bits, transposed.
+// Forward and input gradient: a thread per (box, bin, tile of channels)
+// (curoi_channel_tile): the box and the bin's pixel ranges are found once
+// per tile, then each channel of the tile is one bin integral (the weights
+// computed as the loops visit the pixels). The layout only moves the
+// addresses: a channels-last element runs the very operations of its NCHW
+// twin, so the results are the same bits, transposed.
 
 template <bool ChannelsLast, typename T>
 CUROI_DEVICE void prroi_pool_forward_loop(
     const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
-    typename AccType<T>::type spatial_scale, T* output) {
+    typename AccType<T>::type spatial_scale, int64_t groups, T* output) {
   typedef typename AccType<T>::type A;
-  const int64_t total = num_rois * channels * pooled_height * pooled_width;
+  const int64_t total = num_rois * pooled_height * pooled_width * groups;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
-        index, total, channels, pooled_height, pooled_width);
-    const PrRoiBox<A> g = prroi_box(rois + at.k * 5, batch, pooled_height,
+    const CuroiChannelTile t = curoi_channel_tile<ChannelsLast>(
+        index, total, channels, groups, pooled_height, pooled_width);
+    const PrRoiBox<A> g = prroi_box(rois + t.k * 5, batch, pooled_height,
                                     pooled_width, spatial_scale);
-    A value = (A)0;
-    if (g.batch_index >= 0) {
-      const PrRoiAxis<A> ay = prroi_axis(g.y1, g.bin_h, at.ph, height);
-      const PrRoiAxis<A> ax = prroi_axis(g.x1, g.bin_w, at.pw, width);
-      const CuroiPlane p = curoi_plane<ChannelsLast>(g.batch_index, at.c,
-                                                     channels, height * width);
-      value = prroi_separable_sum<T, A>(input + p.at, p.step, width, ay, ax);
+    const bool reads = g.batch_index >= 0;
+    const PrRoiAxis<A> ay = prroi_axis(g.y1, g.bin_h, t.ph, height);
+    const PrRoiAxis<A> ax = prroi_axis(g.x1, g.bin_w, t.pw, width);
+    const CuroiTileAt at =
+        curoi_tile_at<ChannelsLast>(CuroiSameChannel(), t, g.batch_index,
+                                    channels, height * width, pooled_height,
+                                    pooled_width);
+#pragma unroll 1
+    for (int64_t i = 0; i < at.count; ++i) {
+      const A value =
+          reads ? prroi_separable_sum<T, A>(input + at.in + i * at.in_step,
+                                            at.pixel_step, width, ay, ax)
+                : (A)0;
+      output[at.out + i * at.out_step] = curoi_store<T>(value);
     }
-    output[index] = curoi_store<T>(value);
   }
 }
 
 // Each output gradient spreads over its bin's pixels; bins of one box and of
 // different boxes overlap, so the adds go through Sum (CuroiFloatSum or the
-// deterministic CuroiFixedSum), atomically: one term per (bin, pixel).
+// deterministic CuroiFixedSum), atomically: one term per (bin, pixel). A
+// thread per (box, bin, tile of channels), as the forward's.
 template <bool ChannelsLast, typename T, typename Sum>
 CUROI_DEVICE void prroi_pool_backward_loop(
     const T* grad_output, const typename AccType<T>::type* rois,
     int64_t num_rois, int64_t batch, int64_t channels, int64_t height,
     int64_t width, int64_t pooled_height, int64_t pooled_width,
-    typename AccType<T>::type spatial_scale, const Sum& grad_input) {
+    typename AccType<T>::type spatial_scale, int64_t groups,
+    const Sum& grad_input) {
   typedef typename AccType<T>::type A;
-  const int64_t total = num_rois * channels * pooled_height * pooled_width;
+  const int64_t total = num_rois * pooled_height * pooled_width * groups;
   CUDA_1D_KERNEL_LOOP(index, total) {
-    const CuroiOutputIndex at = curoi_output_at<ChannelsLast>(
-        index, total, channels, pooled_height, pooled_width);
-    const PrRoiBox<A> g = prroi_box(rois + at.k * 5, batch, pooled_height,
+    const CuroiChannelTile t = curoi_channel_tile<ChannelsLast>(
+        index, total, channels, groups, pooled_height, pooled_width);
+    const PrRoiBox<A> g = prroi_box(rois + t.k * 5, batch, pooled_height,
                                     pooled_width, spatial_scale);
     if (g.batch_index < 0) continue;
-    const PrRoiAxis<A> ay = prroi_axis(g.y1, g.bin_h, at.ph, height);
-    const PrRoiAxis<A> ax = prroi_axis(g.x1, g.bin_w, at.pw, width);
-    const CuroiPlane p = curoi_plane<ChannelsLast>(g.batch_index, at.c,
-                                                   channels, height * width);
-    const A grad = curoi_load<A>(grad_output[index]);
-    for (int64_t i = ay.first; i < ay.last; ++i) {
-      const A grad_row = grad * prroi_weight(ay, i);
-      const int64_t row = p.at + i * width * p.step;
-      for (int64_t j = ax.first; j < ax.last; ++j)
-        curoi_sum_add(grad_input, row + j * p.step,
-                      grad_row * prroi_weight(ax, j));
+    const PrRoiAxis<A> ay = prroi_axis(g.y1, g.bin_h, t.ph, height);
+    const PrRoiAxis<A> ax = prroi_axis(g.x1, g.bin_w, t.pw, width);
+    const CuroiTileAt at =
+        curoi_tile_at<ChannelsLast>(CuroiSameChannel(), t, g.batch_index,
+                                    channels, height * width, pooled_height,
+                                    pooled_width);
+#pragma unroll 1
+    for (int64_t c = 0; c < at.count; ++c) {
+      const A grad = curoi_load<A>(grad_output[at.out + c * at.out_step]);
+      const int64_t plane = at.in + c * at.in_step;
+      for (int64_t i = ay.first; i < ay.last; ++i) {
+        const A grad_row = grad * prroi_weight(ay, i);
+        const int64_t row = plane + i * width * at.pixel_step;
+        for (int64_t j = ax.first; j < ax.last; ++j)
+          curoi_sum_add(grad_input, row + j * at.pixel_step,
+                        grad_row * prroi_weight(ax, j));
+      }
     }
   }
 }
@@ -354,15 +370,16 @@ CUROI_DEVICE void prroi_pool_forward(
     const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
-    typename AccType<T>::type spatial_scale, int channels_last, T* output) {
+    typename AccType<T>::type spatial_scale, int channels_last,
+    int64_t groups, T* output) {
   if (channels_last)
     prroi_pool_forward_loop<true>(input, rois, num_rois, batch, channels,
                                   height, width, pooled_height, pooled_width,
-                                  spatial_scale, output);
+                                  spatial_scale, groups, output);
   else
     prroi_pool_forward_loop<false>(input, rois, num_rois, batch, channels,
                                    height, width, pooled_height, pooled_width,
-                                   spatial_scale, output);
+                                   spatial_scale, groups, output);
 }
 
 template <typename T, typename Sum>
@@ -371,15 +388,17 @@ CUROI_DEVICE void prroi_pool_backward(
     int64_t num_rois, int64_t batch, int64_t channels, int64_t height,
     int64_t width, int64_t pooled_height, int64_t pooled_width,
     typename AccType<T>::type spatial_scale, int channels_last,
-    const Sum& grad_input) {
+    int64_t groups, const Sum& grad_input) {
   if (channels_last)
     prroi_pool_backward_loop<true>(grad_output, rois, num_rois, batch,
                                    channels, height, width, pooled_height,
-                                   pooled_width, spatial_scale, grad_input);
+                                   pooled_width, spatial_scale, groups,
+                                   grad_input);
   else
     prroi_pool_backward_loop<false>(grad_output, rois, num_rois, batch,
                                     channels, height, width, pooled_height,
-                                    pooled_width, spatial_scale, grad_input);
+                                    pooled_width, spatial_scale, groups,
+                                    grad_input);
 }
 
 template <typename T>
@@ -557,7 +576,8 @@ static void prroi_pool_forward(
     const T* input, const typename AccType<T>::type* rois, int64_t num_rois,
     int64_t batch, int64_t channels, int64_t height, int64_t width,
     int64_t pooled_height, int64_t pooled_width,
-    typename AccType<T>::type spatial_scale, int channels_last, T* output) {
+    typename AccType<T>::type spatial_scale, int channels_last,
+    int64_t /* groups */, T* output) {
   typedef typename AccType<T>::type A;
   const CuroiItems items = curoi_items(num_rois, channels);
   const int64_t bins = pooled_height * pooled_width;
@@ -617,7 +637,7 @@ static void prroi_pool_backward(
     int64_t num_rois, int64_t batch, int64_t channels, int64_t height,
     int64_t width, int64_t pooled_height, int64_t pooled_width,
     typename AccType<T>::type spatial_scale, int channels_last,
-    const Sum& grad_input) {
+    int64_t /* groups */, const Sum& grad_input) {
   typedef typename AccType<T>::type A;
   const int64_t bins = pooled_height * pooled_width;
   const int64_t plane_size = height * width;
@@ -756,32 +776,33 @@ static void prroi_pool_boxes_backward(
       const T* input, const AccType<T>::type* rois, int64_t num_rois,          \
       int64_t batch, int64_t channels, int64_t height, int64_t width,          \
       int64_t pooled_height, int64_t pooled_width,                             \
-      AccType<T>::type spatial_scale, int channels_last, T* output) {          \
+      AccType<T>::type spatial_scale, int channels_last, int64_t groups,       \
+      T* output) {                                                             \
     prroi_pool_forward<T>(input, rois, num_rois, batch, channels, height,      \
                           width, pooled_height, pooled_width, spatial_scale,   \
-                          channels_last, output);                              \
+                          channels_last, groups, output);                      \
   }                                                                            \
   CUROI_KERNEL void prroi_pool_backward_##suffix(                              \
       const T* grad_output, const AccType<T>::type* rois, int64_t num_rois,    \
       int64_t batch, int64_t channels, int64_t height, int64_t width,          \
       int64_t pooled_height, int64_t pooled_width,                             \
-      AccType<T>::type spatial_scale, int channels_last,                       \
+      AccType<T>::type spatial_scale, int channels_last, int64_t groups,       \
       AccType<T>::type* grad_input) {                                          \
     CuroiFloatSum<AccType<T>::type> sum;                                       \
     sum.grad = grad_input;                                                     \
     prroi_pool_backward<T>(grad_output, rois, num_rois, batch, channels,       \
                            height, width, pooled_height, pooled_width,         \
-                           spatial_scale, channels_last, sum);                 \
+                           spatial_scale, channels_last, groups, sum);         \
   }                                                                            \
   CUROI_KERNEL void prroi_pool_backward_fixed_##suffix(                        \
       const T* grad_output, const AccType<T>::type* rois, int64_t num_rois,    \
       int64_t batch, int64_t channels, int64_t height, int64_t width,          \
       int64_t pooled_height, int64_t pooled_width,                             \
-      AccType<T>::type spatial_scale, int channels_last,                       \
+      AccType<T>::type spatial_scale, int channels_last, int64_t groups,       \
       const double* max_abs, int64_t* fixed, AccType<T>::type* grad_input) {   \
     prroi_pool_backward<T>(                                                    \
         grad_output, rois, num_rois, batch, channels, height, width,           \
-        pooled_height, pooled_width, spatial_scale, channels_last,             \
+        pooled_height, pooled_width, spatial_scale, channels_last, groups,     \
         curoi_fixed_sum(grad_input, fixed, max_abs,                            \
                         num_rois * pooled_height * pooled_width));             \
   }                                                                            \

@@ -13,7 +13,8 @@
 
 #include "curoi_common.cuh"
 
-// The channel map of roi_align_loops.cuh (roi_output_channels and company).
+// The channel map of the tiled loops (curoi_common.cuh: roi_output_channels
+// and company).
 struct PsRoiChannels {
   int64_t bins;  // PH * PW
 };

@@ -13,8 +13,8 @@
       int64_t pooled_height, int64_t pooled_width,                             \
       AccType<T>::type spatial_scale, int sampling_ratio, int aligned,         \
       int channels_last, int64_t groups, T* output) {                          \
-    roi_align_forward<RoiAlignSameChannel, T>(                                 \
-        RoiAlignSameChannel(), input, rois, num_rois, batch, channels, height, \
+    roi_align_forward<CuroiSameChannel, T>(                                    \
+        CuroiSameChannel(), input, rois, num_rois, batch, channels, height,    \
         width, pooled_height, pooled_width, spatial_scale, sampling_ratio,     \
         aligned, channels_last, groups, output);                               \
   }                                                                            \
@@ -26,8 +26,8 @@
       int channels_last, int64_t groups, AccType<T>::type* grad_input) {       \
     CuroiFloatSum<AccType<T>::type> sum;                                       \
     sum.grad = grad_input;                                                     \
-    roi_align_backward<RoiAlignSameChannel, T>(                                \
-        RoiAlignSameChannel(), grad_output, rois, num_rois, batch, channels,   \
+    roi_align_backward<CuroiSameChannel, T>(                                   \
+        CuroiSameChannel(), grad_output, rois, num_rois, batch, channels,      \
         height, width, pooled_height, pooled_width, spatial_scale,             \
         sampling_ratio, aligned, channels_last, groups, sum);                  \
   }                                                                            \
@@ -38,8 +38,8 @@
       AccType<T>::type spatial_scale, int sampling_ratio, int aligned,         \
       int channels_last, int64_t groups, const double* max_abs,                \
       int64_t* fixed, AccType<T>::type* grad_input) {                          \
-    roi_align_backward<RoiAlignSameChannel, T>(                                \
-        RoiAlignSameChannel(), grad_output, rois, num_rois, batch, channels,   \
+    roi_align_backward<CuroiSameChannel, T>(                                   \
+        CuroiSameChannel(), grad_output, rois, num_rois, batch, channels,      \
         height, width, pooled_height, pooled_width, spatial_scale,             \
         sampling_ratio, aligned, channels_last, groups,                        \
         curoi_fixed_sum(grad_input, fixed, max_abs,                            \
@@ -56,8 +56,8 @@
       int64_t width, int64_t pooled_height, int64_t pooled_width,              \
       AccType<T>::type spatial_scale, int sampling_ratio, int aligned,         \
       int channels_last, AccType<T>::type* partial) {                          \
-    roi_align_boxes_backward<RoiAlignSameChannel, T>(                          \
-        RoiAlignSameChannel(), grad_output, input, rois, num_rois, batch,      \
+    roi_align_boxes_backward<CuroiSameChannel, T>(                             \
+        CuroiSameChannel(), grad_output, input, rois, num_rois, batch,         \
         channels, height, width, pooled_height, pooled_width, spatial_scale,   \
         sampling_ratio, aligned, channels_last, partial);                      \
   }                                                                            \

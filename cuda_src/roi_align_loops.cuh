@@ -70,9 +70,9 @@ CUROI_DEVICE void roi_align_forward_loop(
         pooled_width, spatial_scale, sampling_ratio, aligned);
     roi_align_tile_means(
         input,
-        roi_align_tile_at<ChannelsLast>(map, t, e.box.batch_index, channels,
-                                        height * width, pooled_height,
-                                        pooled_width),
+        curoi_tile_at<ChannelsLast>(map, t, e.box.batch_index, channels,
+                                    height * width, pooled_height,
+                                    pooled_width),
         e.box.batch_index >= 0, e.box.count, width,
         roi_align_bin_samples(e, height, width), output);
   }
@@ -118,9 +118,9 @@ CUROI_DEVICE void roi_align_backward_loop(
         pooled_width, spatial_scale, sampling_ratio, aligned);
     roi_align_tile_scatter(
         grad_output, grad_input,
-        roi_align_tile_at<ChannelsLast>(map, t, e.box.batch_index, channels,
-                                        height * width, pooled_height,
-                                        pooled_width),
+        curoi_tile_at<ChannelsLast>(map, t, e.box.batch_index, channels,
+                                    height * width, pooled_height,
+                                    pooled_width),
         e.box.batch_index >= 0, e.box.count, width,
         roi_align_bin_samples(e, height, width));
   }
@@ -536,7 +536,7 @@ struct RoiAlignScratch {
   static const bool usable = false;
 };
 template <typename A>
-struct RoiAlignScratch<RoiAlignSameChannel, CuroiFloatSum<A> > {
+struct RoiAlignScratch<CuroiSameChannel, CuroiFloatSum<A> > {
   static const bool usable = true;
 };
 

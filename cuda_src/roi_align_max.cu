@@ -240,8 +240,8 @@ CUROI_DEVICE void roi_align_max_forward_loop(
                           sampling_ratio, aligned),
         height, width);
     const bool reads = bin.e.box.batch_index >= 0;
-    const RoiAlignTileAt at = roi_align_tile_at<ChannelsLast>(
-        RoiAlignSameChannel(), t, bin.e.box.batch_index, channels,
+    const CuroiTileAt at = curoi_tile_at<ChannelsLast>(
+        CuroiSameChannel(), t, bin.e.box.batch_index, channels,
         height * width, pooled_height, pooled_width);
     const T* plane = input + at.in;
 #pragma unroll 1
@@ -300,8 +300,8 @@ CUROI_DEVICE void roi_align_max_backward_loop(
         rois, t.k, t.ph, t.pw, batch, height, width, pooled_height,
         pooled_width, spatial_scale, sampling_ratio, aligned);
     if (e.box.batch_index < 0) continue;
-    const RoiAlignTileAt at = roi_align_tile_at<ChannelsLast>(
-        RoiAlignSameChannel(), t, e.box.batch_index, channels,
+    const CuroiTileAt at = curoi_tile_at<ChannelsLast>(
+        CuroiSameChannel(), t, e.box.batch_index, channels,
         height * width, pooled_height, pooled_width);
 #pragma unroll 1
     for (int64_t i = 0; i < at.count; ++i) {

@@ -451,10 +451,10 @@ CUROI_DEVICE void roi_align_rotated_forward_loop(
         g.roi_w, t.pw, a.pooled_width, a.sampling_ratio);
     roi_align_tile_means(
         input,
-        roi_align_tile_at<ChannelsLast>(RoiAlignSameChannel(), t,
-                                        g.batch_index, a.channels,
-                                        a.height * a.width, a.pooled_height,
-                                        a.pooled_width),
+        curoi_tile_at<ChannelsLast>(CuroiSameChannel(), t,
+                                    g.batch_index, a.channels,
+                                    a.height * a.width, a.pooled_height,
+                                    a.pooled_width),
         g.batch_index >= 0, g.count, a.width,
         roi_align_rotated_bin_samples(g, ay, ax, a.height, a.width), output);
   }
@@ -491,10 +491,10 @@ CUROI_DEVICE void roi_align_rotated_backward_loop(
         g.roi_w, t.pw, a.pooled_width, a.sampling_ratio);
     roi_align_tile_scatter(
         grad_output, grad_input,
-        roi_align_tile_at<ChannelsLast>(RoiAlignSameChannel(), t,
-                                        g.batch_index, a.channels,
-                                        a.height * a.width, a.pooled_height,
-                                        a.pooled_width),
+        curoi_tile_at<ChannelsLast>(CuroiSameChannel(), t,
+                                    g.batch_index, a.channels,
+                                    a.height * a.width, a.pooled_height,
+                                    a.pooled_width),
         g.batch_index >= 0, g.count, a.width,
         roi_align_rotated_bin_samples(g, ay, ax, a.height, a.width));
   }

@@ -2,15 +2,9 @@
 // bilinear samples (RoI Align, position-sensitive, multiscale and rotated
 // RoI Align).
 //
-// Which input channel an output channel reads is a channel map M:
-//   roi_output_channels(m, channels): output channels for `channels` input
-//     channels;
-//   roi_input_channel(m, c, bin): the input channel that output channel c
-//     reads in bin ph * PW + pw;
-//   roi_channel_step(m): how many input channels apart output channels c and
-//     c + 1 read, in the same bin.
-// The plain map folds to constants; position-sensitive pooling has its own
-// (ps_roi.cuh).
+// Which input channel an output channel reads is a channel map
+// (curoi_common.cuh: CuroiSameChannel, and ps_roi.cuh's for
+// position-sensitive pooling).
 //
 // GPU loops: a thread per (box, bin, tile of output channels)
 // (curoi_channel_tile) finds the bin's geometry once; the bin's samples are
@@ -23,21 +17,6 @@
 #define CUROI_ROI_ALIGN_TILES_CUH
 
 #include "roi_align_geometry.cuh"
-
-// RoI Align's map: every output channel reads its own input channel.
-struct RoiAlignSameChannel {};
-
-CUROI_DEVICE int64_t roi_output_channels(const RoiAlignSameChannel&,
-                                         int64_t channels) {
-  return channels;
-}
-CUROI_DEVICE int64_t roi_input_channel(const RoiAlignSameChannel&, int64_t c,
-                                       int64_t) {
-  return c;
-}
-CUROI_DEVICE int64_t roi_channel_step(const RoiAlignSameChannel&) {
-  return 1;
-}
 
 // One sample's bilinear value: its taps ty (rows, at row_lo and row_hi) and
 // tx (pixels lo and hi of those rows), as torchvision sums them.
@@ -57,43 +36,6 @@ CUROI_DEVICE A roi_align_bilinear(const T* row_lo, const T* row_hi,
 // registers whatever the sampling grid, the taps' weights computed once for
 // all of them.
 #define CUROI_ALIGN_CHUNK 8
-
-// Where a tile's channels lie: channel i of the tile (0 <= i < count) writes
-// output[out + i * out_step] and reads its bin's plane at input + in +
-// i * in_step, pixel (y, x) at (y * W + x) * pixel_step from there.
-struct RoiAlignTileAt {
-  int64_t out, out_step, in, in_step, pixel_step, count;
-};
-
-// Output channel c of box k, bin (ph, pw): NCHW ((k * C_out + c) * PH + ph)
-// * PW + pw, NHWC ((k * PH + ph) * PW + pw) * C_out + c; it reads input
-// channel roi_input_channel(c, bin) of image b (curoi_plane), which moves
-// by roi_channel_step(map) input channels from c to c + 1.
-template <bool ChannelsLast, typename Map>
-CUROI_DEVICE RoiAlignTileAt roi_align_tile_at(const Map& map,
-                                              const CuroiChannelTile& t,
-                                              int64_t b, int64_t channels,
-                                              int64_t plane_size,
-                                              int64_t pooled_height,
-                                              int64_t pooled_width) {
-  const int64_t out_channels = roi_output_channels(map, channels);
-  const int64_t bins = pooled_height * pooled_width;
-  const int64_t bin = t.ph * pooled_width + t.pw;
-  const int64_t step = t.step * roi_channel_step(map);
-  RoiAlignTileAt at;
-  at.count = t.count;
-  at.out = ChannelsLast ? (t.k * bins + bin) * out_channels + t.first
-                        : (t.k * out_channels + t.first) * bins + bin;
-  at.out_step = ChannelsLast ? t.step : t.step * bins;
-  at.in = b < 0 ? 0
-                : curoi_plane<ChannelsLast>(b, roi_input_channel(map, t.first,
-                                                                 bin),
-                                            channels, plane_size)
-                      .at;
-  at.in_step = ChannelsLast ? step : step * plane_size;
-  at.pixel_step = ChannelsLast ? channels : 1;
-  return at;
-}
 
 // A chunk's sums, as the bin's samples are visited: f(ty, tx) adds one
 // sample's value to each channel's sum, f(ty, tx, n) n samples' at the same
@@ -134,7 +76,7 @@ struct RoiAlignChunkSums {
 // reads nothing (reads false).
 template <typename T, typename A, typename Samples>
 CUROI_DEVICE void roi_align_tile_means(const T* input,
-                                       const RoiAlignTileAt& at, bool reads,
+                                       const CuroiTileAt& at, bool reads,
                                        A count, int64_t width,
                                        const Samples& samples, T* output) {
   if (!reads) {
@@ -207,7 +149,7 @@ struct RoiAlignChunkScatter {
 template <typename T, typename A, typename Sum, typename Samples>
 CUROI_DEVICE void roi_align_tile_scatter(const T* grad_output,
                                          const Sum& grad_input,
-                                         const RoiAlignTileAt& at, bool reads,
+                                         const CuroiTileAt& at, bool reads,
                                          A count, int64_t width,
                                          const Samples& samples) {
   if (!reads) return;

@@ -154,11 +154,12 @@ SIGNATURES = {
     # column): each box's bins added in order
     "roi_align_rotated_boxes_backward_finish": (PTR, I64, I64, PTR),
     # Precise RoI Pooling (prroi_pool.cu).
-    # input, rois, shape, spatial_scale, channels_last, output
-    "prroi_pool_forward": (PTR, PTR) + _SHAPE + (ACC, I32, PTR),
-    # grad_output, rois, shape, spatial_scale, channels_last, grad_input
-    "prroi_pool_backward": (PTR, PTR) + _SHAPE + (ACC, I32, PTR),
-    "prroi_pool_backward_fixed": (PTR, PTR) + _SHAPE + (ACC, I32, PTR, PTR, PTR),
+    # input, rois, shape, spatial_scale, channels_last, groups, output
+    "prroi_pool_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I64, PTR),
+    # grad_output, rois, shape, spatial_scale, channels_last, groups,
+    # grad_input
+    "prroi_pool_backward": (PTR, PTR) + _SHAPE + (ACC, I32, I64, PTR),
+    "prroi_pool_backward_fixed": (PTR, PTR) + _SHAPE + (ACC, I32, I64, PTR, PTR, PTR),
     # fixed, max_abs, terms (K*PH*PW), total (N*C*H*W), grad_input
     "prroi_pool_fixed_finish": (PTR, PTR, I64, I64, PTR),
     # The gradient with respect to the boxes: grad_output, input, rois,
@@ -172,11 +173,12 @@ SIGNATURES = {
     # corners normalised, in the accumulation type; the shape's pooled h, w
     # are the crop size; image [N, H, W, C] and outputs [K, PH, PW, C] with
     # channels_last = 1 (TF's layout), else [N, C, H, W] and [K, C, PH, PW].
-    # image, rois, shape, extrapolation_value, method, channels_last, output
-    "crop_and_resize_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, PTR),
-    # grad_output, rois, shape, method, channels_last, grad_image
-    "crop_and_resize_backward": (PTR, PTR) + _SHAPE + (I32, I32, PTR),
-    "crop_and_resize_backward_fixed": (PTR, PTR) + _SHAPE + (I32, I32, PTR, PTR, PTR),
+    # image, rois, shape, extrapolation_value, method, channels_last, groups,
+    # output
+    "crop_and_resize_forward": (PTR, PTR) + _SHAPE + (ACC, I32, I32, I64, PTR),
+    # grad_output, rois, shape, method, channels_last, groups, grad_image
+    "crop_and_resize_backward": (PTR, PTR) + _SHAPE + (I32, I32, I64, PTR),
+    "crop_and_resize_backward_fixed": (PTR, PTR) + _SHAPE + (I32, I32, I64, PTR, PTR, PTR),
     # fixed, max_abs, terms (K*PH*PW), total (N*C*H*W), grad_image
     "crop_and_resize_fixed_finish": (PTR, PTR, I64, I64, PTR),
     # The gradient of the boxes, in two passes of fixed order (no atomics):

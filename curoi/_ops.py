@@ -567,9 +567,11 @@ def prroi_pool_forward(x, rois, out, spatial_scale, channels_last=False):
     if h * w == 0:
         out.fill(0)
         return
+    groups = channel_groups(k * ph * pw, c)
     _run("prroi_pool", "forward", _name(x.dtype),
-         (x, rois, k, n, c, h, w, ph, pw, spatial_scale, int(channels_last), out),
-         out.size, _is_cuda(x))
+         (x, rois, k, n, c, h, w, ph, pw, spatial_scale, int(channels_last),
+          groups, out),
+         k * ph * pw * groups, _is_cuda(x))
 
 
 def prroi_pool_backward(grad_output, rois, grad_input, spatial_scale,
@@ -580,10 +582,12 @@ def prroi_pool_backward(grad_output, rois, grad_input, spatial_scale,
     :func:`roi_align_backward`."""
     n, c, h, w = _nchw(grad_input.shape, channels_last)
     k, _, ph, pw = _nchw(grad_output.shape, channels_last)
+    groups = channel_groups(k * ph * pw, c)
     _backward("prroi_pool",
               (grad_output, rois, k, n, c, h, w, ph, pw, spatial_scale,
-               int(channels_last)),
-              grad_output, grad_input, deterministic, zeroed, k * ph * pw)
+               int(channels_last), groups),
+              grad_output, grad_input, deterministic, zeroed, k * ph * pw,
+              threads=k * ph * pw * groups)
 
 
 def prroi_pool_boxes_backward(grad_output, x, rois, grad_rois, spatial_scale,
@@ -622,10 +626,12 @@ def crop_and_resize_forward(image, rois, out, method, extrapolation_value,
     the image are ``extrapolation_value`` (see crop_and_resize.cu)."""
     n, c, h, w = _nchw(image.shape, channels_last)
     k, _, ph, pw = _nchw(out.shape, channels_last)
+    groups = channel_groups(k * ph * pw, c)
     _run("crop_and_resize", "forward", _name(image.dtype),
          (image, rois, k, n, c, h, w, ph, pw, extrapolation_value,
-          _kernels.CROP_AND_RESIZE_METHODS[method], int(channels_last), out),
-         out.size, _is_cuda(image))
+          _kernels.CROP_AND_RESIZE_METHODS[method], int(channels_last), groups,
+          out),
+         k * ph * pw * groups, _is_cuda(image))
 
 
 def crop_and_resize_backward(grad_output, rois, grad_image, method,
@@ -637,10 +643,12 @@ def crop_and_resize_backward(grad_output, rois, grad_image, method,
     ``zeroed`` as in :func:`roi_align_backward`."""
     n, c, h, w = _nchw(grad_image.shape, channels_last)
     k, _, ph, pw = _nchw(grad_output.shape, channels_last)
+    groups = channel_groups(k * ph * pw, c)
     _backward("crop_and_resize",
               (grad_output, rois, k, n, c, h, w, ph, pw,
-               _kernels.CROP_AND_RESIZE_METHODS[method], int(channels_last)),
-              grad_output, grad_image, deterministic, zeroed, k * ph * pw)
+               _kernels.CROP_AND_RESIZE_METHODS[method], int(channels_last), groups),
+              grad_output, grad_image, deterministic, zeroed, k * ph * pw,
+              threads=k * ph * pw * groups)
 
 
 def crop_and_resize_boxes_backward(grad_output, image, rois, grad_rois, method,

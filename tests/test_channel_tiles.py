@@ -1,7 +1,8 @@
 """The families whose GPU loops take a thread per box, bin and tile of
 channels (curoi_channel_tile): RoI Pool's forward, position-sensitive RoI
 Pool, RoI Align (average and max modes), position-sensitive, multiscale and
-rotated RoI Align, forward and backward.
+rotated RoI Align, Precise RoI Pooling and crop_and_resize, forward and
+backward.
 
 The tile a call gets is chosen by curoi._ops.channel_groups; here it is
 forced to every kind of split (one tile for all channels, uneven tiles,
@@ -417,3 +418,85 @@ def test_roi_align_max_onnx_mode_is_the_same_bits_in_every_split(monkeypatch, ch
             results.add((_nchw(y) if channels_last else y).tobytes())
     assert len(results) == 1
     assert not np.isin(7, y)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels", [1, 3, 17])
+def test_prroi_pool_every_split_gives_the_reference_and_the_same_bits(monkeypatch, channels,
+                                                                      dtype):
+    rng = np.random.default_rng(channels + 90)
+    x = rng.standard_normal((2, channels, 9, 11)).astype(dtype)
+    boxes = np.concatenate([ref.random_boxes(rng, 2, 9, 11, 1.0, 12,
+                                             kinds=("inside", "partly_out")),
+                            [[np.nan, 1, 1, 5, 5], [0, -1e9, -1e9, 1e9, 1e9]]]).astype(dtype)
+    usable = np.abs(boxes).max(axis=1) < 1e6  # the huge box: across splits only
+    size = (3, 2)
+    gy = rng.standard_normal((len(boxes), channels) + size).astype(dtype)
+    gy[~usable] = 0
+    want = ref.prroi_pool(x, boxes[usable], size, 0.8)
+    want_grad = ref.prroi_pool_backward(gy[usable], boxes[usable], x.shape, size, 0.8)
+    forwards, fixed = set(), set()
+    for name, groups in SPLITS.items():
+        _forced(monkeypatch, groups)
+        for data_format, features, back in _layouts(x):
+            y = back(curoi.prroi_pool(features, boxes, size, 0.8, data_format=data_format))
+            np.testing.assert_allclose(y[usable], want, **_tolerance(dtype),
+                                       err_msg=f"{name} {data_format}")
+            forwards.add(np.ascontiguousarray(y).tobytes())
+            g = _nhwc(gy) if data_format == "NHWC" else gy
+            for deterministic in (False, True):
+                gx = back(curoi.prroi_pool_backward(g, boxes, features.shape, size, 0.8,
+                                                    deterministic=deterministic,
+                                                    data_format=data_format))
+                np.testing.assert_allclose(gx, want_grad, **_tolerance(dtype),
+                                           err_msg=f"{name} {data_format} {deterministic}")
+                if deterministic:
+                    fixed.add(np.ascontiguousarray(gx).tobytes())
+    assert np.count_nonzero(want) > 0.5 * want.size
+    assert len(forwards) == 1
+    assert len(fixed) == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("method", ["bilinear", "nearest"])
+@pytest.mark.parametrize("channels", [1, 3, 17])
+def test_crop_and_resize_every_split_gives_the_reference_and_the_same_bits(
+        monkeypatch, channels, method, dtype):
+    rng = np.random.default_rng(channels + 120)
+    n, h, w, k = 2, 9, 11, 12
+    image = rng.standard_normal((n, h, w, channels)).astype(dtype)
+    boxes = rng.uniform(-0.3, 1.3, (k, 4)).astype(dtype)
+    boxes[0] = [np.nan, 0, 1, 1]
+    indices = rng.integers(0, n, k).astype(np.int32)
+    indices[1] = n  # no such image
+    size = (3, 4)
+    gy = rng.standard_normal((k,) + size + (channels,)).astype(dtype)
+    usable = np.isfinite(boxes).all(axis=1) & (indices < n)
+    want = ref.crop_and_resize(image, boxes[usable], indices[usable], size, method, 0.5)
+    want_grad = ref.crop_and_resize_backward(gy[usable], boxes[usable], indices[usable],
+                                             image.shape, method)
+    forwards, fixed = set(), set()
+    for name, groups in SPLITS.items():
+        _forced(monkeypatch, groups)
+        for data_format in ("NHWC", "NCHW"):
+            nchw = data_format == "NCHW"
+            features = np.ascontiguousarray(image.transpose(0, 3, 1, 2)) if nchw else image
+            y = curoi.crop_and_resize(features, boxes, indices, size, method, 0.5,
+                                      data_format=data_format)
+            y = _nhwc(y) if nchw else y
+            np.testing.assert_allclose(y[usable], want, **_tolerance(dtype),
+                                       err_msg=f"{name} {data_format}")
+            np.testing.assert_array_equal(y[~usable], 0.5)  # the extrapolation value
+            forwards.add(np.ascontiguousarray(y).tobytes())
+            g = np.ascontiguousarray(gy.transpose(0, 3, 1, 2)) if nchw else gy
+            for deterministic in (False, True):
+                gx, _ = curoi.crop_and_resize_backward(g, features, boxes, indices, size,
+                                                       method, deterministic=deterministic,
+                                                       data_format=data_format)
+                gx = _nhwc(gx) if nchw else gx
+                np.testing.assert_allclose(gx, want_grad, **_tolerance(dtype),
+                                           err_msg=f"{name} {data_format} {deterministic}")
+                if deterministic:
+                    fixed.add(np.ascontiguousarray(gx).tobytes())
+    assert len(forwards) == 1
+    assert len(fixed) == 1

@@ -730,17 +730,17 @@ def test_kernels_called_with_nothing_to_do_return_cleanly():
                                (1, 3, 4, 4, 2, 0), (1, 3, 0, 0, 2, 2), (0, 0, 0, 0, 0, 0)):
         for cl in (0, 1):
             _cpu.launch("crop_and_resize", "backward", "float32",
-                        (out, rois, k, 1, c, h, w, ph, pw, 0, cl, grad))
+                        (out, rois, k, 1, c, h, w, ph, pw, 0, cl, 1, grad))
             _cpu.launch("crop_and_resize", "boxes_backward", "float32",
                         (out, image, rois, k, 1, c, h, w, ph, pw, 0, cl, partial))
             _cpu.launch("crop_and_resize", "boxes_backward_finish", "float32",
                         (partial, k, ph * pw, grad_rois))
             _cpu.launch("crop_and_resize", "forward", "float32",
-                        (image, rois, k, 1, c, h, w, ph, pw, 0.0, 0, cl, out))
+                        (image, rois, k, 1, c, h, w, ph, pw, 0.0, 0, cl, 1, out))
     assert not grad.any() and not out.any() and not grad_rois.any()
     # An image without pixels: every point extrapolates.
     _cpu.launch("crop_and_resize", "forward", "float32",
-                (image, rois, 1, 1, 3, 0, 4, 2, 2, 6.0, 0, 1, out))
+                (image, rois, 1, 1, 3, 0, 4, 2, 2, 6.0, 0, 1, 1, out))
     np.testing.assert_array_equal(out, 6.0)
 
 

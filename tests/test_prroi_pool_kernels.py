@@ -582,9 +582,9 @@ def test_kernels_called_with_nothing_to_do_return_cleanly():
                             (1, 4, 6, 2, 0), (1, 4, 0, 2, 2), (0, 0, 0, 0, 0)):
         for cl in (0, 1):
             _cpu.launch("prroi_pool", "forward", "float32",
-                        (x, boxes, k, 1, c, h, 6, ph, pw, 1.0, cl, out))
+                        (x, boxes, k, 1, c, h, 6, ph, pw, 1.0, cl, 1, out))
             _cpu.launch("prroi_pool", "backward", "float32",
-                        (out, boxes, k, 1, c, h, 6, ph, pw, 1.0, cl, grad))
+                        (out, boxes, k, 1, c, h, 6, ph, pw, 1.0, cl, 1, grad))
             grad_rois = np.full((1, 5), np.nan, np.float32)
             _cpu.launch("prroi_pool", "boxes_backward", "float32",
                         (out, x, boxes, k, 1, c, h, 6, ph, pw, 1.0, cl, grad_rois))
