@@ -87,38 +87,7 @@ CUROI_DEVICE A ps_roi_pool_mean(const T* plane, int64_t width, int64_t step,
 // A thread per (box, bin, tile of output channels) (curoi_channel_tile,
 // `groups` tiles a box): the box's image, the bin and its area are found
 // once, then each output channel c of the tile reads input channel
-// roi_input_channel(c, bin), which moves by step * PH * PW from one channel
-// of the tile to the next.
-struct PsRoiPoolTile {
-  CuroiChannelTile t;
-  int64_t out, out_step;      // the first output element, and its step
-  int64_t plane, plane_step;  // the first input plane's start, and its step
-  int64_t pixel_step;         // from pixel to pixel inside a plane
-};
-
-template <bool ChannelsLast>
-CUROI_DEVICE PsRoiPoolTile ps_roi_pool_tile(const CuroiChannelTile& t,
-                                            int64_t b, int64_t channels,
-                                            int64_t out_channels,
-                                            int64_t plane_size,
-                                            const PsRoiChannels& map,
-                                            int64_t pooled_width) {
-  PsRoiPoolTile at;
-  at.t = t;
-  const int64_t bin = t.ph * pooled_width + t.pw;
-  // Output element of channel c: NCHW (k * C_out + c) * bins + bin, NHWC
-  // (k * bins + bin) * C_out + c.
-  at.out = ChannelsLast ? (t.k * map.bins + bin) * out_channels + t.first
-                        : (t.k * out_channels + t.first) * map.bins + bin;
-  at.out_step = ChannelsLast ? t.step : t.step * map.bins;
-  const int64_t first = roi_input_channel(map, t.first, bin);
-  at.plane = b < 0 ? 0
-                   : curoi_plane<ChannelsLast>(b, first, channels, plane_size).at;
-  const int64_t channel_step = t.step * roi_channel_step(map);
-  at.plane_step = ChannelsLast ? channel_step : channel_step * plane_size;
-  at.pixel_step = ChannelsLast ? channels : 1;
-  return at;
-}
+// roi_input_channel(c, bin) (curoi_tile_at places them).
 
 template <bool ChannelsLast, typename T>
 CUROI_DEVICE void ps_roi_pool_forward_loop(
@@ -139,15 +108,13 @@ CUROI_DEVICE void ps_roi_pool_forward_loop(
     if (b >= 0)
       bin = ps_roi_pool_box_bin(box, spatial_scale, t.ph, t.pw, height, width,
                                 pooled_height, pooled_width);
-    PsRoiPoolTile at = ps_roi_pool_tile<ChannelsLast>(
-        t, b, channels, out_channels, height * width, map, pooled_width);
+    const CuroiTileAt at = curoi_tile_at<ChannelsLast>(
+        map, t, b, channels, height * width, pooled_height, pooled_width);
 #pragma unroll 1
-    for (int64_t i = 0; i < t.count; ++i) {
-      const A value = ps_roi_pool_mean<T, A>(input + at.plane, width,
-                                             at.pixel_step, bin);
-      output[at.out] = curoi_store<T>(value);
-      at.out += at.out_step;
-      at.plane += at.plane_step;
+    for (int64_t i = 0; i < at.count; ++i) {
+      const A value = ps_roi_pool_mean<T, A>(input + at.in + i * at.in_step,
+                                             width, at.pixel_step, bin);
+      output[at.out + i * at.out_step] = curoi_store<T>(value);
     }
   }
 }
@@ -195,17 +162,16 @@ CUROI_DEVICE void ps_roi_pool_backward_loop(
                             pooled_height, pooled_width);
     const A area = ps_roi_pool_area<A>(bin);
     if (!(area > (A)0)) continue;
-    PsRoiPoolTile at = ps_roi_pool_tile<ChannelsLast>(
-        t, b, channels, out_channels, height * width, map, pooled_width);
+    const CuroiTileAt at = curoi_tile_at<ChannelsLast>(
+        map, t, b, channels, height * width, pooled_height, pooled_width);
 #pragma unroll 1
-    for (int64_t i = 0; i < t.count; ++i) {
-      const A grad = curoi_load<A>(grad_output[at.out]) / area;
+    for (int64_t i = 0; i < at.count; ++i) {
+      const A grad = curoi_load<A>(grad_output[at.out + i * at.out_step]) / area;
+      const int64_t plane = at.in + i * at.in_step;
       for (int64_t h = bin.hstart; h < bin.hend; ++h)
         for (int64_t w = bin.wstart; w < bin.wend; ++w)
-          curoi_sum_add(grad_input,
-                        at.plane + (h * width + w) * at.pixel_step, grad);
-      at.out += at.out_step;
-      at.plane += at.plane_step;
+          curoi_sum_add(grad_input, plane + (h * width + w) * at.pixel_step,
+                        grad);
     }
   }
 }

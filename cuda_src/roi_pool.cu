@@ -58,32 +58,20 @@ CUROI_DEVICE void roi_pool_forward_loop(
       roi_pool_bin(box[1], box[3], spatial_scale, t.pw, pooled_width, width,
                    convention, &wstart, &wend);
     }
-    // Channel c's output element: NCHW ((k * C + c) * PH + ph) * PW + pw,
-    // NHWC ((k * PH + ph) * PW + pw) * C + c; its plane (curoi_plane) starts
-    // at (b * C + c) * H * W with pixel step 1, or b * H * W * C + c with
-    // pixel step C. Pointers move from channel to channel of the tile.
-    const int64_t bins = pooled_height * pooled_width;
-    const int64_t bin = t.ph * pooled_width + t.pw;
-    const int64_t plane_size = height * width;
-    const int64_t out_step = ChannelsLast ? t.step : t.step * bins;
-    int64_t out = ChannelsLast ? (t.k * bins + bin) * channels + t.first
-                               : (t.k * channels + t.first) * bins + bin;
-    const int64_t pixel_step = ChannelsLast ? channels : 1;
-    const int64_t plane_step = ChannelsLast ? t.step : t.step * plane_size;
-    const T* plane = input + (b < 0 ? 0
-                              : curoi_plane<ChannelsLast>(b, t.first, channels,
-                                                          plane_size).at);
+    const CuroiTileAt at = curoi_tile_at<ChannelsLast>(
+        CuroiSameChannel(), t, b, channels, height * width, pooled_height,
+        pooled_width);
 #pragma unroll 1
-    for (int64_t i = 0; i < t.count; ++i) {
+    for (int64_t i = 0; i < at.count; ++i) {
       int64_t best_index = -1;
       A best = (A)0;
       if (b >= 0)
-        best = roi_pool_max<T, A>(plane, width, pixel_step, hstart, hend,
-                                  wstart, wend, &best_index);
+        best = roi_pool_max<T, A>(input + at.in + i * at.in_step, width,
+                                  at.pixel_step, hstart, hend, wstart, wend,
+                                  &best_index);
+      const int64_t out = at.out + i * at.out_step;
       output[out] = curoi_store<T>(best);
       if (argmax.data) roi_pool_store_argmax(argmax, out, best_index);
-      out += out_step;
-      plane += plane_step;
     }
   }
 }
