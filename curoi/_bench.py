@@ -884,7 +884,8 @@ def parser():
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart here (matplotlib)")
     p.add_argument("--kernels", action="store_true",
                    help="also print the static GPU kernel report (NVRTC: float64 "
-                        "instructions, registers, spills per kernel)")
+                        "instructions, registers, spills per kernel) and the GPU "
+                        "loops' instructions per output element (valgrind)")
     p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -994,9 +995,10 @@ def main(argv=None, stdout=None, stderr=None):
             if notes:
                 print(notes + "\n", file=stdout)
 
-    report = None
+    report = work = None
     if args.kernels:
         report = _print_kernel_report(stdout, stderr)
+        work = _print_kernel_work(stdout)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({
@@ -1008,6 +1010,7 @@ def main(argv=None, stdout=None, stderr=None):
                 "peers": _peer_versions(),
                 "results": results,
                 "kernels": report,
+                "kernel_work": work,
             }, handle, indent=1)
     if args.plot:
         write_plot(args.plot, tables)
@@ -1061,6 +1064,22 @@ def _print_kernel_report(stdout, stderr=None):
           "in the PTX, registers and spills from ptxas\n", file=stdout)
     print(_kernel_report.format_table(rows) + "\n", file=stdout)
     return [dataclasses.asdict(row) for row in rows]
+
+
+def _print_kernel_work(stdout):
+    from curoi import _kernel_work
+
+    try:
+        rows = _kernel_work.report()
+    except _kernel_work.KernelWorkError as error:
+        print(f"Work per output element unavailable: {error}", file=stdout)
+        return None
+    print("### GPU loops: instructions per output element (callgrind, the GPU "
+          f"loops' CPU build, float32, {_kernel_work.BOXES} boxes with the full "
+          "call's tiles)\n", file=stdout)
+    print(_kernel_work.format_table(rows) + "\n", file=stdout)
+    return [dict(zip(("workload", "kernel", "entry", "tiled", "one_channel"), row))
+            for row in rows]
 
 
 def _set_threads(count):

@@ -19,6 +19,7 @@ the same numbers up to rounding.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -237,3 +238,16 @@ def test_cpu_loops_value_is_checked(monkeypatch):
     assert _cpu.loops_flags() == ("cpu", ())
     monkeypatch.delenv("CUROI_CPU_LOOPS")
     assert _cpu.loops_flags() == ("cpu", ())
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+def test_tiles_cut_the_work_per_output_element(gpu_loops_run):
+    # callgrind's count on the GPU-loops build (in the suites' cache: built
+    # once): a thread per bin and tile of channels against one channel a
+    # thread, the structure of torchvision's kernels.
+    from curoi import _kernel_work
+    _, root, _ = gpu_loops_run
+    rows = _kernel_work.report(cases=_kernel_work.CASES[:2], cache=root / "cache")
+    (_, _, _, forward, forward_single), (_, _, _, backward, backward_single) = rows
+    assert 0 < forward < 0.4 * forward_single
+    assert 0 < backward < 0.5 * backward_single
