@@ -150,5 +150,8 @@ def test_threads_making_the_first_call_build_once(tmp_path):
     # aligned, 2 x 2 samples at whole pixels: bin means 1.5 and 3.5.
     assert result["y"] == [[16.5, 18.5, 36.5, 38.5]] * 8
     assert log.read_text().count("build") == 1
+    # One line on stderr says what is built and where it is kept, once.
+    assert done.stderr.count("curoi: building its CPU kernels") == 1, done.stderr
+    assert str(cache) in done.stderr
     libraries = [p.name for p in cache.iterdir()]
     assert libraries == [Path(result["library"]).name], libraries
