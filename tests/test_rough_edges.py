@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,3 +179,16 @@ def test_fractional_batch_index_is_truncated_toward_zero():
         got, want = op(boxes), op(whole)
         np.testing.assert_array_equal(got[:2], want)
         assert want.any() and not got[2:].any()
+
+
+def test_install_hints_say_it_as_the_readme_installs(monkeypatch):
+    # Not `pip install curoi[...]`, which needs a published package.
+    from curoi import _gpu, _kernel_report
+    monkeypatch.setattr(_gpu, "cupy_or_none", lambda: None)
+    with pytest.raises(RuntimeError, match=r'pip install -e "\.\[cuda12\]"'):
+        _gpu.require_cupy()
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs", None)  # import fails
+    with pytest.raises(_kernel_report.KernelReportError, match=r'pip install -e "\.\[cuda12\]"'):
+        _kernel_report.nvrtc_module()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert 'pip install -e ".[cuda12]"' in readme and "pip install curoi[" not in readme
